@@ -1,0 +1,22 @@
+"""lnstd: explain Vision Transformers (timm ViT and Swin) at dataset scale."""
+
+from .arch import UnsupportedModelError
+from .explain import Explainer, Explanation, explain
+from .methods import list_methods, register
+from .models import load_model
+from .ops import minmax, upsample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Explainer",
+    "Explanation",
+    "UnsupportedModelError",
+    "__version__",
+    "explain",
+    "list_methods",
+    "load_model",
+    "minmax",
+    "register",
+    "upsample",
+]

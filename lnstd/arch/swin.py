@@ -1,0 +1,95 @@
+"""Adapter for timm ``SwinTransformer`` (v1): shifted windows, padding and patch merging."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Adapter, BlockRef, UnsupportedModelError, WindowMap
+
+__all__ = ["SwinAdapter", "swin_window_index"]
+
+
+def swin_window_index(
+    height: int, width: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """Grid token held by each window slot, as timm lays windows out (roll by -shift, pad, partition).
+
+    Returns (nW, wh*ww) long; padding slots hold ``height * width``.
+    """
+    n = height * width
+    idx = torch.arange(n, device=device).view(height, width)
+    if any(shift):
+        idx = torch.roll(idx, shifts=(-shift[0], -shift[1]), dims=(0, 1))
+    pad_h = (window[0] - height % window[0]) % window[0]
+    pad_w = (window[1] - width % window[1]) % window[1]
+    idx = torch.nn.functional.pad(idx, (0, pad_w, 0, pad_h), value=n)
+    hp, wp = idx.shape
+    idx = idx.view(hp // window[0], window[0], wp // window[1], window[1]).permute(0, 2, 1, 3)
+    return idx.reshape(-1, window[0] * window[1])
+
+
+class SwinAdapter(Adapter):
+    """Token space of a block = its stage grid (H_s x W_s, row-major); no prefix tokens."""
+
+    family = "swin"
+
+    def __init__(self, model: nn.Module) -> None:
+        pool = getattr(model, "global_pool", "avg")
+        if pool != "avg":
+            raise UnsupportedModelError(
+                f"{type(model).__name__} with global_pool={pool!r}: lnstd supports Swin with "
+                "global_pool='avg'"
+            )
+        super().__init__(model)
+        self._maps: dict[tuple, WindowMap] = {}
+
+    def _find_blocks(self) -> list[BlockRef]:
+        refs: list[BlockRef] = []
+        for s, stage in enumerate(self.model.layers):
+            for blk in stage.blocks:
+                attn = getattr(blk, "attn", None)
+                drop = getattr(attn, "attn_drop", None)
+                if drop is None or not hasattr(attn, "fused_attn") or not hasattr(blk, "shift_size"):
+                    raise UnsupportedModelError(
+                        f"{type(self.model).__name__} block {len(refs)} ({type(blk).__name__}) "
+                        "is not a timm SwinTransformerBlock with WindowAttention"
+                    )
+                refs.append(BlockRef(len(refs), s, blk, blk.norm1, attn, drop))
+        return refs
+
+    def checkpointing_modules(self) -> list[nn.Module]:
+        return list(self.model.layers)
+
+    def default_blocks(self, method: str) -> str | int:
+        return 2 if method == "lnstd" else "all"
+
+    def window_map(self, block: BlockRef, input_shape: torch.Size, device: torch.device) -> WindowMap:
+        _, h, w, _ = input_shape
+        window = tuple(block.block.window_size)
+        shift = tuple(block.block.shift_size)
+        key = (h, w, window, shift, str(device))
+        if key not in self._maps:
+            self._maps[key] = WindowMap(swin_window_index(h, w, window, shift, device), h * w)
+        return self._maps[key]
+
+    def readout_start(self, input_shape: torch.Size, batch: int, device: torch.device) -> torch.Tensor:
+        _, h, w, _ = input_shape
+        return torch.ones(batch, h * w, device=device)
+
+    def step_down(self, v: torch.Tensor, upper_shape: torch.Size, lower_shape: torch.Size) -> torch.Tensor:
+        (_, hc, wc, _), (_, hf, wf, _) = upper_shape, lower_shape
+        if (hc, wc) == (hf, wf):
+            return v
+        # Patch merging: each coarse token is the average of its 2x2 children (padding dropped).
+        grid = v.view(v.shape[0], hc, wc)
+        fine = grid.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)[:, :hf, :wf] / 4.0
+        return fine.reshape(v.shape[0], hf * wf)
+
+    def to_grid(self, v: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+        _, h, w, _ = input_shape
+        return v.reshape(v.shape[0], h, w)
+
+    def patch_features(self, f: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        b, h, w, c = f.shape
+        return f.reshape(b, h * w, c), (h, w)

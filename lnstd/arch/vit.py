@@ -1,0 +1,94 @@
+"""Adapter for timm ``VisionTransformer`` (class token or avg pool, registers, qk-norm, layer-scale)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Adapter, BlockRef, UnsupportedModelError, WindowMap
+
+__all__ = ["ViTAdapter"]
+
+
+class ViTAdapter(Adapter):
+    """Every block sees all tokens: one 'window' of N = prefix + h*w tokens."""
+
+    family = "vit"
+
+    def __init__(self, model: nn.Module) -> None:
+        pool = getattr(model, "global_pool", "token")
+        if getattr(model, "attn_pool", None) is not None or pool not in ("token", "avg"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} with global_pool={pool!r}: lnstd supports "
+                "global_pool='token' (class token) and 'avg' (mean of tokens)"
+            )
+        if pool == "token" and getattr(model, "cls_token", None) is None:
+            raise UnsupportedModelError(f"{type(model).__name__} pools the 'token' but has no class token")
+        self.pool = pool
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 0))
+        self.pool_include_prefix = bool(getattr(model, "pool_include_prefix", False))
+        super().__init__(model)
+
+    def _find_blocks(self) -> list[BlockRef]:
+        refs = []
+        for i, blk in enumerate(self.model.blocks):
+            attn = getattr(blk, "attn", None)
+            norm1 = getattr(blk, "norm1", None)
+            drop = getattr(attn, "attn_drop", None)
+            # Pre-norm blocks only: in ResPostBlock norm1 follows attention, so its input is
+            # not what attention mixes, and parallel blocks have no single attention.
+            if (
+                type(blk).__name__ != "Block"
+                or drop is None
+                or norm1 is None
+                or not hasattr(attn, "fused_attn")
+            ):
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__} block {i} is a {type(blk).__name__} with "
+                    f"{type(attn).__name__} attention; lnstd supports timm's pre-norm Block with "
+                    "its standard Attention"
+                )
+            refs.append(BlockRef(i, 0, blk, norm1, attn, drop))
+        if not refs:
+            raise UnsupportedModelError(f"{type(self.model).__name__} has no blocks")
+        return refs
+
+    def checkpointing_modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def window_map(self, block: BlockRef, input_shape: torch.Size, device: torch.device) -> WindowMap:
+        n = input_shape[1]
+        return WindowMap(torch.arange(n, device=device).unsqueeze(0), n)
+
+    def readout_start(self, input_shape: torch.Size, batch: int, device: torch.device) -> torch.Tensor:
+        n = input_shape[1]
+        v = torch.zeros(batch, n, device=device)
+        if self.pool == "token":
+            v[:, 0] = 1.0
+        else:
+            # The head averages exactly these rows (timm: patch tokens unless pool_include_prefix).
+            v[:, 0 if self.pool_include_prefix else self.num_prefix :] = 1.0
+        return v
+
+    def grid(self, n_tokens: int) -> tuple[int, int]:
+        """The patch grid, from the patch embedding and checked against the token count."""
+        pe = self.model.patch_embed
+        img = getattr(self, "_img_size", None) or pe.img_size
+        h, w = pe.dynamic_feat_size(img) if hasattr(pe, "dynamic_feat_size") else pe.grid_size
+        if h * w != n_tokens - self.num_prefix:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: {n_tokens - self.num_prefix} patch tokens do not "
+                f"form the {h}x{w} grid of a {tuple(img)} input"
+            )
+        return int(h), int(w)
+
+    def set_input_size(self, hw: tuple[int, int]) -> None:
+        """Record the image size of the batch (the grid of dynamic-size models depends on it)."""
+        self._img_size = hw
+
+    def to_grid(self, v: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+        h, w = self.grid(input_shape[1])
+        return v[:, self.num_prefix :].reshape(v.shape[0], h, w)
+
+    def patch_features(self, f: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        return f[:, self.num_prefix :], self.grid(f.shape[1])

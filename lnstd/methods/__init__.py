@@ -1,0 +1,14 @@
+"""Attribution methods: one small module each over a shared base, and the registry."""
+
+from . import attention, gae, gradcam, lnstd, rollout  # noqa: F401  (registers the methods)
+from .base import ChainMethod, Context, Method, get_method, list_methods, register, resolve_blocks
+
+__all__ = [
+    "ChainMethod",
+    "Context",
+    "Method",
+    "get_method",
+    "list_methods",
+    "register",
+    "resolve_blocks",
+]

@@ -1,0 +1,72 @@
+"""Load a timm model by name, with weights from a local checkpoint loaded safely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["load_checkpoint", "load_model"]
+
+_NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch file, without unpickling code.
+
+    Torch files are read with ``weights_only=True``; checkpoints that nest the weights under
+    ``state_dict``/``model``/``state_dict_ema`` are unwrapped and a ``module.`` prefix is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # the unpickler's message names the offending global
+            raise ValueError(f"{path}: not a weights-only torch checkpoint ({exc})") from None
+    for key in _NESTED_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: no state dict of tensors found")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_model(
+    name: str,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    device: str | torch.device | None = None,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """A timm model by name, in eval mode.
+
+    Args:
+        name: timm model name, e.g. ``vit_base_patch16_224`` or ``swin_tiny_patch4_window7_224``.
+        checkpoint: local ``.safetensors`` / ``.pt`` / ``.pth`` file with the weights (strict load).
+        pretrained: let timm download its pretrained weights (needs network access).
+        device: where to put the model.
+        **timm_kwargs: passed to ``timm.create_model`` (``num_classes``, ``img_size``, ...).
+    """
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
+    model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **timm_kwargs)
+    if checkpoint is not None:
+        missing, unexpected = model.load_state_dict(load_checkpoint(checkpoint), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{checkpoint} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+    if device is not None:
+        model = model.to(device)
+    return model.eval()

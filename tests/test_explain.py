@@ -1,0 +1,199 @@
+"""Attribution core: fast path vs the literal METHODS.md reference, batching, options, geometry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lnstd
+from lnstd.arch import get_adapter, swin_window_index
+
+from .helpers import images_for, make_swin, make_vit_avg_reg, make_vit_token, sharpen
+from .reference import reference_heatmap
+
+METHODS = ["attention", "rollout", "gae", "lnstd", "gradcam"]
+MODELS = {
+    "vit_token": lambda: sharpen(make_vit_token()),
+    "vit_avg_reg": lambda: sharpen(make_vit_avg_reg()),
+    "swin": lambda: sharpen(make_swin()),
+}
+
+
+def test_registry_lists_all_methods():
+    assert lnstd.list_methods() == sorted(METHODS)
+    with pytest.raises(ValueError, match="unknown method 'nope'.*gae"):
+        lnstd.explain(make_vit_token(), torch.randn(1, 3, 32, 48), method="nope")
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_equals_per_image(arch, method):
+    model = MODELS[arch]()
+    x = images_for(model, batch=4)
+    batched = lnstd.explain(model, x, method=method)
+    single = torch.cat([lnstd.explain(model, x[i : i + 1], method=method) for i in range(4)])
+    assert batched.dtype == torch.float32
+    assert batched.abs().sum() > 0
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def _ref_cases():
+    cases = []
+    for arch in MODELS:
+        for method in ["attention", "rollout", "gae", "gradcam"]:
+            cases.append((arch, method, {}))
+        for std in ("inverse", "multiply", "none"):
+            for norm in ("matrix", "row", "none"):
+                cases.append((arch, "lnstd", {"std": std, "normalize": norm}))
+    for method in ["rollout", "gae"]:
+        cases.append(("swin", method, {"blocks": 2}))
+    cases.append(("swin", "lnstd", {"blocks": "all"}))
+    cases.append(("vit_token", "gae", {"blocks": 2}))
+    return cases
+
+
+@pytest.mark.parametrize(("arch", "method", "opts"), _ref_cases())
+def test_fast_path_equals_reference(arch, method, opts):
+    model = MODELS[arch]()
+    x = images_for(model, batch=2, seed=3)
+    fast = lnstd.explain(model, x, method=method, **opts)
+    for i in range(2):
+        ref = reference_heatmap(model, x[i : i + 1], method, **opts).float()
+        assert fast[i].shape == ref.shape
+        torch.testing.assert_close(fast[i], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_swin_heat_resolution_follows_first_selected_block(swin):
+    x = images_for(swin, batch=1)
+    # 11x11 first stage, 6x6 second stage (odd grid padded by patch merging).
+    assert lnstd.explain(swin, x, method="gae").shape == (1, 11, 11)
+    assert lnstd.explain(swin, x, method="lnstd").shape == (1, 6, 6)  # Swin default: last 2 blocks
+    assert lnstd.explain(swin, x, method="lnstd", blocks=3).shape == (1, 11, 11)
+
+
+def test_lnstd_without_std_and_norm_is_gae(vit_token, swin):
+    for model in (vit_token, swin):
+        x = images_for(model)
+        gae = lnstd.explain(model, x, method="gae", blocks="all")
+        ln = lnstd.explain(model, x, method="lnstd", std="none", normalize="none", blocks="all")
+        assert torch.equal(gae, ln)
+
+
+def test_explainer_one_pass_matches_single_method_calls(vit_avg_reg):
+    x = images_for(vit_avg_reg)
+    out = lnstd.Explainer(vit_avg_reg, METHODS)(x)
+    for m in METHODS:
+        torch.testing.assert_close(out.heatmaps[m], lnstd.explain(vit_avg_reg, x, method=m))
+    logits = vit_avg_reg(x)
+    torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.predicted, logits.argmax(1))
+    assert torch.equal(out.targets, out.predicted)
+    torch.testing.assert_close(out.probabilities, logits.softmax(1).max(1).values)
+
+
+def test_explainer_runs_a_single_backward(vit_token, monkeypatch):
+    calls = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lnstd.Explainer(vit_token, ["gae", "lnstd", "gradcam"])(images_for(vit_token))
+    assert len(calls) == 1
+    calls.clear()
+    lnstd.Explainer(vit_token, ["attention", "rollout"])(images_for(vit_token))
+    assert calls == []
+
+
+def test_targets_int_and_tensor(vit_token):
+    x = images_for(vit_token)
+    by_int = lnstd.explain(vit_token, x, method="gae", target=3)
+    by_tensor = lnstd.explain(vit_token, x, method="gae", target=torch.tensor([3, 3, 3]))
+    assert torch.equal(by_int, by_tensor)
+    ref = reference_heatmap(vit_token, x[:1], "gae", target=3).float()
+    torch.testing.assert_close(by_int[0], ref, atol=1e-5, rtol=1e-4)
+    other = lnstd.explain(vit_token, x, method="gae", target=torch.tensor([0, 1, 2]))
+    assert not torch.allclose(other, by_int)
+    with pytest.raises(ValueError, match="out of range"):
+        lnstd.explain(vit_token, x, method="gae", target=7)
+    with pytest.raises(ValueError, match="LongTensor of shape"):
+        lnstd.explain(vit_token, x, method="gae", target=torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_bad_options_name_the_option(vit_token):
+    x = images_for(vit_token, batch=1)
+    with pytest.raises(TypeError, match="unknown option 'blockz'"):
+        lnstd.explain(vit_token, x, blockz=2)
+    with pytest.raises(ValueError, match="std must be one of"):
+        lnstd.explain(vit_token, x, std="divide")
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        lnstd.explain(vit_token, x, normalize="l2")
+    with pytest.raises(ValueError, match="blocks must be 'all' or an int in 1..3"):
+        lnstd.explain(vit_token, x, blocks=4)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        lnstd.explain(vit_token, x, precision="int8")
+
+
+def test_grid_comes_from_the_model():
+    torch.manual_seed(0)
+    model = make_vit_token(img_size=64, patch_size=16, dynamic_img_size=True)
+    assert lnstd.explain(model, torch.randn(2, 3, 64, 64)).shape == (2, 4, 4)
+    assert lnstd.explain(model, torch.randn(2, 3, 48, 96)).shape == (2, 3, 6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_keeps_float32_relevance(vit_token, precision):
+    x = images_for(vit_token)
+    ref = lnstd.explain(vit_token, x, method="lnstd")
+    low = lnstd.explain(vit_token, x, method="lnstd", precision=precision)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    corr = torch.corrcoef(torch.stack([ref.flatten(), low.flatten()]))[0, 1]
+    assert corr > 0.9
+
+
+def test_swin_window_map_by_brute_force_on_real_block(swin):
+    """Perturbing one input token of a real timm Swin block changes only outputs in its window."""
+    torch.manual_seed(0)
+    maps = []
+    for blk in swin.layers[0].blocks:  # block 0: no shift; block 1: shifted
+        H = W = 11
+        x = torch.randn(1, H, W, blk.norm1.normalized_shape[0])
+        index = swin_window_index(H, W, tuple(blk.window_size), tuple(blk.shift_size), x.device)
+        with torch.no_grad():
+            base = blk(x)
+            exact = 0
+            delta = torch.randn(x.shape[-1])  # not a constant: LayerNorm would erase that
+            for p in range(H * W):
+                x2 = x.clone()
+                x2.view(-1, x.shape[-1])[p] += delta
+                changed = ((blk(x2) - base).abs().amax(-1) > 1e-6).flatten().nonzero().flatten()
+                window = index[(index == p).any(1)][0]
+                members = set(window[window < H * W].tolist())
+                assert p in set(changed.tolist())
+                assert set(changed.tolist()) <= members, (p, blk.shift_size)
+                exact += set(changed.tolist()) == members
+        # the changed set is the whole window: the map is exact, not just a superset
+        assert exact == H * W
+        maps.append(index)
+    # the shifted block really partitions the grid differently
+    assert not torch.equal(maps[0], maps[1])
+    assert any(swin.layers[0].blocks[1].shift_size)
+
+
+def test_unsupported_model_error_names_class():
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    with pytest.raises(lnstd.UnsupportedModelError, match=r"ResNet.*VisionTransformer.*SwinTransformer"):
+        lnstd.explain(model, torch.randn(1, 3, 32, 32))
+    with pytest.raises(lnstd.UnsupportedModelError, match="global_pool='map'"):
+        get_adapter(make_vit_token(global_pool="map"))
+
+
+def test_upsample_and_minmax():
+    heat = torch.zeros(2, 2, 3)
+    heat[0, 0, 0] = 5.0
+    heat[1] = 7.0
+    up = lnstd.upsample(heat, (20, 30))
+    assert up.shape == (2, 20, 30)
+    assert up[0, 0, 0] == up[0].max() and up[0, -1, -1] == 0
+    mm = lnstd.minmax(up)
+    assert mm[0].max() == 1 and mm[0].min() == 0
+    assert torch.equal(mm[1], torch.zeros(20, 30))
