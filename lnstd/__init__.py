@@ -1,9 +1,10 @@
 """lnstd: explain Vision Transformers (timm ViT and Swin) at dataset scale."""
 
+from . import viz
 from .arch import UnsupportedModelError
 from .explain import Explainer, Explanation, explain
 from .methods import list_methods, register
-from .models import load_model
+from .models import load_model, transform_for
 from .ops import minmax, upsample
 
 __version__ = "0.1.0"
@@ -18,5 +19,7 @@ __all__ = [
     "load_model",
     "minmax",
     "register",
+    "transform_for",
     "upsample",
+    "viz",
 ]

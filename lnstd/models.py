@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["load_checkpoint", "load_model"]
+__all__ = ["load_checkpoint", "load_model", "transform_for"]
 
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
@@ -70,3 +70,26 @@ def load_model(
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def transform_for(model: nn.Module, fit: str = "resize"):
+    """PIL image -> normalised (3, H, W) tensor with the model's own timm data config.
+
+    Args:
+        model: a timm model (its ``pretrained_cfg`` gives input size, mean, std, interpolation).
+        fit: "resize" stretches the whole image to the input size, so a heatmap maps back onto
+            all of it; "center-crop" resizes the short side and crops the centre (timm's eval).
+    """
+    import timm.data
+    from torchvision import transforms as T
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    size = tuple(cfg["input_size"][1:])
+    interp = T.InterpolationMode(cfg.get("interpolation", "bilinear"))
+    if fit == "resize":
+        resize = [T.Resize(size, interpolation=interp, antialias=True)]
+    elif fit == "center-crop":
+        resize = [T.Resize(min(size), interpolation=interp, antialias=True), T.CenterCrop(size)]
+    else:
+        raise ValueError(f"fit must be 'resize' or 'center-crop', got {fit!r}")
+    return T.Compose([*resize, T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
