@@ -1,12 +1,155 @@
-"""The ``lnstd`` command."""
+"""The ``lnstd`` command: ``run``, ``aggregate``, ``methods``.
+
+Errors a user can act on are printed as one line (``lnstd: error: ...``) with exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+DEMO_MODEL = "vit_tiny_patch16_224"
+DEMO_MODEL_ARGS = {"img_size": 96, "patch_size": 16, "num_classes": 3}
+
+
+class UsageError(ValueError):
+    """A wrong or missing flag (the message names it)."""
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _methods(text: str) -> list[str]:
+    from .methods import get_method, list_methods
+
+    names = list_methods() if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    for n in names:
+        try:
+            get_method(n)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return names
+
+
+def _blocks(text: str) -> str | int:
+    return text if text == "all" else int(text)
+
+
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="attribute a dataset on Ray, writing Parquet heatmaps (no --input/--model: the demo)",
+        description="Attribute every image of a folder, s3:// prefix, manifest or .mat file.",
+    )
+    p.add_argument("--input", help="folder, s3:// prefix, .parquet/.csv manifest (uri column) or .mat")
+    p.add_argument("--output", default=None, help="local folder or s3:// prefix (default ./lnstd-out)")
+    p.add_argument("--model", help="timm model name")
+    p.add_argument("--checkpoint", help="local .safetensors/.pt weights")
+    p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights")
+    p.add_argument(
+        "--model-arg",
+        type=_model_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="timm.create_model argument, e.g. num_classes=10 (repeatable)",
+    )
+    p.add_argument("--methods", type=_methods, default=None, help="comma list or 'all' (default all)")
+    p.add_argument("--blocks", type=_blocks, default=None, help="'all' or the last k blocks")
+    p.add_argument("--std", choices=["inverse", "multiply", "none"], default=None)
+    p.add_argument("--normalize", choices=["matrix", "row", "none"], default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--actors", type=int, default=1, help="model replicas")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--target", default="predicted", help="predicted | label | topk:K")
+    p.add_argument("--fit", choices=["resize", "center-crop"], default="resize")
+    p.add_argument("--save-png", action="store_true", help="add pixel-size PNG heatmaps")
+    p.add_argument("--overwrite", action="store_true", help="replace an output of another configuration")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default AWS_ENDPOINT_URL)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from jobs.attribute import run
+    from jobs.config import RunConfig
+
+    from . import list_methods
+
+    model_args = dict(args.model_arg)
+    if args.input is None and args.model is None:
+        from .data.synthetic import write_dataset
+
+        output = args.output or "lnstd-out"
+        if "://" in output:
+            raise UsageError("the demo (no --input/--model) writes to a local --output")
+        print(f"lnstd: demo: 48 generated images, random-weight {DEMO_MODEL} -> {output}", file=sys.stderr)
+        args.input = write_dataset(os.path.join(output, "demo-input"))
+        args.model = DEMO_MODEL
+        model_args = {**DEMO_MODEL_ARGS, **model_args}
+    elif args.input is None:
+        raise UsageError("--input is required with --model")
+    elif args.model is None:
+        raise UsageError("--model is required with --input")
+    options = {k: getattr(args, k) for k in ("blocks", "std", "normalize") if getattr(args, k) is not None}
+    cfg = RunConfig(
+        input=args.input,
+        output=args.output or "lnstd-out",
+        model=args.model,
+        methods=args.methods or list_methods(),
+        checkpoint=args.checkpoint,
+        pretrained=args.pretrained,
+        model_args=model_args,
+        options=options,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        address=args.address,
+        precision=args.precision,
+        target=args.target,
+        fit=args.fit,
+        save_png=args.save_png,
+        overwrite=args.overwrite,
+        s3_endpoint=args.s3_endpoint,
+    )
+    manifest = run(cfg, progress=not args.no_progress)
+    return 1 if manifest["counts"]["shards_failed"] else 0
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from jobs.aggregate import aggregate, format_table
+
+    from .storage import StorageOptions
+
+    out = aggregate(args.output, StorageOptions.from_env(args.s3_endpoint))
+    c = out["counts"]
+    print(
+        f"{c['images']} images ({c['ok_images']} ok, {c['error_images']} errors), "
+        f"{c['rows']} rows, {c['shards']} shards, methods: {', '.join(c['methods'])}"
+    )
+    for e in c["errors"][:5]:
+        print(f"  error x{e['images']}: {e['error']}")
+    print(format_table(out["per_method"]))
+    return 0
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -27,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lnstd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run(sub)
+    p = sub.add_parser("aggregate", help="summarise a run's output (counts, per-method, per-class)")
+    p.add_argument("output", help="the run's --output (local or s3://)")
+    p.add_argument("--s3-endpoint", default=None)
+    p.set_defaults(func=_cmd_aggregate)
     p = sub.add_parser("methods", help="list the attribution methods")
     p.set_defaults(func=_cmd_methods)
     return parser
@@ -39,9 +187,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from jobs.attribute import ConfigMismatchError
+
+    from .arch import UnsupportedModelError
+    from .storage import StorageError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (UsageError, ConfigMismatchError, StorageError, UnsupportedModelError, FileNotFoundError) as exc:
+        print(f"lnstd: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"lnstd: error: {exc}", file=sys.stderr)
         return 2
 

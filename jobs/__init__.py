@@ -1,0 +1,1 @@
+"""Ray drivers: the attribution pipeline (``lnstd run``) and aggregation (``lnstd aggregate``)."""

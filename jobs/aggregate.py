@@ -1,0 +1,113 @@
+"""``lnstd aggregate``: counts, errors, and per-method / per-class statistics of every metric column."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from lnstd import storage
+from lnstd.metrics.mask import MASK_METRICS
+
+__all__ = ["METRIC_COLUMNS", "aggregate", "format_table"]
+
+# Numeric per-row columns summarised for every method (and whether higher is better).
+METRIC_COLUMNS = {"probability": True, "correct": True, **MASK_METRICS, "elapsed_ms": False}
+STATS = ("count", "mean", "stddev", "min", "approximate_median", "max")
+
+
+def _read(output: str, opts: storage.StorageOptions) -> pa.Table:
+    fs, path = storage.resolve(storage.join(output, "heatmaps"), opts)
+    ds = pads.dataset(path, filesystem=fs, format="parquet")
+    cols = [c for c in ds.schema.names if c not in ("heatmap", "heatmap_png")]
+    table = ds.to_table(columns=cols)
+    if "correct" in table.column_names:
+        table = table.set_column(
+            table.column_names.index("correct"), "correct", pc.cast(table["correct"], pa.float64())
+        )
+    return table
+
+
+def _stats(table: pa.Table, keys: list[str]) -> pa.Table:
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    parts = []
+    for metric in METRIC_COLUMNS:
+        if metric not in ok.column_names:
+            continue
+        col = ok.filter(pc.is_valid(ok[metric]))
+        if col.num_rows == 0:
+            continue
+        g = col.group_by(keys).aggregate([(metric, s) for s in STATS])
+        g = g.rename_columns([*(f"{metric}_{s}" for s in STATS), *keys])
+        out = {k: g[k] for k in keys}
+        out["metric"] = pa.array([metric] * g.num_rows)
+        for s in STATS:
+            name = "median" if s == "approximate_median" else ("std" if s == "stddev" else s)
+            out[name] = pc.cast(g[f"{metric}_{s}"], pa.float64())
+        out["higher_is_better"] = pa.array([METRIC_COLUMNS[metric]] * g.num_rows)
+        parts.append(pa.table(out))
+    if not parts:
+        return pa.table({k: pa.array([], pa.string()) for k in [*keys, "metric"]})
+    return pa.concat_tables(parts).sort_by([(k, "ascending") for k in [*keys, "metric"]])
+
+
+def aggregate(output: str, opts: storage.StorageOptions | None = None) -> dict[str, Any]:
+    """Summarise a run's output and write ``aggregate/`` next to it (Parquet + counts.json).
+
+    Returns a dict with ``counts`` (dict), ``per_method`` and ``per_class`` (Arrow tables).
+    """
+    opts = opts or storage.StorageOptions.from_env()
+    table = _read(output, opts)
+    status = table["status"]
+    images = pc.count_distinct(table["image_id"]).as_py()
+    err = table.filter(pc.equal(status, "error"))
+    err_images = pc.count_distinct(err["image_id"]).as_py() if err.num_rows else 0
+    reasons = (
+        err.group_by("error")
+        .aggregate([("image_id", "count_distinct")])
+        .sort_by([("image_id_count_distinct", "descending")])
+        if err.num_rows
+        else None
+    )
+    counts = {
+        "images": images,
+        "rows": table.num_rows,
+        "ok_images": images - err_images,
+        "error_images": err_images,
+        "methods": sorted(set(table["method"].to_pylist())),
+        "shards": pc.count_distinct(table["shard"]).as_py(),
+        "errors": []
+        if reasons is None
+        else [
+            {"error": r["error"], "images": r["image_id_count_distinct"]} for r in reasons.to_pylist()[:20]
+        ],
+    }
+    per_method = _stats(table, ["method"])
+    class_col = "label" if table["label"].null_count < table.num_rows else "target"
+    by_class = table.append_column("class", pc.cast(table[class_col], pa.int64()))
+    per_class = _stats(by_class.filter(pc.is_valid(by_class["class"])), ["method", "class"])
+    for name, t in (("summary", per_method), ("per_class", per_class)):
+        buf = io.BytesIO()
+        pq.write_table(t, buf)
+        storage.write_bytes(storage.join(output, "aggregate", f"{name}.parquet"), buf.getvalue(), opts)
+    storage.write_bytes(
+        storage.join(output, "aggregate", "counts.json"), json.dumps(counts, indent=1).encode(), opts
+    )
+    return {"counts": counts, "per_method": per_method, "per_class": per_class}
+
+
+def format_table(per_method: pa.Table) -> str:
+    """The per-method summary as a fixed-width text table."""
+    head = f"{'method':10s} {'metric':14s} {'count':>7s} {'mean':>10s} {'std':>10s} {'median':>10s}"
+    lines = [head, "-" * len(head)]
+    for r in per_method.to_pylist():
+        lines.append(
+            f"{r['method']:10s} {r['metric']:14s} {r['count']:7.0f} {r['mean']:10.4f} "
+            f"{(r['std'] or 0):10.4f} {r['median']:10.4f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""One place that turns a URI into storage: local paths, ``file://`` and ``s3://`` (any endpoint).
+
+Credentials come only from the standard AWS variables / profiles / roles and are never logged,
+written to manifests or put in Parquet metadata; the endpoint comes from ``--s3-endpoint`` or
+``AWS_ENDPOINT_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pyarrow.fs as pafs
+
+__all__ = [
+    "StorageError",
+    "StorageOptions",
+    "delete_tree",
+    "exists",
+    "is_s3",
+    "join",
+    "list_files",
+    "read_bytes",
+    "resolve",
+    "retry",
+    "write_bytes",
+]
+
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """A storage problem a user can act on (missing credential, missing bucket, ...)."""
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Where S3 lives; no secrets here (they stay in the environment)."""
+
+    s3_endpoint: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, s3_endpoint: str | None = None) -> StorageOptions:
+        return cls(
+            s3_endpoint=s3_endpoint
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL"),
+            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        )
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI path components with '/'."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def check_credentials() -> None:
+    """Fail early, naming the missing variable, when no AWS credentials can be found."""
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and not secret:
+        raise StorageError("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not")
+    if secret and not key:
+        raise StorageError("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not")
+    if key and secret:
+        return
+    import boto3
+
+    if boto3.Session().get_credentials() is None:
+        raise StorageError(
+            "no AWS credentials for s3://: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE, or run where an instance/pod role provides them)"
+        )
+
+
+_FS_CACHE: dict[StorageOptions, pafs.FileSystem] = {}
+
+
+def _s3(opts: StorageOptions) -> pafs.FileSystem:
+    if opts not in _FS_CACHE:
+        check_credentials()
+        kwargs: dict = {
+            "region": opts.region or "us-east-1",
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=6),
+        }
+        if opts.s3_endpoint:
+            scheme, _, host = opts.s3_endpoint.rpartition("://")
+            kwargs.update(endpoint_override=host or opts.s3_endpoint, scheme=scheme or "https")
+        _FS_CACHE[opts] = pafs.S3FileSystem(**kwargs)
+    return _FS_CACHE[opts]
+
+
+def resolve(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """URI -> (pyarrow filesystem, path inside it)."""
+    opts = opts or StorageOptions.from_env()
+    if is_s3(uri):
+        return _s3(opts), uri[len("s3://") :].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 4, delay: float = 0.5) -> T:
+    """Run ``fn``, retrying transient I/O errors with exponential backoff.
+
+    Missing files and permission problems are not transient and are raised at once.
+    """
+    for k in range(attempts):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, StorageError):
+            raise
+        except OSError as exc:
+            if k == attempts - 1:
+                raise StorageError(f"{what}: {exc}") from exc
+            time.sleep(delay * 2**k)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(uri: str, opts: StorageOptions | None = None) -> bytes:
+    """The whole object/file at ``uri``."""
+    fs, path = resolve(uri, opts)
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return retry(read, f"reading {uri}")
+
+
+def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> None:
+    """Write ``data`` so that ``uri`` appears complete or not at all.
+
+    Local: a temporary name in the same folder, then an atomic rename. S3: one upload of the
+    whole buffer (an object becomes visible only when its upload completes).
+    """
+    fs, path = resolve(uri, opts)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+
+    def put() -> None:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    retry(put, f"writing {uri}")
+
+
+def exists(uri: str, opts: StorageOptions | None = None) -> bool:
+    fs, path = resolve(uri, opts)
+    info = retry(lambda: fs.get_file_info(path), f"checking {uri}")
+    return info.type != pafs.FileType.NotFound
+
+
+def list_names(uri: str, opts: StorageOptions | None = None) -> list[str]:
+    """Base names directly under a folder/prefix (empty if it does not exist)."""
+    fs, path = resolve(uri, opts)
+    sel = pafs.FileSelector(path, allow_not_found=True, recursive=False)
+    infos = retry(lambda: fs.get_file_info(sel), f"listing {uri}")
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+
+def delete_tree(uri: str, opts: StorageOptions | None = None) -> None:
+    """Remove a folder/prefix and everything under it, if present."""
+    fs, path = resolve(uri, opts)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        retry(lambda: fs.delete_dir(path), f"deleting {uri}")
+
+
+def list_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions | None = None) -> Iterator[str]:
+    """Stream the URIs of files under a folder/prefix, recursively, in a deterministic order.
+
+    S3 keys come in lexicographic order, page by page, so a listing of millions of keys never
+    sits in memory at once; local folders are walked with sorted entries.
+    """
+    opts = opts or StorageOptions.from_env()
+    exts = tuple(e.lower() for e in extensions)
+    if is_s3(uri):
+        import boto3
+
+        check_credentials()
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        client = boto3.client("s3", endpoint_url=opts.s3_endpoint, region_name=opts.region or "us-east-1")
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        try:
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    if obj["Key"].lower().endswith(exts):
+                        yield f"s3://{bucket}/{obj['Key']}"
+        except client.exceptions.NoSuchBucket:
+            raise StorageError(f"bucket {bucket!r} does not exist") from None
+        return
+    _, root = resolve(uri, opts)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"input folder not found: {uri}")
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.lower().endswith(exts):
+                yield os.path.join(dirpath, name)

@@ -1,0 +1,98 @@
+"""Helpers for job tests: a tiny seeded checkpoint, image files good and bad, running the CLI."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import lnstd
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = "vit_tiny_patch16_224"
+TINY_ARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 5}
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    """A seeded tiny ViT saved as safetensors (every replica then holds the same weights)."""
+    path = folder / "tiny.safetensors"
+    if not path.exists():
+        torch.manual_seed(0)
+        model = lnstd.load_model(TINY_MODEL, **TINY_ARGS)
+        save_file(model.state_dict(), path)
+    return path
+
+
+def model_flags(ckpt: Path) -> list[str]:
+    flags = ["--model", TINY_MODEL, "--checkpoint", str(ckpt)]
+    for k, v in TINY_ARGS.items():
+        flags += ["--model-arg", f"{k}={v}"]
+    return flags
+
+
+def good_image(i: int) -> bytes:
+    rng = np.random.default_rng(i)
+    w, h = int(rng.integers(20, 70)), int(rng.integers(20, 70))
+    img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if i % 2 else "JPEG")
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def huge_png() -> bytes:
+    """A valid PNG header claiming 40000 x 40000 pixels (a decompression bomb)."""
+    ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 10)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def bad_files() -> dict[str, bytes]:
+    """Ten files that no image decoder should accept, by name (the extension claims an image)."""
+    jpeg = good_image(0)
+    png = good_image(1)
+    return {
+        "bad/truncated.jpg": jpeg[: len(jpeg) // 3],
+        "bad/truncated.png": png[: len(png) // 2],
+        "bad/random.jpg": os.urandom(500),
+        "bad/empty.png": b"",
+        "bad/text.png": b"this is not an image\n",
+        "bad/html.webp": b"<html><body>404</body></html>",
+        "bad/huge.png": huge_png(),
+        "bad/zeros.bmp": b"\x00" * 64,
+        "bad/garbage.tiff": b"II*\x00" + os.urandom(40),
+        "bad/header-only.jpg": jpeg[:20],
+    }
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lnstd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+def read_rows(output: Path, columns: list[str] | None = None):
+    return pq.read_table(output / "heatmaps", columns=columns).to_pylist()
