@@ -42,8 +42,7 @@ def _stats(table: pa.Table, keys: list[str]) -> pa.Table:
         col = ok.filter(pc.is_valid(ok[metric]))
         if col.num_rows == 0:
             continue
-        g = col.group_by(keys).aggregate([(metric, s) for s in STATS])
-        g = g.rename_columns([*(f"{metric}_{s}" for s in STATS), *keys])
+        g = col.group_by(keys).aggregate([(metric, s) for s in STATS])  # columns named metric_stat
         out = {k: g[k] for k in keys}
         out["metric"] = pa.array([metric] * g.num_rows)
         for s in STATS:

@@ -29,11 +29,20 @@ from lnstd.data import Item, open_source
 
 from .config import RunConfig
 
-__all__ = ["ConfigMismatchError", "run"]
+__all__ = ["ConfigMismatchError", "ReplicaStartError", "run"]
 
 
 class ConfigMismatchError(ValueError):
     """The output already holds a run with a different configuration."""
+
+
+class ReplicaStartError(RuntimeError):
+    """An actor failed while loading the model (bad name, checkpoint, arguments)."""
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _log(msg: str) -> None:
@@ -128,11 +137,15 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         max_task_retries=3,
     )
     actors = [Worker.remote(cfg.to_dict(), run_id) for _ in range(cfg.actors)]
-    for i, info in enumerate(ray.get([a.info.remote() for a in actors])):
+    try:
+        infos = ray.get([a.info.remote() for a in actors])
+    except ray.exceptions.RayActorError as exc:
+        raise ReplicaStartError(f"the model replica could not start: {_last_line(exc)}") from None
+    for i, info in enumerate(infos):
         _log(f"actor {i} ready (pid {info['pid']}, {info['device']})")
 
     bar = tqdm(total=total, unit="img", disable=not progress, mininterval=1.0, file=sys.stderr)
-    counts = {"images": 0, "ok": 0, "errors": 0, "shards_done": 0, "shards_skipped": 0}
+    counts = {"images": 0, "ok": 0, "errors": 0, "shards_done": 0, "shards_skipped": 0, "images_skipped": 0}
     failed: list[dict[str, Any]] = []
     in_flight: dict[Any, tuple[int, list[Item], int, int]] = {}  # ref -> shard, items, actor, tries
     load = [0] * len(actors)
@@ -152,6 +165,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             if shard in committed:
                 counts["shards_skipped"] += 1
                 counts["images"] += len(items)
+                counts["images_skipped"] += len(items)
                 bar.update(len(items))
                 continue
             submit(shard, items)
@@ -174,9 +188,9 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                 actors[a] = Worker.remote(cfg.to_dict(), run_id)
                 submit(shard, items, tries + 1)
                 continue
-            failed.append({"shard": shard, "error": str(exc).splitlines()[0]})
+            failed.append({"shard": shard, "error": _last_line(exc)})
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            msg = _last_line(exc)
             failed.append({"shard": shard, "error": msg})
             _log(f"shard {shard} failed: {msg}")
         bar.update(len(items))
@@ -201,10 +215,10 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         storage.write_bytes(storage.join(cfg.output, "_SUCCESS"), b"", opts)
     rate = counts["images"] / elapsed if elapsed > 0 else 0.0
     _log(
-        f"{'done' if not failed else 'FAILED'}: {counts['images']} images ({counts['ok']} ok, "
-        f"{counts['errors']} errors), {counts['shards_done']} shards written, "
-        f"{counts['shards_skipped']} already committed, {len(failed)} failed, "
-        f"{elapsed:.1f}s ({rate:.1f} img/s) -> {cfg.output}"
+        f"{'done' if not failed else 'FAILED'}: {counts['images']} images; this run wrote "
+        f"{counts['shards_done']} shards ({counts['ok']} ok, {counts['errors']} errors), "
+        f"{counts['shards_skipped']} shards ({counts['images_skipped']} images) were already committed, "
+        f"{len(failed)} failed; {elapsed:.1f}s ({rate:.1f} img/s) -> {cfg.output}"
     )
     return manifest
 

@@ -20,6 +20,7 @@ import lnstd
 from lnstd import storage
 from lnstd.data import DecodeError, Item, decode_image, decode_mask, read_mat_sample
 from lnstd.metrics.mask import MASK_METRICS, mask_metrics
+from lnstd.models import input_size
 
 from .config import RunConfig
 
@@ -54,6 +55,7 @@ class ShardWorker:
         )
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, round(self.cfg.cpus_per_actor)))
+        torch.manual_seed(0)  # random-weight models: every replica gets the same weights
         self.model = lnstd.load_model(
             self.cfg.model,
             checkpoint=self.cfg.checkpoint,
@@ -65,7 +67,7 @@ class ShardWorker:
             self.model, self.cfg.methods, precision=self.cfg.precision, **self.cfg.options
         )
         self.transform = lnstd.transform_for(self.model, self.cfg.fit)
-        self.input_size = tuple(self.model.pretrained_cfg["input_size"][1:])
+        self.input_size = input_size(self.model)
         probe = self.explainer(torch.zeros(1, 3, *self.input_size, device=self.device))
         self.grids = {m: tuple(h.shape[1:]) for m, h in probe.heatmaps.items()}
         self.schema = self._schema()

@@ -187,14 +187,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from jobs.attribute import ConfigMismatchError
+    from jobs.attribute import ConfigMismatchError, ReplicaStartError
 
     from .arch import UnsupportedModelError
     from .storage import StorageError
 
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ConfigMismatchError, StorageError, UnsupportedModelError, FileNotFoundError) as exc:
+    except (
+        UsageError,
+        ConfigMismatchError,
+        ReplicaStartError,
+        StorageError,
+        UnsupportedModelError,
+        FileNotFoundError,
+    ) as exc:
         print(f"lnstd: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["load_checkpoint", "load_model", "transform_for"]
+__all__ = ["input_size", "load_checkpoint", "load_model", "transform_for"]
 
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
@@ -72,6 +72,15 @@ def load_model(
     return model.eval()
 
 
+def input_size(model: nn.Module) -> tuple[int, int]:
+    """(H, W) the model takes: its patch embedding's image size, else its pretrained config."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        return int(size[0]), int(size[1])
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("input_size", (3, 224, 224))[1:])  # type: ignore[return-value]
+
+
 def transform_for(model: nn.Module, fit: str = "resize"):
     """PIL image -> normalised (3, H, W) tensor with the model's own timm data config.
 
@@ -84,7 +93,7 @@ def transform_for(model: nn.Module, fit: str = "resize"):
     from torchvision import transforms as T
 
     cfg = timm.data.resolve_data_config({}, model=model)
-    size = tuple(cfg["input_size"][1:])
+    size = input_size(model)
     interp = T.InterpolationMode(cfg.get("interpolation", "bilinear"))
     if fit == "resize":
         resize = [T.Resize(size, interpolation=interp, antialias=True)]

@@ -76,8 +76,13 @@ def check_credentials() -> None:
     if key and secret:
         return
     import boto3
+    import botocore.exceptions
 
-    if boto3.Session().get_credentials() is None:
+    try:
+        found = boto3.Session().get_credentials()
+    except botocore.exceptions.ProfileNotFound as exc:
+        raise StorageError(f"AWS_PROFILE names a profile that does not exist: {exc}") from None
+    if found is None:
         raise StorageError(
             "no AWS credentials for s3://: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE, or run where an instance/pod role provides them)"

@@ -20,3 +20,61 @@ def vit_avg_reg():
 @pytest.fixture
 def swin():
     return sharpen(make_swin())
+
+
+class S3Server:
+    """A real S3 HTTP endpoint (moto's server mode) on 127.0.0.1, with test credentials."""
+
+    def __init__(self, port: int) -> None:
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "lnstd-test-key",
+            "AWS_SECRET_ACCESS_KEY": "lnstd-test-secret-do-not-log",
+            "AWS_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+        )
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = S3Server(port)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{server.endpoint}/moto-api/", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.2)
+    try:
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -84,12 +84,13 @@ def bad_files() -> dict[str, bytes]:
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m lnstd ARGS`` in a fresh process; ``env`` values of None remove a variable."""
     return subprocess.run(
         [sys.executable, "-m", "lnstd", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
         cwd=ROOT,
     )
 

@@ -55,7 +55,7 @@ def test_exif_rotation_is_applied():
     assert arr[:10].mean() > 200 and arr[-10:].mean() < 50  # left band now on top
 
 
-@pytest.mark.parametrize(("name", "data"), list(bad_files().items()))
+@pytest.mark.parametrize(("name", "data"), list(bad_files().items()), ids=list(bad_files()))
 def test_bad_files_are_refused_with_a_reason(name, data):
     with pytest.raises(DecodeError) as info:
         decode_image(data)

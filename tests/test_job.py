@@ -1,0 +1,286 @@
+"""The batch job end to end: real Ray (local cluster), real Parquet, a real S3 endpoint (moto server)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import lnstd
+from lnstd.data import decode_image
+
+from .jobhelpers import (
+    ROOT,
+    TINY_ARGS,
+    TINY_MODEL,
+    bad_files,
+    good_image,
+    model_flags,
+    read_rows,
+    run_cli,
+    tiny_checkpoint,
+)
+
+FAST = ["--no-progress", "--cpus-per-actor", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def write_folder(folder: Path, n: int, start: int = 0) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(start, start + n):
+        name = f"sub{i % 3}/{i:04d}.{'png' if i % 2 else 'jpg'}"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(good_image(i))
+        names.append(name)
+    return names
+
+
+def reference_heatmaps(ckpt: Path, payloads: dict[str, bytes], method: str) -> dict[str, np.ndarray]:
+    """What lnstd.explain gives on the same bytes, decoded and preprocessed the same way."""
+    model = lnstd.load_model(TINY_MODEL, checkpoint=ckpt, **TINY_ARGS)
+    tf = lnstd.transform_for(model)
+    h, w = lnstd.models.input_size(model)
+    ids = sorted(payloads)
+    x = torch.stack([tf(decode_image(payloads[i], min_size=(w, h))[0]) for i in ids])
+    heat = lnstd.explain(model, x, method=method).flatten(1).numpy()
+    return dict(zip(ids, heat))
+
+
+def test_s3_end_to_end_with_bad_inputs(s3_server, ckpt):
+    client = s3_server.client()
+    client.create_bucket(Bucket="data")
+    good = {}
+    for i in range(190):
+        key = f"in/cls{i % 4}/{i:04d}.{'png' if i % 2 else 'jpg'}"
+        good[key[3:]] = good_image(i)
+    bad = {k: v for k, v in bad_files().items()}
+    for name, data in {**good, **bad}.items():
+        client.put_object(Bucket="data", Key=f"in/{name}", Body=data)
+
+    r = run_cli(
+        "run", "--input", "s3://data/in", "--output", "s3://data/out", *model_flags(ckpt),
+        "--methods", "gae,lnstd,attention", "--shard-size", "64", "--batch-size", "16",
+        "--s3-endpoint", s3_server.endpoint, *FAST, env=s3_server.env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "200 images" in r.stderr
+
+    fs = pafs.S3FileSystem(
+        access_key=s3_server.env["AWS_ACCESS_KEY_ID"], secret_key=s3_server.env["AWS_SECRET_ACCESS_KEY"],
+        endpoint_override=s3_server.endpoint.split("://")[1], scheme="http", region="us-east-1",
+    )  # fmt: skip
+    table = pq.read_table("data/out/heatmaps", filesystem=fs)
+    rows = table.to_pylist()
+    pairs = collections.Counter((r["image_id"], r["method"]) for r in rows)
+    assert set(pairs.values()) == {1}, "an (image, method) pair was written twice"
+    assert {i for i, _ in pairs} == set(good) | set(bad)
+    assert len(rows) == 200 * 3
+    errors = {r["image_id"]: r["error"] for r in rows if r["status"] == "error"}
+    assert set(errors) == set(bad)
+    assert all(e and "\n" not in e for e in errors.values())
+    assert "too large" in errors["bad/huge.png"]
+    assert all(r["heatmap"] is not None and len(r["heatmap"]) == 16 for r in rows if r["status"] == "ok")
+
+    for method in ("gae", "lnstd"):
+        ref = reference_heatmaps(ckpt, good, method)
+        got = {
+            r["image_id"]: np.asarray(r["heatmap"])
+            for r in rows
+            if r["method"] == method and r["status"] == "ok"
+        }
+        assert set(got) == set(ref)
+        for k in ref:
+            np.testing.assert_allclose(got[k], ref[k], atol=1e-4, rtol=0)
+
+    listing = {o["Key"] for o in client.list_objects_v2(Bucket="data", Prefix="out/")["Contents"]}
+    assert {"out/_SUCCESS", "out/manifest.json", "out/_run.json"} <= listing
+    assert all(k.startswith("out/") for k in listing)
+    manifest = client.get_object(Bucket="data", Key="out/manifest.json")["Body"].read().decode()
+    meta = json.dumps({k.decode(): v.decode() for k, v in table.schema.metadata.items()})
+    for secret in (s3_server.env["AWS_SECRET_ACCESS_KEY"], s3_server.env["AWS_ACCESS_KEY_ID"]):
+        assert secret not in manifest and secret not in meta and secret not in r.stderr
+    assert json.loads(manifest)["counts"]["errors"] == 10
+
+    agg = run_cli("aggregate", "s3://data/out", "--s3-endpoint", s3_server.endpoint, env=s3_server.env)
+    assert agg.returncode == 0, agg.stderr
+    assert "200 images (190 ok, 10 errors)" in agg.stdout
+    summary = pq.read_table("data/out/aggregate/summary.parquet", filesystem=fs).to_pylist()
+    for method in ("gae", "lnstd", "attention"):
+        probs = [r["probability"] for r in rows if r["method"] == method and r["status"] == "ok"]
+        row = next(s for s in summary if s["method"] == method and s["metric"] == "probability")
+        assert row["count"] == 190
+        assert row["mean"] == pytest.approx(float(np.mean(probs)), rel=1e-5)
+
+
+def _wait_parts(folder: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        parts = len(list((folder / "heatmaps").glob("part-*.parquet")))
+        if parts >= n or proc.poll() is not None:
+            return parts
+        time.sleep(0.02)
+    raise AssertionError("no progress")
+
+
+def _row_set(output: Path) -> collections.Counter:
+    rows = read_rows(output, ["image_id", "method", "heatmap", "status"])
+    return collections.Counter((r["image_id"], r["method"], tuple(r["heatmap"] or ())) for r in rows)
+
+
+def test_driver_sigkill_then_rerun_finishes_without_duplicates(ckpt, tmp_path):
+    write_folder(tmp_path / "in", 400)
+    args = ["run", "--input", str(tmp_path / "in"), *model_flags(ckpt), "--methods", "gae,rollout",
+            "--shard-size", "4", "--batch-size", "4", *FAST]  # fmt: skip
+    ref = run_cli(*args, "--output", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lnstd", *args, "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        parts = _wait_parts(out, 5, proc)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-run
+        proc.wait()
+    finally:
+        time.sleep(1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # and the local cluster it started with it
+    committed = len(list((out / "heatmaps").glob("part-*.parquet")))
+    assert parts >= 5 and committed < 100, "the driver was not killed mid-run"
+    assert not (out / "_SUCCESS").exists()
+
+    again = run_cli(*args, "--output", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{committed} shards" in again.stderr or "already committed" in again.stderr
+    got, want = _row_set(out), _row_set(tmp_path / "ref")
+    assert set(got.values()) == {1}
+    assert got == want
+    assert not list((out / "heatmaps").glob("*.tmp-*"))
+
+
+def test_killed_actor_is_replaced_and_the_job_completes(ckpt, tmp_path):
+    names = write_folder(tmp_path / "in", 400)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lnstd", "run", "--input", str(tmp_path / "in"), "--output",
+           str(out), *model_flags(ckpt), "--methods", "gae", "--shard-size", "4", "--batch-size", "4",
+           *FAST]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 120
+        pid = None
+        while pid is None and time.time() < deadline:
+            for ln in list(lines):
+                if "actor 0 ready (pid " in ln:
+                    pid = int(ln.split("(pid ")[1].split(",")[0])
+            time.sleep(0.05)
+        assert pid, "".join(lines)
+        parts = _wait_parts(out, 3, proc)
+        assert parts < 100, "the job finished before the actor could be killed"
+        os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, "".join(lines)[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    rows = read_rows(out, ["image_id", "status"])
+    ids = collections.Counter(r["image_id"] for r in rows)
+    assert set(ids) == set(names) and set(ids.values()) == {1}
+    assert all(r["status"] == "ok" for r in rows)
+    assert (out / "_SUCCESS").exists()
+
+
+def test_driver_memory_does_not_grow_with_the_dataset(ckpt, tmp_path):
+    rss = {}
+    for n in (100, 500):
+        write_folder(tmp_path / f"in{n}", n)
+        r = run_cli("run", "--input", str(tmp_path / f"in{n}"), "--output", str(tmp_path / f"out{n}"),
+                    *model_flags(ckpt), "--methods", "gae", "--shard-size", "25", *FAST)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        rss[n] = json.loads((tmp_path / f"out{n}" / "manifest.json").read_text())["driver_peak_rss_mb"]
+    assert rss[500] <= 1.2 * rss[100], rss
+
+
+def test_other_configuration_is_refused_unless_overwrite(ckpt, tmp_path):
+    write_folder(tmp_path / "in", 12)
+    base = [
+        "run",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        *model_flags(ckpt),
+        *FAST,
+    ]
+    assert run_cli(*base, "--methods", "gae").returncode == 0
+    r = run_cli(*base, "--methods", "gae,lnstd")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("lnstd: error:") and "methods" in r.stderr
+    r = run_cli(*base, "--methods", "gae,lnstd", "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {row["method"] for row in read_rows(tmp_path / "out", ["method"])} == {"gae", "lnstd"}
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "--batch-size", "many"], "--batch-size"),
+        (["run", "--bogus"], "--bogus"),
+        (["run", "--input", "somewhere"], "--model is required"),
+        (["run", "--model", "vit_tiny_patch16_224"], "--input is required"),
+        (["run", "--input", "x", "--model", "m", "--methods", "gae,nope"], "unknown method 'nope'"),
+        (["run", "--input", "x", "--model", "m", "--target", "best"], "--target"),
+        (["run", "--input", "/nonexistent/folder", "--model", "vit_tiny_patch16_224", "--output",
+          "/tmp/x-out"], "input folder not found"),
+    ],
+)  # fmt: skip
+def test_wrong_flags_name_the_flag(args, needle):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert needle in r.stderr
+
+
+def test_missing_credentials_say_which(tmp_path):
+    env = {k: None for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
+    r = run_cli(
+        "run", "--input", "s3://b/in", "--output", "s3://b/out", "--model", "vit_tiny_patch16_224", env=env
+    )
+    assert r.returncode == 2 and "AWS_ACCESS_KEY_ID" in r.stderr
+    env["AWS_ACCESS_KEY_ID"] = "x"
+    r = run_cli(
+        "run", "--input", "s3://b/in", "--output", "s3://b/out", "--model", "vit_tiny_patch16_224", env=env
+    )
+    assert r.returncode == 2 and "AWS_SECRET_ACCESS_KEY is not" in r.stderr
+
+
+def test_demo_is_the_first_command(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lnstd", "run", "--no-progress"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "lnstd-out"
+    assert (out / "_SUCCESS").exists()
+    rows = read_rows(out)
+    assert len(rows) == 48 * len(lnstd.list_methods())
+    assert all(r["iou"] is not None and r["label"] is not None for r in rows)
