@@ -143,6 +143,8 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         raise ReplicaStartError(f"the model replica could not start: {_last_line(exc)}") from None
     for i, info in enumerate(infos):
         _log(f"actor {i} ready (pid {info['pid']}, {info['device']})")
+    t_ready = time.time()
+    actor_rss = 0.0
 
     bar = tqdm(total=total, unit="img", disable=not progress, mininterval=1.0, file=sys.stderr)
     counts = {"images": 0, "ok": 0, "errors": 0, "shards_done": 0, "shards_skipped": 0, "images_skipped": 0}
@@ -182,6 +184,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             counts["images"] += res["images"]
             counts["ok"] += res["ok"]
             counts["errors"] += res["errors"]
+            actor_rss = max(actor_rss, res.get("peak_rss_mb", 0.0))
         except ray.exceptions.RayActorError as exc:
             if tries < 2:  # the replica is gone for good: start a fresh one and try again
                 _log(f"actor {a} lost on shard {shard} ({type(exc).__name__}); replacing it")
@@ -205,8 +208,9 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         "versions": _versions(),
         "counts": {**counts, "shards_failed": len(failed), "input_images": total},
         "failed_shards": failed,
-        "timings": {"started": t_start, "elapsed_s": elapsed},
+        "timings": {"started": t_start, "elapsed_s": elapsed, "attribution_s": time.time() - t_ready},
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "actor_peak_rss_mb": actor_rss,
     }
     storage.write_bytes(
         storage.join(cfg.output, "manifest.json"), json.dumps(manifest, indent=1).encode(), opts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -255,6 +256,7 @@ class ShardWorker:
             "ok": len(items) - len(errors),
             "errors": len(errors),
             "rows": len(rows),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 
 

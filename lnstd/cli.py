@@ -84,6 +84,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an output of another configuration")
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default AWS_ENDPOINT_URL)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--spec", metavar="FILE", help="YAML job spec of flags (see jobs/specs/)")
     p.set_defaults(func=_cmd_run)
 
 
@@ -180,9 +181,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def spec_to_argv(path: str) -> list[str]:
+    """A job spec (YAML mapping of ``run`` flags to values) -> command-line arguments."""
+    import yaml
+
+    with open(path) as f:
+        spec = yaml.safe_load(f) or {}
+    if not isinstance(spec, dict):
+        raise UsageError(f"--spec {path}: expected a mapping of flag names to values")
+    argv: list[str] = []
+    for key, value in spec.items():
+        flag = f"--{str(key).replace('_', '-')}"
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, dict):  # model-arg: {num_classes: 10}
+            for k, v in value.items():
+                argv += [flag, f"{k}={json.dumps(v)}"]
+        elif isinstance(value, list):
+            argv += [flag, ",".join(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def expand_specs(argv: list[str]) -> list[str]:
+    """Replace ``--spec FILE`` after ``run`` by the file's flags (later flags override them)."""
+    if "--spec" not in argv:
+        return argv
+    i = argv.index("--spec")
+    if i + 1 >= len(argv):
+        raise UsageError("--spec needs a file")
+    return [*argv[:i], *spec_to_argv(argv[i + 1]), *argv[i + 2 :]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lnstd`` console script and ``python -m lnstd``."""
     parser = build_parser()
+    try:
+        argv = expand_specs(list(sys.argv[1:] if argv is None else argv))
+    except (UsageError, OSError) as exc:
+        print(f"lnstd: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
