@@ -11,7 +11,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 
 import lnstd
 from lnstd.data import decode_image
+from lnstd.sysinfo import peak_rss_mb
 
 
 def main() -> None:
@@ -63,7 +63,7 @@ def main() -> None:
         x = torch.stack([tf(decode_image(b, min_size=(w, h))[0]) for b in payloads[k : k + args.batch_size]])
         ex(x)
     bare_s = time.perf_counter() - t0
-    bare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    bare_rss = peak_rss_mb()
 
     cmd = [sys.executable, "-m", "lnstd", "run", "--input", str(work / "in"), "--output", str(work / "out"),
            "--model", args.model, "--checkpoint", str(ckpt), "--methods", args.methods,

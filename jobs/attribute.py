@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import platform
-import resource
 import sys
 import time
 import uuid
@@ -26,6 +25,7 @@ from typing import Any
 
 from lnstd import storage
 from lnstd.data import Item, open_source
+from lnstd.sysinfo import peak_rss_mb
 
 from .config import RunConfig
 
@@ -209,7 +209,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         "counts": {**counts, "shards_failed": len(failed), "input_images": total},
         "failed_shards": failed,
         "timings": {"started": t_start, "elapsed_s": elapsed, "attribution_s": time.time() - t_ready},
-        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "driver_peak_rss_mb": peak_rss_mb(),
         "actor_peak_rss_mb": actor_rss,
     }
     storage.write_bytes(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
 import os
-import resource
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +22,7 @@ from lnstd import storage
 from lnstd.data import DecodeError, Item, decode_image, decode_mask, read_mat_sample
 from lnstd.metrics.mask import MASK_METRICS, mask_metrics
 from lnstd.models import input_size
+from lnstd.sysinfo import peak_rss_mb
 
 from .config import RunConfig
 
@@ -106,8 +107,6 @@ class ShardWorker:
         ]
         if self.cfg.save_png:
             fields.append(("heatmap_png", pa.binary()))
-        import json
-
         meta = {
             "lnstd.run_id": self.run_id,
             "lnstd.version": lnstd.__version__,
@@ -256,7 +255,7 @@ class ShardWorker:
             "ok": len(items) - len(errors),
             "errors": len(errors),
             "rows": len(rows),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
         }
 
 

@@ -1,0 +1,62 @@
+"""Storage: URI resolution, atomic writes, retries of transient errors, listing order."""
+
+from __future__ import annotations
+
+import pytest
+
+from lnstd import storage
+
+
+def test_retry_retries_transient_errors_only():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "ok"
+
+    assert storage.retry(flaky, "reading x", delay=0.001) == "ok"
+    assert len(calls) == 3
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("nope")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        storage.retry(missing, "reading x", delay=0.001)
+    assert len(calls) == 1
+
+    def down():
+        raise TimeoutError("timed out")
+
+    with pytest.raises(storage.StorageError, match="reading y: timed out"):
+        storage.retry(down, "reading y", attempts=2, delay=0.001)
+
+
+def test_local_write_is_atomic_and_listing_is_sorted(tmp_path):
+    uri = str(tmp_path / "a" / "b.bin")
+    storage.write_bytes(uri, b"hello")
+    assert storage.read_bytes(uri) == b"hello"
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.bin"]  # no temporary left behind
+    for name in ("z/1.png", "a/2.JPG", "a/1.jpg", "m.txt"):
+        (tmp_path / "imgs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "imgs" / name).write_bytes(b"x")
+    got = list(storage.list_files(str(tmp_path / "imgs"), (".jpg", ".png")))
+    assert [p.split("imgs/")[1] for p in got] == ["a/1.jpg", "a/2.JPG", "z/1.png"]
+    with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
+        storage.resolve("gs://bucket/x")
+
+
+def test_s3_roundtrip_and_missing_bucket(s3_server, monkeypatch):
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    opts = storage.StorageOptions(s3_endpoint=s3_server.endpoint, region="us-east-1")
+    s3_server.client().create_bucket(Bucket="roundtrip")
+    storage.write_bytes("s3://roundtrip/x/y.bin", b"data", opts)
+    assert storage.read_bytes("s3://roundtrip/x/y.bin", opts) == b"data"
+    assert storage.exists("s3://roundtrip/x/y.bin", opts) and not storage.exists("s3://roundtrip/x/z.bin", opts)
+    assert storage.list_names("s3://roundtrip/x", opts) == ["y.bin"]
+    with pytest.raises(storage.StorageError, match="bucket 'nope' does not exist"):
+        list(storage.list_files("s3://nope/in", (".jpg",), opts))
