@@ -156,73 +156,93 @@ class ShardWorker:
             pending = nxt
 
     # --- compute ---------------------------------------------------------------------------
-    def _explain(self, batch: list[Loaded]) -> list[dict[str, Any]]:
+    def _explain(self, batch: list[Loaded], shard: int) -> list[pa.Table]:
+        """Tables of this batch's rows: error rows, then one table per target x method."""
+        bad = [b for b in batch if b.error is not None]
         good = [b for b in batch if b.error is None]
-        rows: list[dict[str, Any]] = [
-            self._error_row(b, m) for b in batch if b.error for m in self.cfg.methods
-        ]
+        tables = []
+        if bad:
+            rows = [self._error_row(b, m, shard) for b in bad for m in self.cfg.methods]
+            tables.append(pa.Table.from_pylist(rows, schema=self.schema))
         if not good:
-            return rows
+            return tables
         t0 = time.perf_counter()
         x = torch.stack([b.tensor for b in good]).to(self.device, non_blocking=True)
         labels = [b.item.label for b in good]
         if self.cfg.topk:
             with torch.no_grad():
                 logits = self.model(x)
-            k = min(self.cfg.topk, logits.shape[1])
-            targets = [t for t in logits.topk(k, dim=1).indices.T]
+            targets: list[torch.Tensor | None] = list(
+                logits.topk(min(self.cfg.topk, logits.shape[1]), 1).indices.T
+            )
         elif self.cfg.target == "label":
             targets = [torch.tensor(labels, dtype=torch.long, device=self.device)]
         else:
             targets = [None]
-        masks = (
-            torch.stack([b.mask for b in good]).to(self.device)
-            if all(b.mask is not None for b in good)
-            else None
-        )
+        with_mask = [i for i, b in enumerate(good) if b.mask is not None]
+        masks = torch.stack([good[i].mask for i in with_mask]).to(self.device) if with_mask else None
         outs = [self.explainer(x, t) for t in targets]
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        per_image_ms = (time.perf_counter() - t0) * 1000 / len(good)
+        n = len(good)
+        per_image_ms = (time.perf_counter() - t0) * 1000 / n
+        common = {
+            "image_id": pa.array([b.item.image_id for b in good], pa.string()),
+            "source": pa.array([b.item.uri for b in good], pa.string()),
+            "width": pa.array([b.width for b in good], pa.int32()),
+            "height": pa.array([b.height for b in good], pa.int32()),
+            "model": pa.array([self.cfg.model] * n, pa.string()),
+            "label": pa.array(labels, pa.int64()),
+            "status": pa.array(["ok"] * n, pa.string()),
+            "error": pa.nulls(n, pa.string()),
+            "shard": pa.array(np.full(n, shard, np.int32)),
+            "elapsed_ms": pa.array(np.full(n, per_image_ms, np.float32)),
+        }
+        has_label = np.array([lb is not None for lb in labels])
+        label_arr = np.array([-1 if lb is None else lb for lb in labels])
+        heat_type = self.schema.field("heatmap").type
         for out in outs:
-            metrics = (
-                {m: mask_metrics(h, masks) for m, h in out.heatmaps.items()} if masks is not None else {}
-            )
-            # The write step: one copy per tensor to host memory.
-            heat = {m: h.flatten(1).cpu().numpy() for m, h in out.heatmaps.items()}
-            met = {m: {k: v.cpu().numpy() for k, v in d.items()} for m, d in metrics.items()}
-            tgt, pred = out.targets.cpu().numpy(), out.predicted.cpu().numpy()
-            prob = out.probabilities.cpu().numpy()
-            for i, b in enumerate(good):
-                for m in self.cfg.methods:
-                    gh, gw = self.grids[m]
-                    row = {
-                        "image_id": b.item.image_id,
-                        "source": b.item.uri,
-                        "width": b.width,
-                        "height": b.height,
-                        "model": self.cfg.model,
-                        "method": m,
-                        "target": int(tgt[i]),
-                        "predicted": int(pred[i]),
-                        "probability": float(prob[i]),
-                        "heatmap": heat[m][i],
-                        "grid_h": gh,
-                        "grid_w": gw,
-                        "label": labels[i],
-                        "correct": None if labels[i] is None else bool(pred[i] == labels[i]),
-                        "status": "ok",
-                        "error": None,
-                        "elapsed_ms": per_image_ms,
-                    }
-                    for name in MASK_METRICS:
-                        row[name] = float(met[m][name][i]) if m in met else None
-                    if self.cfg.save_png:
-                        row["heatmap_png"] = _png(heat[m][i].reshape(gh, gw), b.width, b.height)
-                    rows.append(row)
-        return rows
+            # The write step: each tensor crosses to host memory once, for the whole batch.
+            pred = out.predicted.cpu().numpy()
+            cols = {
+                **common,
+                "target": pa.array(out.targets.cpu().numpy().astype(np.int64)),
+                "predicted": pa.array(pred.astype(np.int64)),
+                "probability": pa.array(out.probabilities.cpu().numpy().astype(np.float32)),
+                "correct": pa.array(pred == label_arr, mask=~has_label),
+            }
+            for m, h in out.heatmaps.items():
+                gh, gw = self.grids[m]
+                heat = h.flatten(1).cpu().numpy().astype(np.float32)
+                values = pa.array(heat.ravel())
+                if pa.types.is_fixed_size_list(heat_type):
+                    heat_col = pa.FixedSizeListArray.from_arrays(values, gh * gw)
+                else:
+                    heat_col = pa.ListArray.from_arrays(
+                        pa.array(np.arange(n + 1, dtype=np.int32) * gh * gw), values
+                    )
+                table = {
+                    **cols,
+                    "method": pa.array([m] * n, pa.string()),
+                    "heatmap": heat_col,
+                    "grid_h": pa.array(np.full(n, gh, np.int32)),
+                    "grid_w": pa.array(np.full(n, gw, np.int32)),
+                }
+                scores = mask_metrics(h[with_mask], masks) if masks is not None else {}
+                for name in MASK_METRICS:
+                    full = np.full(n, np.nan, np.float32)
+                    if name in scores:
+                        full[with_mask] = scores[name].cpu().numpy()
+                    table[name] = pa.array(full, mask=np.isnan(full))
+                if self.cfg.save_png:
+                    table["heatmap_png"] = pa.array(
+                        [_png(heat[i].reshape(gh, gw), b.width, b.height) for i, b in enumerate(good)],
+                        pa.binary(),
+                    )
+                tables.append(pa.table(table).select(self.schema.names).cast(self.schema))
+        return tables
 
-    def _error_row(self, b: Loaded, method: str) -> dict[str, Any]:
+    def _error_row(self, b: Loaded, method: str, shard: int) -> dict[str, Any]:
         return {
             "image_id": b.item.image_id,
             "source": b.item.uri,
@@ -231,6 +251,7 @@ class ShardWorker:
             "label": b.item.label,
             "status": "error",
             "error": b.error,
+            "shard": shard,
         }
 
     def process(self, shard: int, items: list[Item]) -> dict[str, Any]:
@@ -238,23 +259,22 @@ class ShardWorker:
         uri = part_uri(self.cfg.output, shard)
         if storage.exists(uri, self.opts):  # a retried call after the commit: nothing to redo
             return {"shard": shard, "images": len(items), "skipped": True, "ok": 0, "errors": 0}
-        rows: list[dict[str, Any]] = []
+        tables: list[pa.Table] = []
         for batch in self._batches(items):
-            rows.extend(self._explain(batch))
-        for r in rows:
-            r["shard"] = shard
-        table = pa.Table.from_pylist(rows, schema=self.schema)
+            tables.extend(self._explain(batch, shard))
+        table = pa.concat_tables(tables) if tables else self.schema.empty_table()
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         storage.write_bytes(uri, buf.getvalue(), self.opts)
-        errors = {r["image_id"] for r in rows if r["status"] == "error"}
+        status = table["status"].to_numpy(zero_copy_only=False)
+        errors = len(set(table["image_id"].filter(pa.array(status == "error")).to_pylist()))
         return {
             "shard": shard,
             "images": len(items),
             "skipped": False,
-            "ok": len(items) - len(errors),
-            "errors": len(errors),
-            "rows": len(rows),
+            "ok": len(items) - errors,
+            "errors": errors,
+            "rows": table.num_rows,
             "peak_rss_mb": peak_rss_mb(),
         }
 

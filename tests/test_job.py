@@ -284,3 +284,38 @@ def test_demo_is_the_first_command(tmp_path):
     rows = read_rows(out)
     assert len(rows) == 48 * len(lnstd.list_methods())
     assert all(r["iou"] is not None and r["label"] is not None for r in rows)
+
+
+def test_topk_targets_png_column_and_partial_masks(ckpt, tmp_path):
+    """--target topk:2 writes one row per image x method x class; --save-png at the image's size."""
+    import csv
+    import io
+
+    from PIL import Image
+
+    names = write_folder(tmp_path / "in", 6)
+    mask = Image.new("L", (10, 10), 0)
+    mask.paste(255, (0, 0, 5, 5))
+    mask.save(tmp_path / "in" / "m.png")
+    with open(tmp_path / "in" / "list.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["uri", "label", "mask_uri"])
+        for k, n in enumerate(names):
+            w.writerow([n, k % 5, "m.png" if k % 2 else ""])
+    r = run_cli("run", "--input", str(tmp_path / "in" / "list.csv"), "--output", str(tmp_path / "out"),
+                *model_flags(ckpt), "--methods", "gae,gradcam", "--target", "topk:2", "--save-png",
+                "--batch-size", "4", *FAST)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_rows(tmp_path / "out")
+    assert len(rows) == 6 * 2 * 2
+    assert len({(r["image_id"], r["method"], r["target"]) for r in rows}) == 24
+    for row in rows:
+        png = Image.open(io.BytesIO(row["heatmap_png"]))
+        assert png.size == (row["width"], row["height"])
+        with_mask = names.index(row["image_id"]) % 2 == 1
+        assert (row["iou"] is not None) == with_mask
+        assert row["correct"] == (row["predicted"] == row["label"])
+    by_image = collections.defaultdict(set)
+    for row in rows:
+        by_image[(row["image_id"], row["method"])].add(row["target"])
+    assert all(len(t) == 2 for t in by_image.values())

@@ -56,7 +56,9 @@ def test_s3_roundtrip_and_missing_bucket(s3_server, monkeypatch):
     s3_server.client().create_bucket(Bucket="roundtrip")
     storage.write_bytes("s3://roundtrip/x/y.bin", b"data", opts)
     assert storage.read_bytes("s3://roundtrip/x/y.bin", opts) == b"data"
-    assert storage.exists("s3://roundtrip/x/y.bin", opts) and not storage.exists("s3://roundtrip/x/z.bin", opts)
+    assert storage.exists("s3://roundtrip/x/y.bin", opts) and not storage.exists(
+        "s3://roundtrip/x/z.bin", opts
+    )
     assert storage.list_names("s3://roundtrip/x", opts) == ["y.bin"]
     with pytest.raises(storage.StorageError, match="bucket 'nope' does not exist"):
         list(storage.list_files("s3://nope/in", (".jpg",), opts))
