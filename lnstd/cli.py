@@ -85,6 +85,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default AWS_ENDPOINT_URL)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--spec", metavar="FILE", help="YAML job spec of flags (see jobs/specs/)")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     p.set_defaults(func=_cmd_run)
 
 
@@ -93,6 +94,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from jobs.config import RunConfig
 
     from . import list_methods
+    from .storage import StorageOptions
 
     model_args = dict(args.model_arg)
     if args.input is None and args.model is None:
@@ -133,7 +135,87 @@ def _cmd_run(args: argparse.Namespace) -> int:
         s3_endpoint=args.s3_endpoint,
     )
     manifest = run(cfg, progress=not args.no_progress)
+    if not args.no_report:
+        from .report import write_report
+
+        try:
+            uri = write_report(cfg.output, opts=StorageOptions.from_env(cfg.s3_endpoint))
+            print(f"lnstd: report -> {uri}", file=sys.stderr)
+        except Exception as exc:  # the heatmaps are written: a report failure must not hide that
+            print(f"lnstd: warning: no report ({type(exc).__name__}: {exc})", file=sys.stderr)
     return 1 if manifest["counts"]["shards_failed"] else 0
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="timm model name")
+    p.add_argument("--checkpoint", help="local .safetensors/.pt weights")
+    p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights")
+    p.add_argument(
+        "--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+        help="timm.create_model argument, e.g. num_classes=10 (repeatable)",
+    )  # fmt: skip
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import Explainer, list_methods, load_model, transform_for
+    from .data import IMAGE_EXTENSIONS, DecodeError, decode_image
+    from .models import input_size
+    from .storage import list_files
+    from .viz import overlay, strip
+
+    files: list[tuple[str, str]] = []  # (path, name relative to its argument)
+    for arg in args.images:
+        if os.path.isdir(arg):
+            files += [(f, os.path.relpath(f, arg)) for f in list_files(arg, IMAGE_EXTENSIONS)]
+        elif os.path.isfile(arg):
+            files.append((arg, os.path.basename(arg)))
+        else:
+            raise UsageError(f"no such image or folder: {arg}")
+    torch.manual_seed(0)
+    model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
+    methods = args.methods or list_methods()
+    explainer = Explainer(model, methods)
+    tf = transform_for(model, args.fit)
+    h, w = input_size(model)
+    target = None if args.target == "predicted" else int(args.target)
+    failed = 0
+    for k in range(0, len(files), args.batch_size):
+        chunk, images = [], []
+        for path, rel in files[k : k + args.batch_size]:
+            try:
+                with open(path, "rb") as f:
+                    images.append(decode_image(f.read(), min_size=(w, h))[0])
+                chunk.append(rel)
+            except (DecodeError, OSError) as exc:
+                failed += 1
+                print(f"lnstd: skipped {path}: {exc}", file=sys.stderr)
+        if not chunk:
+            continue
+        out = explainer(torch.stack([tf(im) for im in images]), target)
+        for i, (rel, img) in enumerate(zip(chunk, images, strict=True)):
+            stem = os.path.join(args.out, os.path.splitext(rel)[0])
+            os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+            maps = {m: out.heatmaps[m][i] for m in methods}
+            for m, heat in maps.items():
+                overlay(img, heat).save(f"{stem}_{m}.png")
+            strip(img, maps).save(f"{stem}_strip.png")
+    print(f"lnstd: {len(files) - failed} images explained with {', '.join(methods)} -> {args.out}"
+          + (f"; {failed} skipped" if failed else ""), file=sys.stderr)  # fmt: skip
+    return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .storage import StorageOptions
+
+    uri = write_report(
+        args.output, samples=args.samples, metric=args.metric, out=args.out,
+        opts=StorageOptions.from_env(args.s3_endpoint),
+    )  # fmt: skip
+    print(f"lnstd: report -> {uri}", file=sys.stderr)
+    return 0
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
@@ -176,6 +258,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="the run's --output (local or s3://)")
     p.add_argument("--s3-endpoint", default=None)
     p.set_defaults(func=_cmd_aggregate)
+    p = sub.add_parser("explain", help="overlay PNGs for a few local images (one per method, plus a strip)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    _add_model_flags(p)
+    p.add_argument("--methods", type=_methods, default=None, help="comma list or 'all' (default all)")
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--fit", choices=["resize", "center-crop"], default="resize")
+    p.add_argument("--target", default="predicted", help="'predicted' or a class index")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_cmd_explain)
+    p = sub.add_parser("report", help="one self-contained HTML page for a run's output")
+    p.add_argument("output", help="the run's --output (local or s3://)")
+    p.add_argument("--samples", type=int, default=12, help="gallery images (best, worst, random)")
+    p.add_argument(
+        "--metric", default=None, help="metric that ranks the gallery (default iou, else probability)"
+    )
+    p.add_argument("--out", default=None, help="where to write the HTML (default OUTPUT/report.html)")
+    p.add_argument("--s3-endpoint", default=None)
+    p.set_defaults(func=_cmd_report)
     p = sub.add_parser("methods", help="list the attribution methods")
     p.set_defaults(func=_cmd_methods)
     return parser

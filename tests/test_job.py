@@ -111,7 +111,9 @@ def test_s3_end_to_end_with_bad_inputs(s3_server, ckpt):
             np.testing.assert_allclose(got[k], ref[k], atol=1e-4, rtol=0)
 
     listing = {o["Key"] for o in client.list_objects_v2(Bucket="data", Prefix="out/")["Contents"]}
-    assert {"out/_SUCCESS", "out/manifest.json", "out/_run.json"} <= listing
+    assert {"out/_SUCCESS", "out/manifest.json", "out/_run.json", "out/report.html"} <= listing
+    report = client.get_object(Bucket="data", Key="out/report.html")["Body"].read().decode()
+    assert report.count("data:image/jpeg;base64,") >= 12 and "source unreadable" not in report
     assert all(k.startswith("out/") for k in listing)
     manifest = client.get_object(Bucket="data", Key="out/manifest.json")["Body"].read().decode()
     meta = json.dumps({k.decode(): v.decode() for k, v in table.schema.metadata.items()})

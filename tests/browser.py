@@ -1,0 +1,50 @@
+"""Open a page in headless Chromium (Debian's package) and record what a person would see."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@dataclass
+class PageVisit:
+    requests: list[str] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+    images: int = 0
+    broken_images: list[str] = field(default_factory=list)
+    tables: list[list[list[str]]] = field(default_factory=list)
+
+
+def visit(page_path: Path, screenshot: Path, width: int = 1300) -> PageVisit:
+    """Load a local HTML file, take a full-page screenshot, and report requests, errors, images."""
+    from playwright.sync_api import sync_playwright
+
+    out = PageVisit()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.on("request", lambda r: out.requests.append(r.url))
+            page.on("console", lambda m: out.console_errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: out.page_errors.append(str(e)))
+            page.goto(page_path.resolve().as_uri(), wait_until="load")
+            page.screenshot(path=str(screenshot), full_page=True)
+            out.images = page.evaluate("document.images.length")
+            out.broken_images = page.evaluate(
+                "[...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)"
+            )
+        finally:
+            browser.close()
+    return out
