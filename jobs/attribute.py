@@ -168,6 +168,9 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                 counts["shards_skipped"] += 1
                 counts["images"] += len(items)
                 counts["images_skipped"] += len(items)
+                prior = _shard_counts(cfg.output, shard, opts)
+                counts["ok"] += prior.get("ok", 0)
+                counts["errors"] += prior.get("errors", 0)
                 bar.update(len(items))
                 continue
             submit(shard, items)
@@ -219,12 +222,27 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         storage.write_bytes(storage.join(cfg.output, "_SUCCESS"), b"", opts)
     rate = counts["images"] / elapsed if elapsed > 0 else 0.0
     _log(
-        f"{'done' if not failed else 'FAILED'}: {counts['images']} images; this run wrote "
-        f"{counts['shards_done']} shards ({counts['ok']} ok, {counts['errors']} errors), "
+        f"{'done' if not failed else 'FAILED'}: {counts['images']} images ({counts['ok']} ok, "
+        f"{counts['errors']} errors); this run wrote {counts['shards_done']} shards, "
         f"{counts['shards_skipped']} shards ({counts['images_skipped']} images) were already committed, "
         f"{len(failed)} failed; {elapsed:.1f}s ({rate:.1f} img/s) -> {cfg.output}"
     )
     return manifest
+
+
+def _shard_counts(output: str, shard: int, opts: storage.StorageOptions) -> dict[str, int]:
+    """The counts a committed shard recorded in its Parquet footer (empty if unreadable)."""
+    import pyarrow.parquet as pq
+
+    from .worker import part_uri
+
+    fs, path = storage.resolve(part_uri(output, shard), opts)
+    try:
+        with fs.open_input_file(path) as f:
+            meta = pq.read_metadata(f).metadata or {}
+        return json.loads(meta.get(b"lnstd.shard_counts", b"{}"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _versions() -> dict[str, str]:

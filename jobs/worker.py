@@ -264,10 +264,13 @@ class ShardWorker:
             tables.extend(self._explain(batch, shard))
         table = pa.concat_tables(tables) if tables else self.schema.empty_table()
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        storage.write_bytes(uri, buf.getvalue(), self.opts)
         status = table["status"].to_numpy(zero_copy_only=False)
         errors = len(set(table["image_id"].filter(pa.array(status == "error")).to_pylist()))
+        # The shard's own counts ride in its footer, so a resumed run can total them cheaply.
+        counts = {"images": len(items), "ok": len(items) - errors, "errors": errors}
+        meta = {**table.schema.metadata, b"lnstd.shard_counts": json.dumps(counts).encode()}
+        pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd")
+        storage.write_bytes(uri, buf.getvalue(), self.opts)
         return {
             "shard": shard,
             "images": len(items),
