@@ -218,6 +218,52 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_toy(args: argparse.Namespace) -> int:
+    from .train import train_toy
+
+    for arch in args.arch.split(","):
+        train_toy(arch, args.out, steps=args.steps, seed=args.seed, log=lambda m: print(m, flush=True))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import list_methods, load_model
+    from .arch import get_adapter
+    from .data.eval_sets import dataset_batches
+    from .data.toy import toy_batch
+    from .evaluate import ablation, class_sensitivity, evaluate, write_results
+    from .train import toy_tensors
+
+    torch.manual_seed(0)
+    model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
+    methods = args.methods or list_methods()
+    batches, n = dataset_batches(args.dataset, model, args.batch_size, args.n)
+    name = args.model or os.path.splitext(os.path.basename(args.checkpoint or "model"))[0]
+    with tqdm(total=n, unit="img", desc=f"eval {name}", file=sys.stderr, disable=args.no_progress) as bar:
+        results = evaluate(
+            model, batches, methods, perturbation=not args.no_perturbation, progress=bar.update
+        )
+    results["dataset"], results["model"] = args.dataset, name
+    if args.dataset == "toy" and args.two_object_n > 0:
+        images, masks, labels = toy_batch(args.two_object_n, 30_000, n_objects=2)
+        results["class_sensitivity"] = class_sensitivity(
+            model, toy_tensors(images), torch.from_numpy(masks), torch.from_numpy(labels), methods
+        )
+    if args.ablation:
+        results["ablation"] = ablation(
+            model, batches, ["all", 2] if len(get_adapter(model).blocks) > 2 else ["all"]
+        )
+    out = args.out or os.path.join("lnstd-eval", f"{args.dataset.split(':')[0]}-{name}")
+    jpath, mpath = write_results(results, out, f"{name} on {args.dataset}")
+    with open(mpath) as f:
+        print(f.read())
+    print(f"lnstd: results -> {jpath}, {mpath}", file=sys.stderr)
+    return 0
+
+
 def _cmd_aggregate(args: argparse.Namespace) -> int:
     from jobs.aggregate import aggregate, format_table
 
@@ -276,6 +322,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write the HTML (default OUTPUT/report.html)")
     p.add_argument("--s3-endpoint", default=None)
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("eval", help="measure explanation quality (segmentation, perturbation, sanity)")
+    p.add_argument("--dataset", required=True, help="toy | imagenet-seg:PATH | folder:PATH")
+    p.add_argument("--model", default=None, help="timm name (optional with a checkpoint that has its JSON)")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--methods", type=_methods, default=None, help="comma list or 'all' (default all)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--n", type=int, default=None, help="images to use (toy default 500)")
+    p.add_argument("--ablation", action="store_true", help="also lnstd's std x normalize x blocks table")
+    p.add_argument("--no-perturbation", action="store_true", help="skip the perturbation curves")
+    p.add_argument(
+        "--two-object-n", type=int, default=200, help="toy: two-object images for class sensitivity"
+    )
+    p.add_argument("--out", default=None, help="folder for results.json / results.md")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("train-toy", help="train the known-answer benchmark's small ViT / Swin (CPU)")
+    p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
+    p.add_argument("--out", default="checkpoints")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train_toy)
     p = sub.add_parser("methods", help="list the attribution methods")
     p.set_defaults(func=_cmd_methods)
     return parser

@@ -40,8 +40,16 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def checkpoint_config(checkpoint: str | Path) -> dict[str, Any]:
+    """The JSON written beside a checkpoint (``w.safetensors`` -> ``w.json``), or {} if none."""
+    import json
+
+    side = Path(checkpoint).with_suffix(".json")
+    return json.loads(side.read_text()) if side.is_file() else {}
+
+
 def load_model(
-    name: str,
+    name: str | None,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     device: str | torch.device | None = None,
@@ -49,8 +57,12 @@ def load_model(
 ) -> nn.Module:
     """A timm model by name, in eval mode.
 
+    A checkpoint may have a JSON file of the same stem beside it (as ``lnstd train-toy`` writes):
+    its ``model``, ``model_args`` and ``normalize`` (mean, std) are used unless given here.
+
     Args:
-        name: timm model name, e.g. ``vit_base_patch16_224`` or ``swin_tiny_patch4_window7_224``.
+        name: timm model name, e.g. ``vit_base_patch16_224`` or ``swin_tiny_patch4_window7_224``;
+            may be None when the checkpoint's JSON names it.
         checkpoint: local ``.safetensors`` / ``.pt`` / ``.pth`` file with the weights (strict load).
         pretrained: let timm download its pretrained weights (needs network access).
         device: where to put the model.
@@ -58,6 +70,12 @@ def load_model(
     """
     import timm
 
+    side = checkpoint_config(checkpoint) if checkpoint is not None else {}
+    name = name or side.get("model")
+    if name is None:
+        raise ValueError("no model name: pass one (or a checkpoint with a JSON file naming it)")
+    if side.get("model") == name:
+        timm_kwargs = {**side.get("model_args", {}), **timm_kwargs}
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
     model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **timm_kwargs)
@@ -67,6 +85,8 @@ def load_model(
             raise ValueError(
                 f"{checkpoint} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
+    if side.get("normalize"):
+        model.pretrained_cfg = {**model.pretrained_cfg, **side["normalize"]}
     if device is not None:
         model = model.to(device)
     return model.eval()

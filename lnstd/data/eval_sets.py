@@ -1,0 +1,113 @@
+"""Evaluation datasets, one sample structure for all: normalised images, boolean masks, labels."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..evaluate import Batch
+from ..models import input_size, transform_for
+from .decode import decode_image, decode_mask
+from .sources import IMAGE_EXTENSIONS, open_source, read_mat_sample
+from .toy import toy_batch
+
+__all__ = ["TOY_EVAL_SEED", "dataset_batches"]
+
+TOY_EVAL_SEED = 20_000
+
+
+def _resized(
+    img: Image.Image, mask: np.ndarray, tf, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    m = Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), Image.NEAREST)
+    return tf(img), torch.from_numpy(np.asarray(m) > 0)
+
+
+def _chunks(pairs: Iterator[tuple[torch.Tensor, torch.Tensor, int | None]], batch: int) -> Iterator[Batch]:
+    buf: list = []
+    for p in pairs:
+        buf.append(p)
+        if len(buf) == batch:
+            yield _batch(buf)
+            buf = []
+    if buf:
+        yield _batch(buf)
+
+
+def _batch(buf: list) -> Batch:
+    labels = [p[2] for p in buf]
+    return Batch(
+        torch.stack([p[0] for p in buf]),
+        torch.stack([p[1] for p in buf]),
+        None if any(lb is None for lb in labels) else torch.tensor(labels),
+    )
+
+
+def dataset_batches(
+    spec: str, model: nn.Module, batch: int, n: int | None = None
+) -> tuple[Callable[[], Iterator[Batch]], int]:
+    """``toy`` | ``imagenet-seg:PATH`` | ``folder:PATH`` -> (a function yielding batches, size).
+
+    Images are resized to the model's input size without cropping (the protocol's choice), masks
+    with nearest neighbour; ``folder:PATH`` holds ``images/<stem>.<ext>``, ``masks/<stem>.png`` and
+    optionally ``labels.csv`` (``stem,label``).
+    """
+    kind, _, path = spec.partition(":")
+    size = input_size(model)
+    if kind == "toy":
+        from ..train import toy_tensors
+
+        count = n or 500
+        images, masks, labels = toy_batch(count, TOY_EVAL_SEED, size=size[0])
+
+        def toy() -> Iterator[Batch]:
+            for k in range(0, count, batch):
+                yield Batch(
+                    toy_tensors(images[k : k + batch]),
+                    torch.from_numpy(masks[k : k + batch, 0]),
+                    torch.from_numpy(labels[k : k + batch, 0]),
+                )
+
+        return toy, count
+    tf = transform_for(model, "resize")
+    if kind == "imagenet-seg":
+        items = list(open_source(path).items())[:n]
+
+        def mat() -> Iterator[Batch]:
+            def pairs():
+                for it in items:
+                    img, mask = read_mat_sample(it.uri)
+                    yield (*_resized(Image.fromarray(img, "RGB"), mask, tf, size), None)
+
+            yield from _chunks(pairs(), batch)
+
+        return mat, len(items)
+    if kind == "folder":
+        img_dir = os.path.join(path, "images")
+        stems = sorted(f for f in os.listdir(img_dir) if f.lower().endswith(IMAGE_EXTENSIONS))[:n]
+        labels: dict[str, int] = {}
+        if os.path.isfile(os.path.join(path, "labels.csv")):
+            import csv
+
+            with open(os.path.join(path, "labels.csv")) as f:
+                labels = {row[0]: int(row[1]) for row in csv.reader(f) if row and row[0] != "stem"}
+
+        def folder() -> Iterator[Batch]:
+            def pairs():
+                for name in stems:
+                    stem = os.path.splitext(name)[0]
+                    with open(os.path.join(img_dir, name), "rb") as f:
+                        img = decode_image(f.read())[0]
+                    with open(os.path.join(path, "masks", stem + ".png"), "rb") as f:
+                        mask = decode_mask(f.read())
+                    yield (*_resized(img, mask, tf, size), labels.get(stem))
+
+            yield from _chunks(pairs(), batch)
+
+        return folder, len(stems)
+    raise ValueError(f"--dataset must be toy, imagenet-seg:PATH or folder:PATH, got {spec!r}")
