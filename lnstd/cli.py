@@ -222,7 +222,10 @@ def _cmd_train_toy(args: argparse.Namespace) -> int:
     from .train import train_toy
 
     for arch in args.arch.split(","):
-        train_toy(arch, args.out, steps=args.steps, seed=args.seed, log=lambda m: print(m, flush=True))
+        train_toy(
+            arch, args.out, steps=args.steps, seed=args.seed, train_images=args.train_images,
+            log=lambda m: print(m, flush=True),
+        )  # fmt: skip
     return 0
 
 
@@ -344,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="checkpoints")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-images", type=int, default=40_000, help="size of the generated training set")
     p.set_defaults(func=_cmd_train_toy)
     p = sub.add_parser("methods", help="list the attribution methods")
     p.set_defaults(func=_cmd_methods)

@@ -131,7 +131,8 @@ def train_toy(
         "batch": batch,
         "train_seconds": round(time.time() - t0),
         "threads": torch.get_num_threads(),
-        "command": f"lnstd train-toy --arch {arch} --out {out} --steps {steps} --seed {seed}",
+        "command": f"lnstd train-toy --arch {arch} --out {out} --steps {steps} --seed {seed} "
+        f"--train-images {train_images}",
         "torch": torch.__version__,
     }
     with open(os.path.join(out, f"toy_{arch}.json"), "w") as f:

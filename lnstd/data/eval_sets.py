@@ -49,13 +49,14 @@ def _batch(buf: list) -> Batch:
 
 
 def dataset_batches(
-    spec: str, model: nn.Module, batch: int, n: int | None = None
+    spec: str, model: nn.Module, batch: int, n: int | None = None, seed: int = TOY_EVAL_SEED
 ) -> tuple[Callable[[], Iterator[Batch]], int]:
     """``toy`` | ``imagenet-seg:PATH`` | ``folder:PATH`` -> (a function yielding batches, size).
 
     Images are resized to the model's input size without cropping (the protocol's choice), masks
     with nearest neighbour; ``folder:PATH`` holds ``images/<stem>.<ext>``, ``masks/<stem>.png`` and
-    optionally ``labels.csv`` (``stem,label``).
+    optionally ``labels.csv`` (``stem,label``). ``seed`` picks the toy split (default: the one
+    the README's figures use).
     """
     kind, _, path = spec.partition(":")
     size = input_size(model)
@@ -63,7 +64,7 @@ def dataset_batches(
         from ..train import toy_tensors
 
         count = n or 500
-        images, masks, labels = toy_batch(count, TOY_EVAL_SEED, size=size[0])
+        images, masks, labels = toy_batch(count, seed, size=size[0])
 
         def toy() -> Iterator[Batch]:
             for k in range(0, count, batch):

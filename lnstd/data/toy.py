@@ -45,14 +45,14 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     a, b = np.array(_colour(rng), np.float32), np.array(_colour(rng), np.float32)
     ramp = np.linspace(0, 1, size, dtype=np.float32)
     grad = ramp[:, None, None] if rng.random() < 0.5 else ramp[None, :, None]
-    bg = a * (1 - grad) + b * grad + rng.normal(0, 18, (size, size, 3))
+    bg = a * (1 - grad) + b * grad + rng.normal(0, 10, (size, size, 3))
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(4, 9))):  # distractor strokes
-        draw.line(rng.integers(0, size, 4).tolist(), fill=_colour(rng), width=int(rng.integers(1, 3)))
-    for _ in range(int(rng.integers(2, 6))):  # distractor blobs, smaller than any object
+    for _ in range(int(rng.integers(3, 7))):  # distractor strokes
+        draw.line(rng.integers(0, size, 4).tolist(), fill=_colour(rng), width=1)
+    for _ in range(int(rng.integers(2, 5))):  # distractor blobs, much smaller than any object
         cx, cy = (int(v) for v in rng.integers(0, size, 2))
-        s = int(rng.integers(1, 4))
+        s = int(rng.integers(1, 3))
         draw.ellipse([cx - s, cy - s, cx + s, cy + s], fill=_colour(rng))
     return img
 
@@ -65,7 +65,7 @@ def toy_sample(rng: np.random.Generator, size: int = 64, n_objects: int = 1) -> 
     taken = np.zeros((size, size), bool)
     for label in labels:
         for _ in range(100):
-            r = int(rng.integers(int(size * 0.16), int(size * (0.28 if n_objects == 1 else 0.2)) + 1))
+            r = int(rng.integers(int(size * 0.2), int(size * (0.32 if n_objects == 1 else 0.22)) + 1))
             cx, cy = (int(v) for v in rng.integers(r + 1, size - r - 1, 2))
             m_img = Image.new("L", (size, size), 0)
             _shape(ImageDraw.Draw(m_img), label, cx, cy, r, 255)
@@ -74,7 +74,7 @@ def toy_sample(rng: np.random.Generator, size: int = 64, n_objects: int = 1) -> 
                 break
         taken |= mask
         fill = Image.new("RGB", (size, size), _colour(rng))
-        if rng.random() < 0.5:  # striped texture
+        if rng.random() < 0.3:  # striped texture
             stripes = np.asarray(fill).copy()
             period = int(rng.integers(3, 7))
             axis = int(rng.integers(2))

@@ -1,0 +1,127 @@
+"""The known-answer benchmark machinery: training command, evaluation, baselines, the eval command.
+
+The committed trained checkpoints and the tests of their accuracy and of methods beating the
+baselines come with issue 4's training run (not in this change)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lnstd
+from lnstd.data.eval_sets import dataset_batches
+from lnstd.evaluate import bootstrap, evaluate, gaussian_heatmap, randomized_copy
+from lnstd.train import evaluate_accuracy
+
+from .jobhelpers import model_flags, run_cli, tiny_checkpoint
+from .test_datasets import _samples, write_gtsegs
+
+
+@pytest.fixture(scope="module")
+def toy_vit(tmp_path_factory) -> Path:
+    """A briefly trained toy ViT with its JSON, written by the real training command."""
+    out = tmp_path_factory.mktemp("toy")
+    r = run_cli("train-toy", "--arch", "vit", "--out", str(out), "--steps", "30", "--train-images", "600")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / "toy_vit.safetensors"
+
+
+def test_train_toy_writes_weights_and_an_honest_config(toy_vit):
+    meta = json.loads(toy_vit.with_suffix(".json").read_text())
+    assert meta["steps"] == 30 and meta["model"] == "vit_tiny_patch16_224"
+    assert "lnstd train-toy --arch vit" in meta["command"] and meta["train_seconds"] >= 0
+    model = lnstd.load_model(None, checkpoint=toy_vit)  # name, arguments and normalisation from the JSON
+    assert (
+        model.pretrained_cfg["mean"] == tuple(meta["normalize"]["mean"])
+        or list(model.pretrained_cfg["mean"]) == meta["normalize"]["mean"]
+    )
+    assert evaluate_accuracy(model, n=200, seed=10_000) == pytest.approx(meta["test_accuracy"], abs=0.06)
+
+
+def test_evaluate_reports_methods_baselines_and_sanity(toy_vit):
+    model = lnstd.load_model(None, checkpoint=toy_vit)
+    batches, n = dataset_batches("toy", model, batch=20, n=40, seed=77_777)
+    res = evaluate(model, batches, ["gae", "lnstd"], perturbation=True)
+    assert res["n"] == n == 40
+    names = set(res["methods"])
+    assert {
+        "gae",
+        "lnstd",
+        "gaussian (baseline)",
+        "gae (randomised model)",
+        "lnstd (randomised model)",
+    } == names
+    for name, figures in res["methods"].items():
+        for metric, value in figures.items():
+            lo, hi = res["intervals"][name][metric]
+            assert lo <= value + 1e-9 and value <= hi + 1e-9, (name, metric)
+    assert -1 <= res["sanity_rank_correlation"]["lnstd"] <= 1
+    assert 0 <= res["methods"]["lnstd"]["deletion_auc"] <= 0.9
+
+
+def test_randomised_copy_changes_every_weight_and_keeps_the_original():
+    torch.manual_seed(0)
+    model = lnstd.load_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rnd = randomized_copy(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    changed = [
+        k
+        for k, v in rnd.state_dict().items()
+        if v.numel() > 1 and v.float().std() > 0 and not torch.equal(v, before[k])
+    ]
+    assert len(changed) >= 0.8 * sum(1 for v in before.values() if v.numel() > 1 and v.float().std() > 0)
+
+
+def test_gaussian_baseline_is_centred():
+    g = gaussian_heatmap(2, (5, 7))
+    assert g.shape == (2, 5, 7) and g[0].argmax() == 2 * 7 + 3
+
+
+def test_bootstrap_interval_contains_the_estimate():
+    rng = np.random.default_rng(0)
+    n = 200
+    arrays = {
+        "correct": rng.integers(50, 100, n).astype(float), "labelled": np.full(n, 100.0),
+        "inter_bg": rng.integers(10, 50, n).astype(float), "union_bg": np.full(n, 60.0),
+        "inter_fg": rng.integers(10, 40, n).astype(float), "union_fg": np.full(n, 50.0),
+        "ap": rng.random(n), "pointing_game": rng.integers(0, 2, n).astype(float),
+        "mass_in_mask": rng.random(n),
+    }  # fmt: skip
+    ci = bootstrap(arrays, n=300)
+    point = arrays["correct"].sum() / arrays["labelled"].sum()
+    assert ci["pixel_accuracy"][0] < point < ci["pixel_accuracy"][1]
+    assert ci["map"][1] - ci["map"][0] < 0.2
+
+
+def test_eval_command_on_toy_mat_and_folder(tmp_path, toy_vit):
+    r = run_cli("eval", "--dataset", "toy", "--checkpoint", str(toy_vit), "--n", "20",
+                "--batch-size", "10", "--two-object-n", "10", "--ablation", "--out", str(tmp_path / "toy"),
+                "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "toy" / "results.json").read_text())
+    assert res["n"] == 20 and set(res["class_sensitivity"]) == set(lnstd.list_methods())
+    assert {"miou", "map", "pixel_accuracy", "pointing_game", "deletion_auc", "insertion_auc"} <= set(
+        res["methods"]["lnstd"]
+    )
+    assert len(res["ablation"]) == 18
+    assert "| lnstd |" in (tmp_path / "toy" / "results.md").read_text()
+
+    ckpt = tiny_checkpoint(tmp_path)
+    images, masks = _samples()
+    write_gtsegs(tmp_path / "gtsegs_ijcv.mat", images, masks)
+    (tmp_path / "folder" / "images").mkdir(parents=True)
+    (tmp_path / "folder" / "masks").mkdir()
+    for i, (img, mask) in enumerate(zip(images, masks)):
+        Image.fromarray(img).save(tmp_path / "folder" / "images" / f"s{i}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "folder" / "masks" / f"s{i}.png")
+    for spec in (f"imagenet-seg:{tmp_path / 'gtsegs_ijcv.mat'}", f"folder:{tmp_path / 'folder'}"):
+        r = run_cli("eval", "--dataset", spec, *model_flags(ckpt), "--methods", "gae,lnstd",
+                    "--batch-size", "3", "--out", str(tmp_path / "o"), "--no-progress")  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads((tmp_path / "o" / "results.json").read_text())["n"] == 4
