@@ -1,4 +1,4 @@
-"""The ``lnstd`` command: ``run``, ``aggregate``, ``methods``.
+"""The ``lnstd`` command: run, aggregate, report, explain, eval, train-toy, methods.
 
 Errors a user can act on are printed as one line (``lnstd: error: ...``) with exit code 2.
 """
@@ -56,17 +56,7 @@ def _add_run(sub: Any) -> None:
     )
     p.add_argument("--input", help="folder, s3:// prefix, .parquet/.csv manifest (uri column) or .mat")
     p.add_argument("--output", default=None, help="local folder or s3:// prefix (default ./lnstd-out)")
-    p.add_argument("--model", help="timm model name")
-    p.add_argument("--checkpoint", help="local .safetensors/.pt weights")
-    p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights")
-    p.add_argument(
-        "--model-arg",
-        type=_model_arg,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="timm.create_model argument, e.g. num_classes=10 (repeatable)",
-    )
+    _add_model_flags(p, required=False)
     p.add_argument("--methods", type=_methods, default=None, help="comma list or 'all' (default all)")
     p.add_argument("--blocks", type=_blocks, default=None, help="'all' or the last k blocks")
     p.add_argument("--std", choices=["inverse", "multiply", "none"], default=None)
@@ -146,9 +136,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if manifest["counts"]["shards_failed"] else 0
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="timm model name")
-    p.add_argument("--checkpoint", help="local .safetensors/.pt weights")
+def _add_model_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--model", required=required, help="timm model name")
+    p.add_argument(
+        "--checkpoint", help="local .safetensors/.pt weights (a JSON beside it may name the model)"
+    )
     p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights")
     p.add_argument(
         "--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
@@ -309,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_aggregate)
     p = sub.add_parser("explain", help="overlay PNGs for a few local images (one per method, plus a strip)")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-    _add_model_flags(p)
+    _add_model_flags(p, required=True)
     p.add_argument("--methods", type=_methods, default=None, help="comma list or 'all' (default all)")
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.add_argument("--fit", choices=["resize", "center-crop"], default="resize")
@@ -327,10 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
     p = sub.add_parser("eval", help="measure explanation quality (segmentation, perturbation, sanity)")
     p.add_argument("--dataset", required=True, help="toy | imagenet-seg:PATH | folder:PATH")
-    p.add_argument("--model", default=None, help="timm name (optional with a checkpoint that has its JSON)")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--pretrained", action="store_true")
-    p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE")
+    _add_model_flags(p, required=False)
     p.add_argument("--methods", type=_methods, default=None, help="comma list or 'all' (default all)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--n", type=int, default=None, help="images to use (toy default 500)")
@@ -345,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-toy", help="train the known-answer benchmark's small ViT / Swin (CPU)")
     p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
     p.add_argument("--out", default="checkpoints")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-images", type=int, default=40_000, help="size of the generated training set")
     p.set_defaults(func=_cmd_train_toy)

@@ -28,15 +28,16 @@ TOY_MODELS: dict[str, dict[str, Any]] = {
     "vit": {
         "model": "vit_tiny_patch16_224",
         "model_args": {
-            "img_size": 64, "patch_size": 8, "embed_dim": 128, "depth": 6, "num_heads": 4,
-            "num_classes": len(TOY_CLASSES), "mean": MEAN, "std": STD,
+            "img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 6, "num_heads": 3,
+            "num_classes": len(TOY_CLASSES), "drop_path_rate": 0.0, "mean": MEAN, "std": STD,
         },
     },
     "swin": {
         "model": "swin_tiny_patch4_window7_224",
         "model_args": {
             "img_size": 64, "patch_size": 4, "window_size": 4, "embed_dim": 48, "depths": [2, 2, 2],
-            "num_heads": [2, 4, 8], "num_classes": len(TOY_CLASSES), "mean": MEAN, "std": STD,
+            "num_heads": [2, 4, 8], "num_classes": len(TOY_CLASSES), "drop_path_rate": 0.0,
+            "mean": MEAN, "std": STD,
         },
     },
 }  # fmt: skip
@@ -73,9 +74,9 @@ def evaluate_accuracy(
 def train_toy(
     arch: str,
     out: str,
-    steps: int = 6000,
+    steps: int = 8000,
     batch: int = 64,
-    lr: float = 1e-3,
+    lr: float = 7e-4,
     warmup: int = 400,
     train_images: int = 40_000,
     target_accuracy: float = 0.95,
