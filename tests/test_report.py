@@ -101,3 +101,22 @@ def test_report_renders_in_chromium_without_network_or_errors(run_output, tmp_pa
     img = Image.open(shot)
     assert img.size[0] >= 1300 and img.size[1] > 1500
     assert len(set(img.convert("L").resize((64, 64)).getdata())) > 20  # a page with content, not blank
+
+
+def test_report_plots_perturbation_curves_when_present(run_output, tmp_path):
+    """An output with per-row curve columns gets one mean-curve plot per column."""
+    import shutil
+
+    import pyarrow as pa
+
+    out = tmp_path / "with-curves"
+    shutil.copytree(run_output, out)
+    for part in (out / "heatmaps").glob("part-*.parquet"):
+        t = pq.read_table(part)
+        curves = [[1.0 - 0.1 * k * (i % 3) / 3 for k in range(10)] for i in range(t.num_rows)]
+        pq.write_table(t.append_column("deletion_curve", pa.array(curves, pa.list_(pa.float32()))), part)
+    r = run_cli("report", str(out), "--samples", "3")
+    assert r.returncode == 0, r.stderr
+    page = (out / "report.html").read_text()
+    assert "Perturbation curves" in page and "aria-label='deletion_curve'" in page
+    assert page.count("<polyline") == 3  # one line per method

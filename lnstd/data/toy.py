@@ -41,25 +41,33 @@ def _shape(draw: ImageDraw.ImageDraw, label: int, cx: int, cy: int, r: int, fill
         draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
 
 
-def _background(rng: np.random.Generator, size: int) -> Image.Image:
+def _background(rng: np.random.Generator, size: int, clutter: float = 1.0) -> Image.Image:
     a, b = np.array(_colour(rng), np.float32), np.array(_colour(rng), np.float32)
     ramp = np.linspace(0, 1, size, dtype=np.float32)
     grad = ramp[:, None, None] if rng.random() < 0.5 else ramp[None, :, None]
-    bg = a * (1 - grad) + b * grad + rng.normal(0, 10, (size, size, 3))
+    bg = a * (1 - grad) + b * grad + rng.normal(0, 10 * clutter, (size, size, 3))
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 7))):  # distractor strokes
+    if clutter <= 0:
+        return img
+    for _ in range(int(rng.integers(3, 7) * clutter)):  # distractor strokes
         draw.line(rng.integers(0, size, 4).tolist(), fill=_colour(rng), width=1)
-    for _ in range(int(rng.integers(2, 5))):  # distractor blobs, much smaller than any object
+    for _ in range(int(rng.integers(2, 5) * clutter)):  # distractor blobs, much smaller than any object
         cx, cy = (int(v) for v in rng.integers(0, size, 2))
         s = int(rng.integers(1, 3))
         draw.ellipse([cx - s, cy - s, cx + s, cy + s], fill=_colour(rng))
     return img
 
 
-def toy_sample(rng: np.random.Generator, size: int = 64, n_objects: int = 1) -> ToySample:
-    """One image with ``n_objects`` objects of distinct classes, non-overlapping, with exact masks."""
-    img = _background(rng, size)
+def toy_sample(
+    rng: np.random.Generator, size: int = 64, n_objects: int = 1, clutter: float = 1.0
+) -> ToySample:
+    """One image with ``n_objects`` objects of distinct classes, non-overlapping, with exact masks.
+
+    ``clutter`` scales background noise and the number of distractors (1 = the benchmark's level;
+    lower values are for a training curriculum).
+    """
+    img = _background(rng, size, clutter)
     labels = [int(v) for v in rng.choice(len(TOY_CLASSES), size=n_objects, replace=False)]
     masks: list[np.ndarray] = []
     taken = np.zeros((size, size), bool)
@@ -89,11 +97,11 @@ def toy_sample(rng: np.random.Generator, size: int = 64, n_objects: int = 1) -> 
 
 
 def toy_batch(
-    n: int, seed: int, size: int = 64, n_objects: int = 1
+    n: int, seed: int, size: int = 64, n_objects: int = 1, clutter: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n`` samples: images (n, H, W, 3) uint8, masks (n, n_objects, H, W) bool, labels (n, n_objects)."""
     rng = np.random.default_rng(seed)
-    samples = [toy_sample(rng, size, n_objects) for _ in range(n)]
+    samples = [toy_sample(rng, size, n_objects, clutter) for _ in range(n)]
     return (
         np.stack([s.image for s in samples]),
         np.stack([np.stack(s.masks) for s in samples]),
