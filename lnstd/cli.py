@@ -216,6 +216,7 @@ def _cmd_train_toy(args: argparse.Namespace) -> int:
     for arch in args.arch.split(","):
         train_toy(
             arch, args.out, steps=args.steps, seed=args.seed, train_images=args.train_images,
+            batch=args.batch, lr=args.lr, device=args.device, max_minutes=args.max_minutes,
             log=lambda m: print(m, flush=True),
         )  # fmt: skip
     return 0
@@ -337,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-images", type=int, default=40_000, help="size of the generated training set")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=7e-4)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
     p.set_defaults(func=_cmd_train_toy)
     p = sub.add_parser("methods", help="list the attribution methods")
     p.set_defaults(func=_cmd_methods)

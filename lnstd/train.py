@@ -64,9 +64,10 @@ def evaluate_accuracy(
     """Top-1 accuracy on a freshly generated split."""
     images, _, labels = toy_batch(n, seed)
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for k in range(0, n, batch):
-        logits = model(toy_tensors(images[k : k + batch]))
+        logits = model(toy_tensors(images[k : k + batch]).to(device)).cpu()
         correct += int((logits.argmax(1).numpy() == labels[k : k + batch, 0]).sum())
     return correct / n
 
@@ -81,26 +82,31 @@ def train_toy(
     train_images: int = 40_000,
     target_accuracy: float = 0.95,
     seed: int = 0,
+    device: str = "cpu",
+    min_steps: int = 1500,
+    max_minutes: float | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Train one toy model; stops early once a held-out check passes ``target_accuracy``."""
     torch.manual_seed(seed)
     t0 = time.time()
-    model = make_model(arch)
+    model = make_model(arch).to(device)
     images, _, labels = toy_batch(train_images, seed)
-    x_all, y_all = toy_tensors(images), torch.from_numpy(labels[:, 0]).long()
+    x_all, y_all = toy_tensors(images).to(device), torch.from_numpy(labels[:, 0]).long().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     step = 0
     acc = 0.0
     for step in range(1, steps + 1):
         model.train()
-        idx = torch.randint(0, len(x_all), (batch,), generator=g)
+        idx = torch.randint(0, len(x_all), (batch,), generator=g, device=device)
         x, y = x_all[idx], y_all[idx]
-        flip = torch.rand(batch, generator=g) < 0.5  # label-preserving: shapes are mirror-symmetric
+        flip = (
+            torch.rand(batch, generator=g, device=device) < 0.5
+        )  # label-preserving: shapes are mirror-symmetric
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
@@ -111,10 +117,14 @@ def train_toy(
         if step % 250 == 0 or step == steps:
             acc = evaluate_accuracy(model, n=500, seed=TEST_SEED + 1)  # validation split
             log(f"{arch} step {step}: loss {loss.item():.3f}, val acc {acc:.3f}, {time.time() - t0:.0f}s")
-            if acc >= target_accuracy and step >= 1500:
+            if acc >= target_accuracy and step >= min_steps:
                 break
+        if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
+            log(f"{arch}: time limit of {max_minutes} min reached at step {step}")
+            break
     model.eval()
     test_acc = evaluate_accuracy(model)
+    model = model.cpu()
     os.makedirs(out, exist_ok=True)
     from safetensors.torch import save_file
 
@@ -131,9 +141,12 @@ def train_toy(
         "steps": step,
         "batch": batch,
         "train_seconds": round(time.time() - t0),
-        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"cpu, {torch.get_num_threads()} threads",
         "command": f"lnstd train-toy --arch {arch} --out {out} --steps {steps} --seed {seed} "
-        f"--train-images {train_images}",
+        f"--train-images {train_images} --batch {batch} --lr {lr} --device {device}"
+        + (f" --max-minutes {max_minutes}" if max_minutes else ""),
         "torch": torch.__version__,
     }
     with open(os.path.join(out, f"toy_{arch}.json"), "w") as f:
