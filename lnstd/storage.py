@@ -19,11 +19,13 @@ import pyarrow.fs as pafs
 __all__ = [
     "StorageError",
     "StorageOptions",
+    "check_credentials",
     "delete_tree",
     "exists",
     "is_s3",
     "join",
     "list_files",
+    "list_names",
     "read_bytes",
     "resolve",
     "retry",
