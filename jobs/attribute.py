@@ -124,6 +124,8 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     source = open_source(cfg.input, opts)
     total = source.count()
     run_id = prepare_output(cfg, opts)
+    heatmaps = storage.join(cfg.output, "heatmaps")
+    storage.remove_temporaries(heatmaps, opts)  # left by writers of an earlier, killed run
     committed = {
         int(n[len("part-") : -len(".parquet")])
         for n in storage.list_names(storage.join(cfg.output, "heatmaps"), opts)
@@ -202,6 +204,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         bar.update(len(items))
         refill()
     bar.close()
+    storage.remove_temporaries(heatmaps, opts)  # left by actors killed mid-write in this run
 
     elapsed = time.time() - t_start
     manifest = {

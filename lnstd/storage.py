@@ -27,6 +27,7 @@ __all__ = [
     "list_files",
     "list_names",
     "read_bytes",
+    "remove_temporaries",
     "resolve",
     "retry",
     "write_bytes",
@@ -157,7 +158,9 @@ def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> No
     fs, path = resolve(uri, opts)
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        # A dot-name: Parquet dataset readers skip it, so a writer killed mid-write leaves nothing
+        # that a reader of the folder would take for data (remove_temporaries clears it later).
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -170,6 +173,21 @@ def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> No
             f.write(data)
 
     retry(put, f"writing {uri}")
+
+
+def remove_temporaries(uri: str, opts: StorageOptions | None = None) -> int:
+    """Delete the temporary files that killed writers left in a local folder; returns how many.
+
+    Only call this while no writer is active in that folder. S3 needs nothing: it has no partial
+    objects.
+    """
+    fs, path = resolve(uri, opts)
+    if not isinstance(fs, pafs.LocalFileSystem) or not os.path.isdir(path):
+        return 0
+    stale = [n for n in os.listdir(path) if n.startswith(".") and ".tmp-" in n]
+    for n in stale:
+        os.remove(os.path.join(path, n))
+    return len(stale)
 
 
 def exists(uri: str, opts: StorageOptions | None = None) -> bool:

@@ -40,6 +40,10 @@ def test_local_write_is_atomic_and_listing_is_sorted(tmp_path):
     storage.write_bytes(uri, b"hello")
     assert storage.read_bytes(uri) == b"hello"
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.bin"]  # no temporary left behind
+    # a writer killed mid-write leaves a hidden temporary, which readers skip and cleanup removes
+    (tmp_path / "a" / ".b.bin.tmp-dead").write_bytes(b"partial")
+    assert storage.remove_temporaries(str(tmp_path / "a")) == 1
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.bin"]
     for name in ("z/1.png", "a/2.JPG", "a/1.jpg", "m.txt"):
         (tmp_path / "imgs" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "imgs" / name).write_bytes(b"x")
@@ -62,3 +66,15 @@ def test_s3_roundtrip_and_missing_bucket(s3_server, monkeypatch):
     assert storage.list_names("s3://roundtrip/x", opts) == ["y.bin"]
     with pytest.raises(storage.StorageError, match="bucket 'nope' does not exist"):
         list(storage.list_files("s3://nope/in", (".jpg",), opts))
+
+
+def test_parquet_readers_skip_a_killed_writers_temporary(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "heatmaps"
+    folder.mkdir()
+    pq.write_table(pa.table({"x": [1, 2]}), folder / "part-00000.parquet")
+    # exactly what write_bytes would leave if killed between writing and renaming
+    pq.write_table(pa.table({"x": [3]}), folder / ".part-00001.parquet.tmp-0123")
+    assert pq.read_table(folder)["x"].to_pylist() == [1, 2]
