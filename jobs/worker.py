@@ -110,7 +110,7 @@ class ShardWorker:
         meta = {
             "lnstd.run_id": self.run_id,
             "lnstd.version": lnstd.__version__,
-            "lnstd.config": json.dumps(RunConfig(**self.cfg.to_dict()).identity(), sort_keys=True),
+            "lnstd.config": json.dumps(self.cfg.identity(), sort_keys=True),
         }
         return pa.schema(fields, metadata=meta)
 

@@ -18,7 +18,7 @@ from torch import nn
 from .explain import Explainer
 from .metrics.mask import mask_metrics
 from .metrics.perturbation import PERTURBATION_METRICS, auc, perturbation_curves
-from .metrics.segmentation import SegmentationMeter, scaled
+from .metrics.segmentation import SegmentationMeter
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -90,17 +90,14 @@ class _Collector:
         self.rows.setdefault(name, []).append(values.detach().double().cpu().numpy())
 
     def update(self, heat: torch.Tensor, masks: torch.Tensor) -> None:
-        self.meter.update(heat, masks)
-        h = scaled(heat, tuple(masks.shape[-2:]))
-        m = masks.bool()
-        pred = h > h.mean(dim=(1, 2), keepdim=True)
-        self.add("correct", (pred == m).sum(dim=(1, 2)))
-        self.add("labelled", torch.full((m.shape[0],), float(m[0].numel())))
-        self.add("inter_bg", (~pred & ~m).sum(dim=(1, 2)))
-        self.add("union_bg", (~pred | ~m).sum(dim=(1, 2)))
-        self.add("inter_fg", (pred & m).sum(dim=(1, 2)))
-        self.add("union_fg", (pred | m).sum(dim=(1, 2)))
-        self.add("ap", self.meter.ap[-1])
+        per = self.meter.update(heat, masks)
+        self.add("correct", per["correct"])
+        self.add("labelled", torch.full((masks.shape[0],), float(masks[0].numel())))
+        self.add("inter_bg", per["intersection"][:, 0])
+        self.add("union_bg", per["union"][:, 0])
+        self.add("inter_fg", per["intersection"][:, 1])
+        self.add("union_fg", per["union"][:, 1])
+        self.add("ap", per["ap"])
         mm = mask_metrics(heat, masks)
         self.add("pointing_game", mm["pointing_game"])
         self.add("mass_in_mask", mm["mass_in_mask"])
@@ -110,8 +107,14 @@ class _Collector:
 
 
 def _figures(a: dict[str, np.ndarray], idx: np.ndarray | None = None) -> dict[str, float]:
-    s = (lambda k: a[k][idx].sum()) if idx is not None else (lambda k: a[k].sum())
-    m = (lambda k: a[k][idx].mean()) if idx is not None else (lambda k: a[k].mean())
+    rows = slice(None) if idx is None else idx
+
+    def s(k: str) -> float:
+        return a[k][rows].sum()
+
+    def m(k: str) -> float:
+        return a[k][rows].mean()
+
     out = {
         "pixel_accuracy": s("correct") / s("labelled"),
         "miou": 0.5 * (s("inter_bg") / max(s("union_bg"), 1) + s("inter_fg") / max(s("union_fg"), 1)),
@@ -253,26 +256,15 @@ def write_results(results: dict[str, Any], out_dir: str, title: str) -> tuple[st
             else:
                 cells.append("-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if results.get("sanity_rank_correlation"):
-        lines += [
-            "",
-            "Model-randomisation sanity check (Spearman rank correlation, trained vs re-initialised; lower = more model-dependent):",
-            "",
-        ]
-        lines.append("| " + " | ".join(results["sanity_rank_correlation"]) + " |")
-        lines.append("|---" * len(results["sanity_rank_correlation"]) + "|")
-        lines.append(
-            "| " + " | ".join(f"{v:.3f}" for v in results["sanity_rank_correlation"].values()) + " |"
-        )
-    if results.get("class_sensitivity"):
-        lines += [
-            "",
-            "Two-object class sensitivity (fraction of explanations with more relevance on the explained object):",
-            "",
-        ]
-        lines.append("| " + " | ".join(results["class_sensitivity"]) + " |")
-        lines.append("|---" * len(results["class_sensitivity"]) + "|")
-        lines.append("| " + " | ".join(f"{v:.3f}" for v in results["class_sensitivity"].values()) + " |")
+    one_row_tables = {
+        "sanity_rank_correlation": "Model-randomisation sanity check (Spearman rank correlation, trained vs re-initialised; lower = more model-dependent):",
+        "class_sensitivity": "Two-object class sensitivity (fraction of explanations with more relevance on the explained object):",
+    }
+    for key, caption in one_row_tables.items():
+        if results.get(key):
+            row = results[key]
+            lines += ["", caption, "", "| " + " | ".join(row) + " |", "|---" * len(row) + "|"]
+            lines.append("| " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
     if results.get("ablation"):
         lines += [
             "",

@@ -81,12 +81,14 @@ class ManifestSource(Source):
                 raise ValueError(f"manifest {self.uri} has no 'uri' column (columns: {', '.join(cols)})")
             data = batch.to_pydict()
             n = batch.num_rows
+            labels = data.get("label", [None] * n)
+            masks = data.get("mask_uri", [None] * n)
             for i in range(n):
                 uri = str(data["uri"][i])
                 if "://" not in uri and not os.path.isabs(uri):
                     uri = storage.join(base, uri)
-                label = data.get("label", [None] * n)[i]
-                mask = data.get("mask_uri", [None] * n)[i]
+                label = labels[i]
+                mask = masks[i]
                 if mask and "://" not in mask and not os.path.isabs(mask):
                     mask = storage.join(base, mask)
                 image_id = str(data["image_id"][i]) if "image_id" in data else data["uri"][i]

@@ -62,7 +62,11 @@ class SegmentationMeter:
     higher_is_better: bool = True
 
     def update(self, heat: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Add a batch: (B, h, w) heatmaps, (B, H, W) boolean masks. Returns per-image figures."""
+        """Add a batch: (B, h, w) heatmaps, (B, H, W) boolean masks.
+
+        Returns per-image figures and the counts behind them (``correct`` pixels, and per class
+        ``intersection`` / ``union``), from which dataset totals of any subset can be rebuilt.
+        """
         h = scaled(heat, tuple(mask.shape[-2:]))
         m = mask.bool()
         pred = h > h.mean(dim=(1, 2), keepdim=True)
@@ -77,7 +81,14 @@ class SegmentationMeter:
         self.union += union.sum(0).cpu()
         self.ap.append(ap.cpu())
         n = float(m[0].numel())
-        return {"pixel_accuracy": correct / n, "iou": (inter / union.clamp(min=1)).mean(1), "ap": ap}
+        return {
+            "pixel_accuracy": correct / n,
+            "iou": (inter / union.clamp(min=1)).mean(1),
+            "ap": ap,
+            "correct": correct,
+            "intersection": inter,  # (B, 2): background, foreground
+            "union": union,
+        }
 
     def compute(self) -> dict[str, float]:
         """Dataset-level pixel accuracy and mIoU, and the mean of per-image AP."""
