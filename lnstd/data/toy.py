@@ -1,7 +1,12 @@
-"""The known-answer benchmark's data: shapes of K classes on cluttered backgrounds, exact masks.
+"""The known-answer benchmark's data: textured objects of K classes on cluttered backgrounds, exact masks.
 
-The label depends only on the object's shape (colour, texture, size and position are random), the
-background carries distractor strokes and blobs, and every sample is deterministic by seed.
+The label is the texture inside the object (horizontal, vertical or diagonal stripes, or a
+checkerboard). Everything else is random and carries no label: the object's outline (disc, square,
+triangle, cross), size, colours and stripe period, its position (anywhere, so it may be cut by the
+border, which keeps a centre prior from scoring well), the background's colour ramp and
+noise, thin distractor strokes and blobs, and a plain (untextured) distractor shape as large as an
+object. So the evidence for the class lies inside the object's mask and nowhere else, which is what
+the segmentation metrics reward. Every sample is deterministic by seed.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from PIL import Image, ImageDraw
 
 __all__ = ["TOY_CLASSES", "ToySample", "toy_batch", "toy_sample"]
 
-TOY_CLASSES = ("disc", "square", "triangle", "cross")
+TOY_CLASSES = ("horizontal", "vertical", "checker", "diagonal")
+OUTLINES = ("disc", "square", "triangle", "cross")
 
 
 @dataclass
@@ -27,18 +33,43 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, 3))
 
 
-def _shape(draw: ImageDraw.ImageDraw, label: int, cx: int, cy: int, r: int, fill) -> None:
-    if label == 0:
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif label == 1:
+def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two random colours far enough apart that the texture is visible."""
+    while True:
+        a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        if np.abs(a - b).sum() >= 180:
+            return a.astype(np.uint8), b.astype(np.uint8)
+
+
+def _outline(draw: ImageDraw.ImageDraw, kind: int, cx: int, cy: int, r: int) -> None:
+    if kind == 0:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif kind == 1:
         q = int(r * 0.85)
-        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=fill)
-    elif label == 2:
-        draw.polygon([(cx, cy - r), (cx - r, cy + int(0.8 * r)), (cx + r, cy + int(0.8 * r))], fill=fill)
+        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=255)
+    elif kind == 2:
+        draw.polygon([(cx, cy - r), (cx - r, cy + int(0.8 * r)), (cx + r, cy + int(0.8 * r))], fill=255)
     else:
-        t = max(2, r // 3)
-        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
-        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+        t = max(3, int(r * 0.45))
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=255)
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=255)
+
+
+def _texture(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
+    """A full-frame (size, size, 3) texture of class ``label`` with random colours, period and phase."""
+    a, b = _colour_pair(rng)
+    width = int(rng.integers(2, 4))  # band or cell width in pixels
+    yy, xx = np.mgrid[0:size, 0:size] + rng.integers(0, 2 * width, 2)[:, None, None]
+    if label == 0:
+        on = (yy // width) % 2 == 0
+    elif label == 1:
+        on = (xx // width) % 2 == 0
+    elif label == 2:
+        on = (yy // width + xx // width) % 2 == 0
+    else:
+        d = (xx + yy) if rng.random() < 0.5 else (xx - yy + 4 * size)  # either diagonal: flip-invariant
+        on = (d // width) % 2 == 0
+    return np.where(on[..., None], a, b)
 
 
 def _background(rng: np.random.Generator, size: int, clutter: float = 1.0) -> Image.Image:
@@ -59,41 +90,52 @@ def _background(rng: np.random.Generator, size: int, clutter: float = 1.0) -> Im
     return img
 
 
-def toy_sample(
-    rng: np.random.Generator, size: int = 64, n_objects: int = 1, clutter: float = 1.0
-) -> ToySample:
-    """One image with ``n_objects`` objects of distinct classes, non-overlapping, with exact masks.
+def _place(rng: np.random.Generator, size: int, taken: np.ndarray, r_max: float) -> np.ndarray:
+    """A random outline's mask that does not touch ``taken`` (best effort after 100 tries); centres
+    lie anywhere the outline stays at least about two-thirds visible."""
+    for _ in range(100):
+        r = int(rng.integers(int(size * 0.2), int(size * r_max) + 1))
+        margin = r // 3
+        cx, cy = (int(v) for v in rng.integers(margin, size - margin, 2))
+        m_img = Image.new("L", (size, size), 0)
+        _outline(ImageDraw.Draw(m_img), int(rng.integers(len(OUTLINES))), cx, cy, r)
+        mask = np.asarray(m_img) > 0
+        if not (mask & taken).any():
+            break
+    return mask
 
-    ``clutter`` scales background noise and the number of distractors (1 = the benchmark's level;
-    lower values are for a training curriculum).
+
+def toy_sample(
+    rng: np.random.Generator,
+    size: int = 64,
+    n_objects: int = 1,
+    clutter: float = 1.0,
+) -> ToySample:
+    """One image with ``n_objects`` textured objects of distinct classes, non-overlapping, exact masks.
+
+    ``clutter`` scales background noise and the number of distractors (1 = the benchmark's level);
+    with ``clutter > 0`` one plain-coloured distractor outline is added (before the objects) with
+    probability 0.5 when there is room for it.
     """
-    img = _background(rng, size, clutter)
+    img = np.array(_background(rng, size, clutter))
     labels = [int(v) for v in rng.choice(len(TOY_CLASSES), size=n_objects, replace=False)]
-    masks: list[np.ndarray] = []
+    r_max = 0.32 if n_objects == 1 else 0.24
     taken = np.zeros((size, size), bool)
-    for label in labels:
-        for _ in range(100):
-            r = int(rng.integers(int(size * 0.2), int(size * (0.32 if n_objects == 1 else 0.22)) + 1))
-            cx, cy = (int(v) for v in rng.integers(r + 1, size - r - 1, 2))
-            m_img = Image.new("L", (size, size), 0)
-            _shape(ImageDraw.Draw(m_img), label, cx, cy, r, 255)
-            mask = np.asarray(m_img) > 0
-            if not (mask & taken).any():
-                break
-        taken |= mask
-        fill = Image.new("RGB", (size, size), _colour(rng))
-        if rng.random() < 0.3:  # striped texture
-            stripes = np.asarray(fill).copy()
-            period = int(rng.integers(3, 7))
-            axis = int(rng.integers(2))
-            idx = np.arange(size)
-            band = (idx // period) % 2 == 0
-            stripes[band if axis == 0 else slice(None), slice(None) if axis == 0 else band] = _colour(rng)
-            fill = Image.fromarray(stripes)
-        img.paste(fill, (0, 0), Image.fromarray(mask.astype(np.uint8) * 255))
+    objects = [_place(rng, size, taken, r_max)]
+    for _ in labels[1:]:
+        objects.append(_place(rng, size, taken | objects[-1], r_max))
+    for m in objects:
+        taken |= m
+    if clutter > 0 and rng.random() < 0.5:
+        plain = _place(rng, size, taken, 0.22)
+        if not (plain & taken).any():
+            img[plain] = _colour(rng)
+    masks: list[np.ndarray] = []
+    for label, mask in zip(labels, objects, strict=True):
+        img[mask] = _texture(rng, label, size)[mask]
         masks = [m & ~mask for m in masks]  # an object drawn later hides what it covers
         masks.append(mask)
-    return ToySample(np.asarray(img), masks, labels)
+    return ToySample(img, masks, labels)
 
 
 def toy_batch(
