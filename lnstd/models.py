@@ -70,6 +70,8 @@ def load_model(
     """
     import timm
 
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     side = checkpoint_config(checkpoint) if checkpoint is not None else {}
     name = name or side.get("model")
     if name is None:
