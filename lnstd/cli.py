@@ -216,13 +216,29 @@ def _cmd_train_toy(args: argparse.Namespace) -> int:
     for arch in args.arch.split(","):
         train_toy(
             arch, args.out, steps=args.steps, seed=args.seed, train_images=args.train_images,
-            batch=args.batch, lr=args.lr, device=args.device, max_minutes=args.max_minutes,
+            batch=args.batch, lr=args.lr, warmup=args.warmup, target_accuracy=args.target_accuracy,
+            device=args.device, max_minutes=args.max_minutes, threads=args.threads,
             log=lambda m: print(m, flush=True),
         )  # fmt: skip
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train import toy_checkpoint
+
+    if args.model is None and args.checkpoint is None:
+        if args.dataset != "toy":
+            raise UsageError("--model or --checkpoint is required (only --dataset toy has default models)")
+        for arch in ("vit", "swin"):  # the committed known-answer models
+            _eval_one(args, str(toy_checkpoint(arch)))
+        return 0
+    _eval_one(args, args.checkpoint)
+    return 0
+
+
+def _eval_one(args: argparse.Namespace, checkpoint: str | None) -> None:
+    import time
+
     import torch
     from tqdm import tqdm
 
@@ -233,11 +249,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import ablation, class_sensitivity, evaluate, write_results
     from .train import toy_tensors
 
+    t0 = time.time()
     torch.manual_seed(0)
-    model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
+    model = load_model(args.model, checkpoint, args.pretrained, **dict(args.model_arg))
     methods = args.methods or list_methods()
     batches, n = dataset_batches(args.dataset, model, args.batch_size, args.n)
-    name = args.model or os.path.splitext(os.path.basename(args.checkpoint or "model"))[0]
+    name = args.model or os.path.splitext(os.path.basename(checkpoint or "model"))[0]
     with tqdm(total=n, unit="img", desc=f"eval {name}", file=sys.stderr, disable=args.no_progress) as bar:
         results = evaluate(
             model, batches, methods, perturbation=not args.no_perturbation, progress=bar.update
@@ -252,12 +269,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         results["ablation"] = ablation(
             model, batches, ["all", 2] if len(get_adapter(model).blocks) > 2 else ["all"]
         )
-    out = args.out or os.path.join("lnstd-eval", f"{args.dataset.split(':')[0]}-{name}")
+    results["seconds"] = round(time.time() - t0, 1)
+    out = args.out or "lnstd-eval"
+    out = os.path.join(out, f"{args.dataset.split(':')[0]}-{name}")
     jpath, mpath = write_results(results, out, f"{name} on {args.dataset}")
     with open(mpath) as f:
         print(f.read())
-    print(f"lnstd: results -> {jpath}, {mpath}", file=sys.stderr)
-    return 0
+    print(f"lnstd: results -> {jpath}, {mpath} ({results['seconds']:.0f} s)", file=sys.stderr)
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
@@ -329,18 +347,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--two-object-n", type=int, default=200, help="toy: two-object images for class sensitivity"
     )
-    p.add_argument("--out", default=None, help="folder for results.json / results.md")
+    p.add_argument(
+        "--out", default=None, help="results: OUT/<dataset>-<model>/results.{json,md} (default lnstd-eval)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("train-toy", help="train the known-answer benchmark's small ViT / Swin (CPU)")
     p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
     p.add_argument("--out", default="checkpoints")
-    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--steps", type=int, default=2000, help="length of the cosine schedule")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-images", type=int, default=40_000, help="size of the generated training set")
+    p.add_argument("--train-images", type=int, default=20_000, help="size of the generated training set")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=7e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    p.add_argument(
+        "--target-accuracy", type=float, default=0.99, help="stop once validation accuracy reaches this"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
     p.set_defaults(func=_cmd_train_toy)
     p = sub.add_parser("methods", help="list the attribution methods")

@@ -27,6 +27,7 @@ __all__ = [
     "class_sensitivity",
     "evaluate",
     "gaussian_heatmap",
+    "paired_difference",
     "randomized_copy",
     "write_results",
 ]
@@ -142,6 +143,29 @@ def bootstrap(a: dict[str, np.ndarray], n: int = 1000, seed: int = 0) -> dict[st
     }
 
 
+def paired_difference(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray], n: int = 1000, seed: int = 0
+) -> dict[str, tuple[float, float, float]]:
+    """Figures of ``a`` minus those of ``b`` on the same images, with a 95% interval from resampling
+    the images jointly (so the images both are scored on do not count as noise)."""
+    rng = np.random.default_rng(seed)
+    size = len(next(iter(a.values())))
+    point = {k: v - _figures(b)[k] for k, v in _figures(a).items() if k in _figures(b)}
+    draws = []
+    for _ in range(n):
+        idx = rng.integers(0, size, size)
+        fa, fb = _figures(a, idx), _figures(b, idx)
+        draws.append({k: fa[k] - fb[k] for k in point})
+    return {
+        k: (
+            float(point[k]),
+            float(np.percentile([d[k] for d in draws], 2.5)),
+            float(np.percentile([d[k] for d in draws], 97.5)),
+        )
+        for k in point
+    }
+
+
 def evaluate(
     model: nn.Module,
     batches: Callable[[], Iterator[Batch]],
@@ -153,7 +177,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Every method (and the Gaussian / randomised-model baselines) on every batch.
 
-    Returns ``{"methods": {name: {metric: value}}, "intervals": {...}, "sanity": {...}, "n": N}``.
+    Returns ``{"methods": {name: {metric: value}}, "intervals": {...}, "sanity_rank_correlation":
+    {...}, "paired": {"lnstd - gae": {metric: (difference, low, high)}}, "n": N}`` (``paired`` when
+    both methods ran).
     """
     explainer = Explainer(model, methods, **options)
     random_model = randomized_copy(model) if baselines else None
@@ -189,10 +215,12 @@ def evaluate(
         if progress:
             progress(x.shape[0])
     results: dict[str, Any] = {"n": n, "methods": {}, "intervals": {}, "sanity_rank_correlation": {}}
-    for name, c in collect.items():
-        arrays = c.arrays()
-        results["methods"][name] = _figures(arrays)
-        results["intervals"][name] = bootstrap(arrays)
+    arrays = {name: c.arrays() for name, c in collect.items()}
+    for name, a in arrays.items():
+        results["methods"][name] = _figures(a)
+        results["intervals"][name] = bootstrap(a)
+    if "lnstd" in arrays and "gae" in arrays:
+        results["paired"] = {"lnstd - gae": paired_difference(arrays["lnstd"], arrays["gae"])}
     for m, vals in sanity.items():
         if vals:
             results["sanity_rank_correlation"][m] = float(np.concatenate(vals).mean())
@@ -265,6 +293,16 @@ def write_results(results: dict[str, Any], out_dir: str, title: str) -> tuple[st
             row = results[key]
             lines += ["", caption, "", "| " + " | ".join(row) + " |", "|---" * len(row) + "|"]
             lines.append("| " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
+    for pair, diffs in results.get("paired", {}).items():
+        lines += [
+            "",
+            f"Paired difference `{pair}` on the same images (95% interval; 0 inside = no evidence of a difference):",
+            "",
+        ]
+        lines += ["| " + " | ".join(diffs) + " |", "|---" * len(diffs) + "|"]
+        lines.append(
+            "| " + " | ".join(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in diffs.values()) + " |"
+        )
     if results.get("ablation"):
         lines += [
             "",

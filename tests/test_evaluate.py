@@ -1,7 +1,5 @@
-"""The known-answer benchmark machinery: training command, evaluation, baselines, the eval command.
-
-The committed trained checkpoints and the tests of their accuracy and of methods beating the
-baselines come with issue 4's training run (not in this change)."""
+"""The known-answer benchmark: training command, the committed trained checkpoints, evaluation,
+baselines and the eval command."""
 
 from __future__ import annotations
 
@@ -15,10 +13,10 @@ from PIL import Image
 
 import lnstd
 from lnstd.data.eval_sets import dataset_batches
-from lnstd.evaluate import bootstrap, evaluate, gaussian_heatmap, randomized_copy
-from lnstd.train import evaluate_accuracy
+from lnstd.evaluate import bootstrap, evaluate, gaussian_heatmap, paired_difference, randomized_copy
+from lnstd.train import TEST_SEED, evaluate_accuracy, toy_checkpoint
 
-from .jobhelpers import model_flags, run_cli, tiny_checkpoint
+from .jobhelpers import TINY_MODEL, model_flags, run_cli, tiny_checkpoint
 from .test_datasets import _samples, write_gtsegs
 
 
@@ -99,18 +97,37 @@ def test_bootstrap_interval_contains_the_estimate():
     assert ci["map"][1] - ci["map"][0] < 0.2
 
 
+def test_paired_difference_of_a_method_with_itself_is_zero_and_a_shift_is_found():
+    rng = np.random.default_rng(1)
+    n = 100
+    a = {
+        "correct": rng.integers(50, 100, n).astype(float), "labelled": np.full(n, 100.0),
+        "inter_bg": rng.integers(10, 50, n).astype(float), "union_bg": np.full(n, 60.0),
+        "inter_fg": rng.integers(10, 40, n).astype(float), "union_fg": np.full(n, 50.0),
+        "ap": rng.random(n) * 0.9, "pointing_game": rng.integers(0, 2, n).astype(float),
+        "mass_in_mask": rng.random(n),
+    }  # fmt: skip
+    same = paired_difference(a, a, n=200)
+    assert all(v == (0.0, 0.0, 0.0) for v in same.values())
+    b = {**a, "ap": a["ap"] + 0.05 + rng.normal(0, 0.01, n)}  # b better by 0.05 on every image
+    d, lo, hi = paired_difference(b, a, n=200)["map"]
+    assert d == pytest.approx(0.05, abs=0.005) and 0.04 < lo < d < hi < 0.06
+    # unpaired intervals of the two would overlap heavily; the paired one is tight
+    assert bootstrap(b, n=200)["map"][0] < bootstrap(a, n=200)["map"][1]
+
+
 def test_eval_command_on_toy_mat_and_folder(tmp_path, toy_vit):
     r = run_cli("eval", "--dataset", "toy", "--checkpoint", str(toy_vit), "--n", "20",
                 "--batch-size", "10", "--two-object-n", "10", "--ablation", "--out", str(tmp_path / "toy"),
                 "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((tmp_path / "toy" / "results.json").read_text())
+    res = json.loads((tmp_path / "toy" / "toy-toy_vit" / "results.json").read_text())
     assert res["n"] == 20 and set(res["class_sensitivity"]) == set(lnstd.list_methods())
     assert {"miou", "map", "pixel_accuracy", "pointing_game", "deletion_auc", "insertion_auc"} <= set(
         res["methods"]["lnstd"]
     )
     assert len(res["ablation"]) == 18
-    assert "| lnstd |" in (tmp_path / "toy" / "results.md").read_text()
+    assert "| lnstd |" in (tmp_path / "toy" / "toy-toy_vit" / "results.md").read_text()
 
     ckpt = tiny_checkpoint(tmp_path)
     images, masks = _samples()
@@ -124,4 +141,52 @@ def test_eval_command_on_toy_mat_and_folder(tmp_path, toy_vit):
         r = run_cli("eval", "--dataset", spec, *model_flags(ckpt), "--methods", "gae,lnstd",
                     "--batch-size", "3", "--out", str(tmp_path / "o"), "--no-progress")  # fmt: skip
         assert r.returncode == 0, r.stderr[-2000:]
-        assert json.loads((tmp_path / "o" / "results.json").read_text())["n"] == 4
+        folder = tmp_path / "o" / f"{spec.split(':')[0]}-{TINY_MODEL}"
+        assert json.loads((folder / "results.json").read_text())["n"] == 4
+
+
+FRESH_SEED = 424_242  # a split neither training (seeds < TEST_SEED), validation nor the README used
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_committed_checkpoint_reaches_its_stated_accuracy_on_a_fresh_split(arch):
+    ckpt = toy_checkpoint(arch)
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    assert meta["test_split"] == {"n": 1000, "seed": TEST_SEED} and meta["test_accuracy"] >= 0.9
+    assert "lnstd train-toy --arch " + arch in meta["command"] and meta["train_seconds"] > 0
+    model = lnstd.load_model(None, checkpoint=ckpt)
+    acc = evaluate_accuracy(model, n=1000, seed=FRESH_SEED)
+    # 1000 fresh images: the binomial standard error near 0.95 is < 0.01, so 3 of them
+    assert acc >= meta["test_accuracy"] - 0.03 and acc >= 0.9, acc
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_gae_and_lnstd_beat_the_gaussian_and_randomised_model_heatmaps(arch):
+    model = lnstd.load_model(None, checkpoint=toy_checkpoint(arch))
+    batches, _ = dataset_batches("toy", model, batch=50, n=150, seed=FRESH_SEED + 1)
+    res = evaluate(model, batches, ["gae", "lnstd"], perturbation=False)
+    miou = {name: figures["miou"] for name, figures in res["methods"].items()}
+    baselines = ["gaussian (baseline)", "gae (randomised model)", "lnstd (randomised model)"]
+    for method in ("gae", "lnstd"):
+        for baseline in baselines:
+            assert miou[method] > miou[baseline], (method, baseline, miou)
+
+
+def test_eval_toy_without_a_model_evaluates_both_committed_checkpoints(tmp_path):
+    r = run_cli("eval", "--dataset", "toy", "--n", "10", "--batch-size", "10", "--two-object-n", "4",
+                "--methods", "gae,lnstd", "--no-perturbation", "--out", str(tmp_path),
+                "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    for arch in ("vit", "swin"):
+        res = json.loads((tmp_path / f"toy-toy_{arch}" / "results.json").read_text())
+        assert (
+            res["n"] == 10
+            and res["model"] == f"toy_{arch}"
+            and set(res["class_sensitivity"])
+            == {
+                "gae",
+                "lnstd",
+            }
+        )
+    r = run_cli("eval", "--dataset", f"folder:{tmp_path}", "--no-progress")
+    assert r.returncode == 2 and "--model" in r.stderr
