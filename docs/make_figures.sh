@@ -22,3 +22,4 @@ img = img.resize((900, round(img.height * 900 / img.width)), Image.LANCZOS)
 img.crop((0, 0, 900, min(img.height, 1500))).save("docs/img/report.png", optimize=True)
 PY
 echo "docs/img/strip.png docs/img/report.png written"
+.venv/bin/python docs/toy_figures.py
