@@ -121,11 +121,10 @@ def toy_sample(
     labels = [int(v) for v in rng.choice(len(TOY_CLASSES), size=n_objects, replace=False)]
     r_max = 0.32 if n_objects == 1 else 0.24
     taken = np.zeros((size, size), bool)
-    objects = [_place(rng, size, taken, r_max)]
-    for _ in labels[1:]:
-        objects.append(_place(rng, size, taken | objects[-1], r_max))
-    for m in objects:
-        taken |= m
+    objects: list[np.ndarray] = []
+    for _ in labels:  # each object avoids all placed before it
+        objects.append(_place(rng, size, taken, r_max))
+        taken |= objects[-1]
     if clutter > 0 and rng.random() < 0.5:
         plain = _place(rng, size, taken, 0.22)
         if not (plain & taken).any():
