@@ -270,8 +270,7 @@ def _eval_one(args: argparse.Namespace, checkpoint: str | None) -> None:
             model, batches, ["all", 2] if len(get_adapter(model).blocks) > 2 else ["all"]
         )
     results["seconds"] = round(time.time() - t0, 1)
-    out = args.out or "lnstd-eval"
-    out = os.path.join(out, f"{args.dataset.split(':')[0]}-{name}")
+    out = os.path.join(args.out or "lnstd-eval", f"{args.dataset.split(':')[0]}-{name}")
     jpath, mpath = write_results(results, out, f"{name} on {args.dataset}")
     with open(mpath) as f:
         print(f.read())
@@ -434,10 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         StorageError,
         UnsupportedModelError,
         FileNotFoundError,
+        ValueError,
     ) as exc:
-        print(f"lnstd: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
         print(f"lnstd: error: {exc}", file=sys.stderr)
         return 2
 

@@ -129,18 +129,18 @@ def _figures(a: dict[str, np.ndarray], idx: np.ndarray | None = None) -> dict[st
     return {k: float(v) for k, v in out.items()}
 
 
+def _interval(draws: list[dict[str, float]], key: str) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of ``key`` over bootstrap draws."""
+    values = [d[key] for d in draws]
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
 def bootstrap(a: dict[str, np.ndarray], n: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
     """95% percentile intervals, resampling images (dataset totals are recomputed per resample)."""
     rng = np.random.default_rng(seed)
     size = len(next(iter(a.values())))
     draws = [_figures(a, rng.integers(0, size, size)) for _ in range(n)]
-    return {
-        k: (
-            float(np.percentile([d[k] for d in draws], 2.5)),
-            float(np.percentile([d[k] for d in draws], 97.5)),
-        )
-        for k in draws[0]
-    }
+    return {k: _interval(draws, k) for k in draws[0]}
 
 
 def paired_difference(
@@ -150,20 +150,14 @@ def paired_difference(
     the images jointly (so the images both are scored on do not count as noise)."""
     rng = np.random.default_rng(seed)
     size = len(next(iter(a.values())))
-    point = {k: v - _figures(b)[k] for k, v in _figures(a).items() if k in _figures(b)}
+    fa, fb = _figures(a), _figures(b)
+    point = {k: fa[k] - fb[k] for k in fa if k in fb}
     draws = []
     for _ in range(n):
         idx = rng.integers(0, size, size)
         fa, fb = _figures(a, idx), _figures(b, idx)
         draws.append({k: fa[k] - fb[k] for k in point})
-    return {
-        k: (
-            float(point[k]),
-            float(np.percentile([d[k] for d in draws], 2.5)),
-            float(np.percentile([d[k] for d in draws], 97.5)),
-        )
-        for k in point
-    }
+    return {k: (float(point[k]), *_interval(draws, k)) for k in point}
 
 
 def evaluate(

@@ -81,16 +81,19 @@ def test_gaussian_baseline_is_centred():
     assert g.shape == (2, 5, 7) and g[0].argmax() == 2 * 7 + 3
 
 
-def test_bootstrap_interval_contains_the_estimate():
-    rng = np.random.default_rng(0)
-    n = 200
-    arrays = {
+def _per_image(rng: np.random.Generator, n: int, ap_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Random per-image counts in the layout evaluate() collects (n images of 100 pixels)."""
+    return {
         "correct": rng.integers(50, 100, n).astype(float), "labelled": np.full(n, 100.0),
         "inter_bg": rng.integers(10, 50, n).astype(float), "union_bg": np.full(n, 60.0),
         "inter_fg": rng.integers(10, 40, n).astype(float), "union_fg": np.full(n, 50.0),
-        "ap": rng.random(n), "pointing_game": rng.integers(0, 2, n).astype(float),
+        "ap": rng.random(n) * ap_scale, "pointing_game": rng.integers(0, 2, n).astype(float),
         "mass_in_mask": rng.random(n),
     }  # fmt: skip
+
+
+def test_bootstrap_interval_contains_the_estimate():
+    arrays = _per_image(np.random.default_rng(0), 200)
     ci = bootstrap(arrays, n=300)
     point = arrays["correct"].sum() / arrays["labelled"].sum()
     assert ci["pixel_accuracy"][0] < point < ci["pixel_accuracy"][1]
@@ -100,13 +103,7 @@ def test_bootstrap_interval_contains_the_estimate():
 def test_paired_difference_of_a_method_with_itself_is_zero_and_a_shift_is_found():
     rng = np.random.default_rng(1)
     n = 100
-    a = {
-        "correct": rng.integers(50, 100, n).astype(float), "labelled": np.full(n, 100.0),
-        "inter_bg": rng.integers(10, 50, n).astype(float), "union_bg": np.full(n, 60.0),
-        "inter_fg": rng.integers(10, 40, n).astype(float), "union_fg": np.full(n, 50.0),
-        "ap": rng.random(n) * 0.9, "pointing_game": rng.integers(0, 2, n).astype(float),
-        "mass_in_mask": rng.random(n),
-    }  # fmt: skip
+    a = _per_image(rng, n, ap_scale=0.9)
     same = paired_difference(a, a, n=200)
     assert all(v == (0.0, 0.0, 0.0) for v in same.values())
     b = {**a, "ap": a["ap"] + 0.05 + rng.normal(0, 0.01, n)}  # b better by 0.05 on every image
