@@ -1,39 +1,108 @@
-"""The hook session: installs an adapter's hooks for one pass and always restores the model."""
+"""The hook session: installs an adapter's hooks for one pass, streams each block's attention (and its
+gradient) to the caller as soon as it exists, and always restores the model.
+
+Two ways to get the attention probabilities ``A`` and the gradient of the target score with respect
+to them, ``G``:
+
+- ``fused``: the model keeps its fused attention kernel (``F.scaled_dot_product_attention``) for the
+  forward and the backward pass. The hooks keep q, k, v (and Swin's shift mask) and the attention
+  output ``O = A V``; ``A = softmax(q k^T * scale + bias)`` is rebuilt in float32 and
+  ``G = dO V^T`` is formed from the gradient of ``O`` when the backward pass reaches the block
+  (``dy/dA_ij = sum_d dy/dO_id V_jd``, since ``O = A V``). Each block's data is released as soon as
+  the caller has used it, so memory is bounded by one block's ``A``, not all blocks'.
+- ``unfused``: timm's unfused attention path is switched on and ``A`` is read at the attention
+  dropout's output; ``G`` arrives in a hook on that tensor. Kept as the plain reference.
+
+Both give the same maps (tests check fused == unfused == a float64 reference).
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .arch.base import Adapter, token_std
+from .arch.base import Adapter, AttentionParts, BlockRef, WindowMap, token_std
 
-__all__ = ["BlockCapture", "Capture", "capture"]
+__all__ = ["CAPTURE_MODES", "BlockView", "Needs", "Session", "restored"]
 
-
-@dataclass
-class BlockCapture:
-    """What one block exposed during the forward pass."""
-
-    input_shape: torch.Size | None = None  # shape of the norm1 input: (B, N, C) or (B, H, W, C)
-    attention: torch.Tensor | None = None  # A, (B * nW, heads, T, T), in the graph when grads needed
-    token_std: torch.Tensor | None = None  # s, (B, N) float32
-    features: torch.Tensor | None = None  # norm1 output (Grad-CAM layer)
+CAPTURE_MODES = ("fused", "unfused")
 
 
 @dataclass
-class Capture:
-    """Per-block captures of one pass, indexed like ``adapter.blocks``."""
+class Needs:
+    """What a pass must capture, per block index."""
 
-    blocks: dict[int, BlockCapture] = field(default_factory=dict)
+    attention: set[int] = field(default_factory=set)  # A (for chains)
+    gradient: set[int] = field(default_factory=set)  # G = dy/dA (always a top range of blocks)
+    token_std: set[int] = field(default_factory=set)  # s (LN1 token std)
+    features: set[int] = field(default_factory=set)  # norm1 output and its gradient (Grad-CAM)
+
+    @property
+    def grad_from(self) -> int | None:
+        """The first block the backward pass must reach (None: no backward)."""
+        blocks = self.gradient | self.features
+        return min(blocks) if blocks else None
+
+
+class BlockView:
+    """One block's captured data, as a method sees it; derived matrices are computed once and shared.
+
+    Attributes:
+        index: block index; ``ref``: its modules; ``shape``: shape of the block's input;
+        ``wm``: its window map; ``batch``: images in the batch.
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        ref: BlockRef,
+        shape: torch.Size,
+        batch: int,
+        attention: Callable[[], torch.Tensor],
+        gradient: torch.Tensor | None,
+        std: torch.Tensor | None,
+        device: torch.device,
+    ) -> None:
+        self.adapter = adapter
+        self.ref = ref
+        self.index = ref.index
+        self.shape = shape
+        self.batch = batch
+        self.wm: WindowMap = adapter.window_map(ref, shape, device)
+        self._attention = attention
+        self._gradient = gradient
+        self.token_std = std
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def attention(self) -> torch.Tensor:
+        """``A``, (B * nW, heads, T, T) float32."""
+        if "A" not in self.cache:
+            self.cache["A"] = self._attention().float()
+        return self.cache["A"]
+
+    @property
+    def gradient(self) -> torch.Tensor:
+        """``G = dy/dA``, (B * nW, heads, T, T) float32."""
+        if self._gradient is None:
+            raise RuntimeError(f"block {self.index}: no attention gradient was captured")
+        return self._gradient.float()
+
+    def shared(self, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A derived matrix computed once per block for every method that asks for it."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
 
 
 @contextlib.contextmanager
-def _restored(model: nn.Module, adapter: Adapter) -> Iterator[None]:
-    """Eval mode, frozen parameters, unfused attention; put back exactly as found, whatever happens."""
+def restored(model: nn.Module, adapter: Adapter, unfused: bool) -> Iterator[None]:
+    """Eval mode, frozen parameters, no activation checkpointing (and unfused attention if asked);
+    put back exactly as found, whatever happens."""
     training = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     fused = [(m, m.fused_attn) for m in adapter.fused_attn_modules()]
@@ -44,8 +113,9 @@ def _restored(model: nn.Module, adapter: Adapter) -> Iterator[None]:
         model.eval()
         for p, _ in grads:
             p.requires_grad_(False)
-        for m, _ in fused:
-            m.fused_attn = False
+        if unfused:
+            for m, _ in fused:
+                m.fused_attn = False
         for m, _ in ckpt:
             m.grad_checkpointing = False
         yield
@@ -60,64 +130,182 @@ def _restored(model: nn.Module, adapter: Adapter) -> Iterator[None]:
             m.grad_checkpointing = flag
 
 
-@contextlib.contextmanager
-def capture(
-    model: nn.Module,
-    adapter: Adapter,
-    attention: set[int],
-    token_stds: set[int],
-    features: set[int],
-    grad_from: int | None,
-) -> Iterator[Capture]:
-    """Capture attention / token stds / norm1 outputs of the given blocks during one forward.
+class Session:
+    """Hooks for one forward (and backward) pass; use as a context manager.
 
-    Args:
-        model: the timm model.
-        adapter: its adapter.
-        attention: indices of blocks whose attention probabilities to keep.
-        token_stds: indices of blocks whose LN1 token stds to keep.
-        features: indices of blocks whose norm1 output to keep.
-        grad_from: index of the first block the backward must reach, or None for no gradients.
-            The input of that block is cut from the graph and made to require grad, so the graph
-            (and any backward) starts there, and no parameter gets a gradient.
+    After the forward pass, :meth:`backward` runs the one backward pass (if any block needs a
+    gradient) and hands every needed block to ``on_block`` in descending block order: blocks with a
+    gradient as the backward pass reaches them, the others afterwards. ``features`` and their
+    gradients (Grad-CAM) are returned by :meth:`backward`.
     """
-    cap = Capture()
-    handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def slot(i: int) -> BlockCapture:
-        return cap.blocks.setdefault(i, BlockCapture())
+    def __init__(self, model: nn.Module, adapter: Adapter, needs: Needs, mode: str) -> None:
+        if mode not in CAPTURE_MODES:
+            raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {mode!r}")
+        self.model, self.adapter, self.needs, self.mode = model, adapter, needs, mode
+        self.shapes: dict[int, torch.Size] = {}
+        self.stds: dict[int, torch.Tensor] = {}
+        self.features: dict[int, torch.Tensor] = {}
+        self.attn: dict[int, torch.Tensor] = {}  # unfused: A per block
+        self.parts: dict[int, AttentionParts] = {}  # fused: q, k, v, mask, out per block
+        self.batch = 0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._stack = contextlib.ExitStack()
 
-    with _restored(model, adapter):
+    # --- hooks ---------------------------------------------------------------------------------
+    def __enter__(self) -> Session:
+        self._stack.enter_context(restored(self.model, self.adapter, unfused=self.mode == "unfused"))
         try:
-            for ref in adapter.blocks:
-                i = ref.index
+            for ref in self.adapter.blocks:
+                self._install(ref)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
 
-                def pre_norm(_m: nn.Module, args: tuple, i: int = i, norm: nn.Module = ref.norm1):
-                    x = args[0]
-                    slot(i).input_shape = x.shape
-                    if i in token_stds:
-                        slot(i).token_std = token_std(norm, x).reshape(x.shape[0], -1)
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.close()
 
-                handles.append(ref.norm1.register_forward_pre_hook(pre_norm))
-                if i in features:
+    def _hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._handles.append(handle)
 
-                    def post_norm(_m: nn.Module, _a: tuple, out: torch.Tensor, i: int = i):
-                        slot(i).features = out
+    def _install(self, ref: BlockRef) -> None:
+        i, needs = ref.index, self.needs
+        attention = i in needs.attention or i in needs.gradient
 
-                    handles.append(ref.norm1.register_forward_hook(post_norm))
-                if i in attention:
+        def block_pre(_m: nn.Module, args: tuple) -> tuple | None:
+            x = args[0]
+            self.shapes[i] = x.shape
+            if needs.grad_from == i:  # the graph starts here: no earlier block gets a gradient
+                return (x.detach().requires_grad_(True), *args[1:])
+            return None
 
-                    def post_drop(_m: nn.Module, _a: tuple, out: torch.Tensor, i: int = i):
-                        slot(i).attention = out
+        self._hook(ref.block.register_forward_pre_hook(block_pre))
+        if i in needs.token_std:
 
-                    handles.append(ref.attn_drop.register_forward_hook(post_drop))
-                if grad_from == i:
+            def norm_pre(_m: nn.Module, args: tuple) -> None:
+                self.stds[i] = token_std(ref.norm1, args[0]).reshape(args[0].shape[0], -1)
 
-                    def start_graph(_m: nn.Module, args: tuple):
-                        return (args[0].detach().requires_grad_(True), *args[1:])
+            self._hook(ref.norm1.register_forward_pre_hook(norm_pre))
+        if i in needs.features:
 
-                    handles.append(ref.block.register_forward_pre_hook(start_graph))
-            yield cap
-        finally:
-            for h in handles:
-                h.remove()
+            def norm_post(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
+                self.features[i] = out
+
+            self._hook(ref.norm1.register_forward_hook(norm_post))
+        if not attention:
+            return
+        if self.mode == "unfused":
+
+            def drop_post(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
+                self.attn[i] = out
+
+            self._hook(ref.attn_drop.register_forward_hook(drop_post))
+            return
+        parts = self.parts.setdefault(i, AttentionParts())
+        heads = int(ref.attn.num_heads)
+
+        def attn_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            mask = kwargs.get("mask", kwargs.get("attn_mask"))
+            if mask is None and len(args) > 1:
+                mask = args[1]
+            parts.mask = mask
+
+        def qkv_post(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
+            b, t = out.shape[0], out.shape[1]
+            q, k, v = out.detach().reshape(b, t, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            parts.q, parts.k, parts.v = q, k, v
+
+        self._hook(ref.attn.register_forward_pre_hook(attn_pre, with_kwargs=True))
+        self._hook(ref.qkv.register_forward_hook(qkv_post))
+        if ref.qk_norm is not None:
+            qn, kn = ref.qk_norm
+            self._hook(qn.register_forward_hook(lambda _m, _a, out: setattr(parts, "q", out.detach())))
+            self._hook(kn.register_forward_hook(lambda _m, _a, out: setattr(parts, "k", out.detach())))
+        if i in needs.gradient:
+
+            def out_pre(_m: nn.Module, args: tuple) -> None:
+                parts.out = args[0]
+
+            self._hook(ref.out.register_forward_pre_hook(out_pre))
+
+    # --- after the forward pass --------------------------------------------------------------------
+    def _view(self, i: int, gradient: torch.Tensor | None) -> BlockView:
+        ref = self.adapter.blocks[i]
+        if self.mode == "unfused":
+            a = self.attn[i]
+
+            def attention() -> torch.Tensor:
+                return a.detach()
+
+            device = a.device
+        else:
+            parts = self.parts[i]
+
+            def attention() -> torch.Tensor:
+                return self.adapter.rebuild_attention(ref, parts)
+
+            device = parts.q.device
+        return BlockView(
+            self.adapter, ref, self.shapes[i], self.batch, attention, gradient, self.stds.get(i), device
+        )
+
+    def _release(self, i: int) -> None:
+        self.attn.pop(i, None)
+        self.parts.pop(i, None)
+
+    def backward(
+        self, score: torch.Tensor | None, on_block: Callable[[BlockView], None]
+    ) -> dict[int, torch.Tensor]:
+        """Run the backward pass from ``score`` (the summed target logits) and stream the blocks.
+
+        Returns:
+            block index -> gradient of the score with respect to that block's norm1 output
+            (the blocks in ``needs.features``).
+        """
+        needs = self.needs
+        grad_blocks = sorted(needs.gradient)
+        feature_blocks = sorted(needs.features)
+        feature_grads: dict[int, torch.Tensor] = {}
+        if score is not None and (grad_blocks or feature_blocks):
+            handles = []
+            inputs: list[torch.Tensor] = []
+            for i in grad_blocks:
+                if self.mode == "unfused":
+                    target = self.attn[i]
+
+                    def on_grad(g: torch.Tensor, i: int = i) -> None:
+                        on_block(self._view(i, g))
+                        self._release(i)
+
+                else:
+                    parts = self.parts[i]
+                    target = parts.out
+
+                    def on_grad(g: torch.Tensor, i: int = i, parts: AttentionParts = parts) -> None:
+                        # dy/dA = dO V^T, per head: O (B*, T, heads*d) -> (B*, heads, T, d)
+                        b, t, _ = g.shape
+                        d_out = g.float().reshape(b, t, parts.v.shape[1], -1).transpose(1, 2)
+                        grad = d_out @ parts.v.float().transpose(-2, -1)
+                        on_block(self._view(i, grad))
+                        self._release(i)
+
+                if target is None or not target.requires_grad:
+                    raise RuntimeError(f"block {i}: the attention output is not in the autograd graph")
+                handles.append(target.register_hook(on_grad))
+                inputs.append(target)
+            inputs += [self.features[i] for i in feature_blocks]
+            try:
+                grads = torch.autograd.grad(score, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+            feature_grads = dict(zip(feature_blocks, grads[len(grad_blocks) :], strict=True))
+        rest = (needs.attention - needs.gradient) if score is not None else needs.attention | needs.gradient
+        for i in sorted(rest, reverse=True):
+            on_block(self._view(i, None))
+            self._release(i)
+        return feature_grads

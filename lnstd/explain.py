@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from .arch import get_adapter
-from .capture import capture
-from .methods import Context, get_method
+from .arch.base import UnsupportedModelError
+from .capture import CAPTURE_MODES, Needs, Session, restored
+from .methods import ChainMethod, Method, PassMethod, PassResult, get_method
+from .relevance import ChainRunner
 
-__all__ = ["Explainer", "Explanation", "explain"]
+__all__ = ["PRECISIONS", "Explainer", "Explanation", "explain", "split_options"]
 
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_METHOD_OPTIONS = {"blocks", "std", "normalize"}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -54,6 +55,31 @@ def _targets(target: int | torch.Tensor | None, logits: torch.Tensor) -> torch.T
     return t
 
 
+def split_options(methods: Sequence[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Route options to methods: ``name=value`` goes to every listed method that declares ``name``,
+    ``method.name=value`` to that method only. Raises TypeError naming an option nobody takes."""
+    per: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for key, value in options.items():
+        method, dot, name = key.rpartition(".")
+        if dot:
+            if method not in per:
+                raise TypeError(
+                    f"option {key!r} is for method {method!r}, which is not among {list(methods)}"
+                )
+            per[method][name] = value
+            continue
+        takers = [m for m in methods if any(o.name == key for o in get_method(m).options)]
+        if not takers:
+            offered = sorted({o.name for m in methods for o in get_method(m).options})
+            raise TypeError(
+                f"unknown option {key!r} for {', '.join(methods)}; their options are: "
+                f"{', '.join(offered) or 'none'} (and precision, capture)"
+            )
+        for m in takers:
+            per[m][key] = value
+    return per
+
+
 class Explainer:
     """Computes several methods on a batch from one shared forward/backward pass.
 
@@ -62,10 +88,13 @@ class Explainer:
         methods: names from :func:`lnstd.list_methods`.
         precision: "fp32", or "bf16"/"fp16" to run the model under autocast; the relevance
             arithmetic is float32 either way.
-        **options: ``blocks`` ("all" or the last k; default per METHODS.md), and for ``lnstd``
-            ``std`` ("inverse" | "multiply" | "none") and ``normalize`` ("matrix" | "row" | "none").
-            Options a method does not take are ignored by it (``attention`` and ``gradcam`` are
-            defined on the last block only).
+        capture: "fused" keeps the model's fused attention kernel and rebuilds each block's
+            attention and its gradient from q, k, v (memory of one block at a time); "unfused"
+            reads them off timm's unfused attention path. Default: fused where the architecture
+            allows it exactly, else unfused. Both give the same maps.
+        **options: method options (``lnstd methods`` lists them): ``name=value`` goes to every
+            method that declares ``name`` (e.g. ``blocks=2``), ``**{"lnstd.std": "multiply"}`` to
+            one method.
 
     Example:
         >>> ex = Explainer(model, methods=["gae", "lnstd"])
@@ -77,77 +106,89 @@ class Explainer:
         model: nn.Module,
         methods: Sequence[str] = ("lnstd",),
         precision: str = "fp32",
+        capture: str | None = None,
         **options: Any,
     ) -> None:
-        unknown = set(options) - _METHOD_OPTIONS
-        if unknown:
-            raise TypeError(
-                f"unknown option {sorted(unknown)[0]!r}; options are: "
-                f"{', '.join(sorted(_METHOD_OPTIONS | {'precision'}))}"
-            )
-        if precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(_PRECISIONS)}, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         if isinstance(methods, str):
             methods = [methods]
         if not methods:
             raise ValueError("methods must name at least one method")
+        methods = list(dict.fromkeys(methods))
+        for name in methods:
+            get_method(name)  # unknown names fail before anything else
         self.model = model
         self.adapter = get_adapter(model)
+        if capture is None:
+            capture = "fused" if self.adapter.supports_fused_capture() else "unfused"
+        elif capture not in CAPTURE_MODES:
+            raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
+        elif capture == "fused" and not self.adapter.supports_fused_capture():
+            raise UnsupportedModelError(
+                f"capture='fused' is not available for {type(model).__name__} (its attention cannot be "
+                "rebuilt exactly from q and k); use capture='unfused'"
+            )
+        self.capture = capture
         self.precision = precision
-        self.methods = {}
-        for name in methods:
-            cls = get_method(name)
-            accepted = {"blocks"} | ({"std", "normalize"} if cls.uses_token_std else set())
-            self.methods[name] = cls(self.adapter, **{k: v for k, v in options.items() if k in accepted})
-        ms = list(self.methods.values())
-        self._attention = {i for m in ms for i in m.attention_blocks()}
-        self._attention_grad = sorted({i for m in ms for i in m.gradient_blocks()})
-        self._features = sorted({i for m in ms for i in m.feature_blocks()})
-        self._token_std = {i for m in ms if m.uses_token_std for i in m.attention_blocks()}
-        grad_blocks = self._attention_grad + [i for m in ms if m.needs_gradient for i in m.feature_blocks()]
-        self._grad_from = min(grad_blocks) if grad_blocks else None
+        per = split_options(methods, options)
+        self.methods: dict[str, Method] = {
+            name: get_method(name)(self.adapter, **per[name]) for name in methods
+        }
+        self._shared = {n: m for n, m in self.methods.items() if not isinstance(m, PassMethod)}
+        self._chains = {n: m for n, m in self._shared.items() if isinstance(m, ChainMethod)}
+        self._needs = Needs()
+        for m in self._shared.values():
+            n = m.needs()
+            self._needs.attention |= n.attention
+            self._needs.gradient |= n.gradient
+            self._needs.token_std |= n.token_std
+            self._needs.features |= n.features
+
+    @property
+    def options(self) -> dict[str, dict[str, Any]]:
+        """Every method's resolved options (defaults included), for manifests and metadata."""
+        return {name: dict(m.config) for name, m in self.methods.items()}
+
+    def _autocast(self, device: torch.device) -> Callable[[], Any]:
+        dtype = PRECISIONS[self.precision]
+        return lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def __call__(self, images: torch.Tensor, target: int | torch.Tensor | None = None) -> Explanation:
         """Explain a batch of normalised images (B, 3, H, W); ``target`` as in :func:`explain`."""
         if images.ndim != 4:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-        if torch.is_inference_mode_enabled() and self._grad_from is not None:
+        needs_grad = self._needs.grad_from is not None or len(self._shared) < len(self.methods)
+        if torch.is_inference_mode_enabled() and needs_grad:
             raise RuntimeError("gradient methods cannot run inside torch.inference_mode()")
-        if hasattr(self.adapter, "set_input_size"):
-            self.adapter.set_input_size(tuple(images.shape[-2:]))
-        dtype = _PRECISIONS[self.precision]
-        autocast = torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        need_grad = self._grad_from is not None
-        with capture(
-            self.model,
-            self.adapter,
-            attention=self._attention,
-            token_stds=self._token_std,
-            features=set(self._features),
-            grad_from=self._grad_from,
-        ) as cap:
-            with torch.set_grad_enabled(need_grad), autocast:
-                logits = self.model(images)
-            logits = logits.float()
-            targets = _targets(target, logits.detach())
-            attention_grads: dict[int, torch.Tensor] = {}
-            feature_grads: dict[int, torch.Tensor] = {}
-            if need_grad:
-                score = logits.gather(1, targets[:, None]).sum()
-                inputs = [cap.blocks[i].attention for i in self._attention_grad]
-                inputs += [cap.blocks[i].features for i in self._features]
-                grads = torch.autograd.grad(score, inputs)
-                n = len(self._attention_grad)
-                attention_grads = dict(zip(self._attention_grad, grads[:n], strict=True))
-                feature_grads = dict(zip(self._features, grads[n:], strict=True))
-            with torch.no_grad():
-                for c in cap.blocks.values():
-                    for name in ("attention", "features"):
-                        t = getattr(c, name)
-                        if t is not None:
-                            setattr(c, name, t.detach())
-                ctx = Context(self.adapter, cap, images.shape[0], attention_grads, feature_grads)
-                heatmaps = {name: m.compute(ctx).float() for name, m in self.methods.items()}
+        self.adapter.set_input_size(tuple(images.shape[-2:]))
+        autocast = self._autocast(images.device)
+        heatmaps: dict[str, torch.Tensor] = {}
+        if self._shared:
+            with Session(self.model, self.adapter, self._needs, self.capture) as session:
+                session.batch = images.shape[0]
+                with torch.set_grad_enabled(self._needs.grad_from is not None), autocast():
+                    logits = self.model(images)
+                logits = logits.float()
+                targets = _targets(target, logits.detach())
+                runner = ChainRunner(self.adapter, self._chains)
+                score = (
+                    logits.gather(1, targets[:, None]).sum() if self._needs.grad_from is not None else None
+                )
+                with torch.no_grad():
+                    feature_grads = session.backward(score, runner.feed)
+                    result = PassResult(self.adapter, images.shape[0], session.features, feature_grads)
+                    for name, m in self._shared.items():
+                        heat = runner.heatmap(name) if name in self._chains else m.compute(result)
+                        heatmaps[name] = heat.float()
+        else:
+            with restored(self.model, self.adapter, unfused=False), torch.no_grad(), autocast():
+                logits = self.model(images).float()
+            targets = _targets(target, logits)
+        for name, m in self.methods.items():
+            if isinstance(m, PassMethod):
+                heatmaps[name] = m.explain(images, targets, autocast).float()
+        heatmaps = {name: heatmaps[name] for name in self.methods}
         logits = logits.detach()
         probs = logits.softmax(dim=1)
         return Explanation(
@@ -173,7 +214,7 @@ def explain(
         images: normalised float tensor (B, 3, H, W).
         method: a name from :func:`lnstd.list_methods`.
         target: None (the predicted class), an int (same class for all), or a LongTensor (B,).
-        **options: ``blocks``, ``std``, ``normalize``, ``precision`` (see :class:`Explainer`).
+        **options: the method's options, ``precision`` and ``capture`` (see :class:`Explainer`).
 
     Returns:
         (B, h, w) float32 on the images' device: not upsampled, not normalised.

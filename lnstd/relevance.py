@@ -8,19 +8,29 @@ exists; only the readout vector ``v`` (one row, or the column sums, of R) is car
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from .arch.base import Adapter, WindowMap
-from .capture import Capture
+
+if TYPE_CHECKING:
+    from .capture import BlockView
+
+
+class ChainLike(Protocol):
+    blocks: list[int]
+    residual: bool
+
+    def block_matrix(self, view: BlockView) -> torch.Tensor: ...
+
 
 __all__ = [
+    "ChainRunner",
     "apply",
     "head_mean",
     "mask_padding",
     "normalize",
-    "readout",
     "rownorm_with_identity",
     "safe_div",
 ]
@@ -66,37 +76,38 @@ def apply(v: torch.Tensor, m: torch.Tensor, wm: WindowMap) -> torch.Tensor:
     return wm.from_windows(torch.einsum("bwi,bwij->bwj", vw, m))
 
 
-def readout(
-    adapter: Adapter,
-    cap: Capture,
-    blocks: Sequence[int],
-    matrix: Callable[[int, WindowMap], torch.Tensor],
-    residual: bool,
-) -> torch.Tensor:
-    """Heatmap (B, h, w) of the chain over ``blocks`` (the last k blocks, ascending).
+class ChainRunner:
+    """Carries every chain method's readout vector down the blocks as the blocks arrive.
 
-    Args:
-        adapter: architecture adapter (token spaces, merging, readout rows).
-        cap: captures of the pass (input shapes per block).
-        blocks: contiguous block indices ending at the last block.
-        matrix: block index and its window map -> per-block operator (B, nW, T, T), float32.
-        residual: ``v <- v + v M`` (R_b = R_{b-1} + M_b R_{b-1}) if True, else ``v <- v M``.
+    Blocks must be fed in descending order (the order the backward pass visits them); each method
+    reads only the blocks it selected (the last k, contiguous). ``v <- v + v M_b`` for residual
+    chains (``R_b = R_{b-1} + M_b R_{b-1}``), ``v <- v M_b`` otherwise.
     """
-    v: torch.Tensor | None = None
-    upper: torch.Size | None = None
-    for i in reversed(blocks):
-        shape = cap.blocks[i].input_shape
-        attn = cap.blocks[i].attention
-        device = attn.device if attn is not None else None
-        wm = adapter.window_map(adapter.blocks[i], shape, device)
-        m = matrix(i, wm)
-        if v is None:
-            v = adapter.readout_start(shape, m.shape[0], m.device)
-        else:
-            v = adapter.step_down(v, upper, shape)
-        vm = apply(v, m, wm)
-        v = v + vm if residual else vm
-        upper = shape
-    if v is None or upper is None:
-        raise ValueError("readout needs at least one block")
-    return adapter.to_grid(v, upper)
+
+    def __init__(self, adapter: Adapter, methods: dict[str, ChainLike]) -> None:
+        self.adapter = adapter
+        self.methods = methods
+        self._v: dict[str, torch.Tensor] = {}
+        self._shape: dict[str, torch.Size] = {}
+
+    def feed(self, view: BlockView) -> None:
+        """Apply block ``view.index`` to every method that selected it."""
+        for name, m in self.methods.items():
+            if view.index not in m.blocks:
+                continue
+            mat = m.block_matrix(view)
+            if name not in self._v:
+                if view.index != m.blocks[-1]:
+                    raise RuntimeError(f"{name}: block {view.index} arrived before the last block")
+                v = self.adapter.readout_start(view.shape, mat.shape[0], mat.device)
+            else:
+                v = self.adapter.step_down(self._v[name], self._shape[name], view.shape)
+            vm = apply(v, mat, view.wm)
+            self._v[name] = v + vm if m.residual else vm
+            self._shape[name] = view.shape
+
+    def heatmap(self, name: str) -> torch.Tensor:
+        """The (B, h, w) map of method ``name`` once all its blocks were fed."""
+        if name not in self._v:
+            raise RuntimeError(f"{name}: no block was fed")
+        return self.adapter.to_grid(self._v[name], self._shape[name])

@@ -52,15 +52,90 @@ def _ref_cases():
     return cases
 
 
+@pytest.mark.parametrize("capture", ["fused", "unfused"])
 @pytest.mark.parametrize(("arch", "method", "opts"), _ref_cases())
-def test_fast_path_equals_reference(arch, method, opts):
+def test_fast_path_equals_reference(arch, method, opts, capture):
     model = MODELS[arch]()
     x = images_for(model, batch=2, seed=3)
-    fast = lnstd.explain(model, x, method=method, **opts)
+    fast = lnstd.explain(model, x, method=method, capture=capture, **opts)
     for i in range(2):
         ref = reference_heatmap(model, x[i : i + 1], method, **opts).float()
         assert fast[i].shape == ref.shape
         torch.testing.assert_close(fast[i], ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_fused_capture_equals_unfused_for_every_method(arch):
+    model = MODELS[arch]()
+    x = images_for(model, batch=3, seed=5)
+    target = torch.tensor([1, 0, 2])
+    fused = lnstd.Explainer(model, METHODS, capture="fused")(x, target)
+    unfused = lnstd.Explainer(model, METHODS, capture="unfused")(x, target)
+    torch.testing.assert_close(fused.logits, unfused.logits, atol=1e-5, rtol=1e-5)
+    for m in METHODS:
+        assert fused.heatmaps[m].abs().sum() > 0
+        torch.testing.assert_close(fused.heatmaps[m], unfused.heatmaps[m], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_capture_keeps_the_fused_kernel_and_one_block_in_memory(monkeypatch):
+    """The model runs F.scaled_dot_product_attention (not timm's unfused path), and when a block is
+    handed to the methods, no other block's rebuilt attention matrix is still alive."""
+    import weakref
+
+    import torch.nn.functional as F
+
+    from lnstd.arch.base import Adapter
+    from lnstd.relevance import ChainRunner
+
+    model = sharpen(make_vit_token(depth=4))
+    sdpa_calls, alive, peak = [], [], []
+    real_sdpa, real_rebuild, real_feed = (
+        F.scaled_dot_product_attention,
+        Adapter.rebuild_attention,
+        ChainRunner.feed,
+    )
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k)
+    )
+
+    def rebuild(self, block, parts):
+        a = real_rebuild(self, block, parts)
+        alive.append(weakref.ref(a))
+        return a
+
+    def feed(self, view):
+        real_feed(self, view)
+        import gc
+
+        gc.collect()
+        peak.append(sum(r() is not None for r in alive))
+
+    monkeypatch.setattr(Adapter, "rebuild_attention", rebuild)
+    monkeypatch.setattr(ChainRunner, "feed", feed)
+    lnstd.Explainer(model, ["gae", "lnstd", "rollout"], capture="fused")(images_for(model, batch=2))
+    assert len(sdpa_calls) == 4  # every block ran the fused kernel
+    assert len(alive) == 4 and len(peak) == 4
+    assert max(peak) == 1, peak  # only the block being processed holds its A
+
+
+def test_options_are_routed_to_the_methods_that_declare_them(vit_token):
+    x = images_for(vit_token)
+    ex = lnstd.Explainer(vit_token, ["gae", "lnstd", "gradcam"], blocks=2, **{"lnstd.std": "multiply"})
+    assert ex.options == {
+        "gae": {"blocks": 2},
+        "lnstd": {"blocks": 2, "std": "multiply", "normalize": "matrix"},
+        "gradcam": {},
+    }
+    out = ex(x)
+    torch.testing.assert_close(
+        out.heatmaps["lnstd"], lnstd.explain(vit_token, x, "lnstd", blocks=2, std="multiply")
+    )
+    with pytest.raises(TypeError, match="unknown option 'std' for gae.*blocks"):
+        lnstd.Explainer(vit_token, ["gae"], std="multiply")
+    with pytest.raises(TypeError, match="for method 'rollout', which is not among"):
+        lnstd.Explainer(vit_token, ["gae"], **{"rollout.blocks": 2})
+    assert lnstd.Explainer(make_swin(), ["lnstd", "gae"]).options["lnstd"]["blocks"] == 2  # Swin default
+    assert lnstd.Explainer(make_swin(), ["lnstd", "gae"]).options["gae"]["blocks"] == "all"
 
 
 def test_swin_heat_resolution_follows_first_selected_block(swin):

@@ -35,17 +35,19 @@ def _unusual(model):
     return model
 
 
+@pytest.mark.parametrize("capture", ["fused", "unfused"])
 @pytest.mark.parametrize("make", [make_vit_token, make_swin])
-def test_model_restored_after_success(make):
+def test_model_restored_after_success(make, capture):
     model = _unusual(make())
     before = _state(model)
-    lnstd.Explainer(model, lnstd.list_methods())(images_for(model))
+    lnstd.Explainer(model, lnstd.list_methods(), capture=capture)(images_for(model))
     assert _state(model) == before
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("capture", ["fused", "unfused"])
 @pytest.mark.parametrize("make", [make_vit_token, make_swin])
-def test_model_restored_after_exception_in_forward_and_after(make):
+def test_model_restored_after_exception_in_forward_and_after(make, capture):
     model = _unusual(make())
     before = _state(model)
 
@@ -54,31 +56,34 @@ def test_model_restored_after_exception_in_forward_and_after(make):
 
     h = model.head.register_forward_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
-        lnstd.explain(model, images_for(model), method="lnstd")
+        lnstd.explain(model, images_for(model), method="lnstd", capture=capture)
     h.remove()
     assert _state(model) == before
     with pytest.raises(ValueError, match="out of range"):  # raised after the forward pass
-        lnstd.explain(model, images_for(model), method="gae", target=99)
+        lnstd.explain(model, images_for(model), method="gae", target=99, capture=capture)
     assert _state(model) == before
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_same_result_whatever_the_fused_attention_setting():
+@pytest.mark.parametrize("capture", ["fused", "unfused"])
+def test_same_result_whatever_the_fused_attention_setting(capture):
     model = make_vit_token()
     x = images_for(model)
     results = []
     for fused in (True, False):
         for b in get_adapter(model).blocks:
             b.attn.fused_attn = fused
-        results.append(lnstd.explain(model, x, method="lnstd"))
+        results.append(lnstd.explain(model, x, method="lnstd", capture=capture))
+        assert all(b.attn.fused_attn == fused for b in get_adapter(model).blocks)
     torch.testing.assert_close(results[0], results[1])
 
 
-def test_gradients_stop_at_first_selected_block():
+@pytest.mark.parametrize("capture", ["fused", "unfused"])
+def test_gradients_stop_at_first_selected_block(capture):
     """With blocks=1 the backward never reaches earlier blocks: their graph is never built."""
     model = make_vit_token()
     seen = []
     for k, b in enumerate(model.blocks):
-        b.attn.attn_drop.register_forward_hook(lambda m, a, o, k=k: seen.append((k, o.requires_grad)))
-    lnstd.explain(model, images_for(model), method="gae", blocks=1)
+        b.attn.qkv.register_forward_hook(lambda m, a, o, k=k: seen.append((k, o.requires_grad)))
+    lnstd.explain(model, images_for(model), method="gae", blocks=1, capture=capture)
     assert seen == [(0, False), (1, False), (2, True)]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Adapter", "BlockRef", "UnsupportedModelError", "WindowMap", "token_std"]
+__all__ = ["Adapter", "AttentionParts", "BlockRef", "UnsupportedModelError", "WindowMap", "token_std"]
 
 
 class UnsupportedModelError(TypeError):
-    """Raised when a model is not a timm ViT or Swin that lnstd knows how to explain."""
+    """Raised when a model (or a method on it) is not one lnstd knows how to explain."""
 
 
 @dataclass(frozen=True)
@@ -20,11 +21,22 @@ class BlockRef:
 
     Attributes:
         index: position of the block in the flattened list of all blocks (0 = first).
-        stage: stage the block belongs to (always 0 for ViT).
-        block: the block module (its forward pre-hook starts the gradient graph).
-        norm1: the LayerNorm in front of attention (its input gives the token stds).
-        attn: the attention module (carries the ``fused_attn`` switch).
-        attn_drop: the dropout applied to the attention probabilities (its output is ``A``).
+        stage: stage the block belongs to (always 0 for single-stage models).
+        block: the block module (its forward pre-hook records the token layout and starts the
+            gradient graph).
+        norm1: the LayerNorm whose per-token std ``lnstd`` weights by.
+        attn: the attention module.
+        attn_drop: the dropout applied to the attention probabilities (its output is ``A`` when
+            attention runs unfused).
+        std_side: ``"key"`` when ``norm1`` normalises the attention's input (pre-norm: token j is
+            divided by ``s_j`` before attention mixes it, so the std weights columns), ``"query"``
+            when it normalises the attention's output (post-norm, Swin V2: row i is divided by
+            ``s_i`` after mixing, so the std weights rows).
+        qkv: the linear layer whose output holds q, k, v as (B, T, 3, heads, head_dim), for the
+            fused capture; None where that capture does not apply.
+        qk_norm: modules whose outputs are q and k after their normalisation (ViT qk-norm; Identity
+            modules otherwise), or None to take q, k from ``qkv``.
+        out: the module whose input is the attention output ``A V`` as (B, T, heads * head_dim).
     """
 
     index: int
@@ -33,6 +45,10 @@ class BlockRef:
     norm1: nn.Module
     attn: nn.Module
     attn_drop: nn.Module
+    std_side: str = "key"
+    qkv: nn.Module | None = None
+    qk_norm: tuple[nn.Module, nn.Module] | None = None
+    out: nn.Module | None = None
 
 
 @dataclass
@@ -77,7 +93,7 @@ def token_std(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     For an RMSNorm the analogue ``sqrt(mean(x^2) + eps)`` is returned.
     """
     x = x.detach().float()
-    eps = float(getattr(norm, "eps", 1e-6))
+    eps = float(getattr(norm, "eps", 1e-6) or 1e-6)
     if isinstance(norm, nn.LayerNorm):
         return torch.sqrt(x.var(dim=-1, unbiased=False) + eps)
     if type(norm).__name__ in ("RmsNorm", "RMSNorm"):
@@ -85,6 +101,22 @@ def token_std(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise UnsupportedModelError(
         f"token std: norm1 of type {type(norm).__name__} is not a LayerNorm or RMSNorm"
     )
+
+
+@dataclass
+class AttentionParts:
+    """What the fused capture keeps of one block's attention: enough to rebuild ``A`` and ``G``.
+
+    ``q``, ``k``, ``v``: (B * nW, heads, T, head_dim) as the kernel saw them (after qk-norm);
+    ``mask``: the additive mask the block passed in (Swin's shift mask), if any; ``out``: the
+    attention output ``A V`` as (B * nW, T, heads * head_dim), in the graph when gradients are needed.
+    """
+
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    out: torch.Tensor | None = None
 
 
 class Adapter:
@@ -95,6 +127,7 @@ class Adapter:
     """
 
     family: str = ""
+    num_prefix: int = 0
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -105,24 +138,42 @@ class Adapter:
         raise NotImplementedError
 
     def fused_attn_modules(self) -> list[nn.Module]:
-        """Attention modules whose ``fused_attn`` flag must be off to expose ``A``."""
-        return [b.attn for b in self.blocks]
+        """Attention modules with a ``fused_attn`` flag (switched off for the unfused capture)."""
+        return [b.attn for b in self.blocks if hasattr(b.attn, "fused_attn")]
 
     def checkpointing_modules(self) -> list[nn.Module]:
         """Modules with a ``grad_checkpointing`` flag (recomputation would re-fire hooks)."""
         return []
 
-    def default_blocks(self, method: str) -> str | int:
-        """The ``blocks`` default for a method on this family (METHODS.md, "Which blocks")."""
-        return "all"
+    def set_input_size(self, hw: tuple[int, int]) -> None:
+        """Record the image size of the batch (the grid of dynamic-size models depends on it)."""
+
+    # --- fused attention capture -----------------------------------------------------------------
+    def supports_fused_capture(self) -> bool:
+        """True when every block's attention can be rebuilt from captured q, k (and bias, mask)."""
+        return all(b.qkv is not None and b.out is not None for b in self.blocks)
+
+    def attention_bias(self, block: BlockRef, parts: AttentionParts) -> torch.Tensor | None:
+        """The additive term of the attention logits besides ``q k^T * scale`` (broadcastable to
+        (B * nW, heads, T, T)): relative position bias and shift mask; None if there is none."""
+        return None
+
+    def rebuild_attention(self, block: BlockRef, parts: AttentionParts) -> torch.Tensor:
+        """``A = softmax(q k^T * scale + bias)`` in float32, (B * nW, heads, T, T)."""
+        q, k = parts.q.float(), parts.k.float()
+        logits = (q * float(block.attn.scale)) @ k.transpose(-2, -1)
+        bias = self.attention_bias(block, parts)
+        if bias is not None:
+            logits = logits + bias.float()
+        return logits.softmax(dim=-1)
 
     # --- runtime geometry (from captured shapes) ---------------------------------------------
     def window_map(self, block: BlockRef, input_shape: torch.Size, device: torch.device) -> WindowMap:
-        """Window layout of ``block`` given the shape of its norm1 input."""
+        """Window layout of ``block`` given the shape of its input."""
         raise NotImplementedError
 
     def readout_start(self, input_shape: torch.Size, batch: int, device: torch.device) -> torch.Tensor:
-        """Readout vector on the last block's token space: class token row or pooled rows."""
+        """Readout vector on the last block's token space: class token row(s) or pooled rows."""
         raise NotImplementedError
 
     def step_down(self, v: torch.Tensor, upper_shape: torch.Size, lower_shape: torch.Size) -> torch.Tensor:
@@ -136,3 +187,7 @@ class Adapter:
     def patch_features(self, f: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """norm1 output -> (B, n_patches, C) patch features and their grid (for Grad-CAM)."""
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for error messages and manifests."""
+        return {"family": self.family, "blocks": len(self.blocks), "prefix_tokens": self.num_prefix}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, BlockRef, UnsupportedModelError, WindowMap
+from .base import Adapter, AttentionParts, BlockRef, UnsupportedModelError, WindowMap
 
 __all__ = ["SwinAdapter", "swin_window_index"]
 
@@ -55,14 +55,28 @@ class SwinAdapter(Adapter):
                         f"{type(self.model).__name__} block {len(refs)} ({type(blk).__name__}) "
                         "is not a timm SwinTransformerBlock with WindowAttention"
                     )
-                refs.append(BlockRef(len(refs), s, blk, blk.norm1, attn, drop))
+                fused = type(attn).__name__ == "WindowAttention" and hasattr(attn, "qkv")
+                refs.append(
+                    BlockRef(
+                        len(refs), s, blk, blk.norm1, attn, drop,
+                        qkv=attn.qkv if fused else None,
+                        out=attn.proj if fused else None,
+                    )
+                )  # fmt: skip
         return refs
 
     def checkpointing_modules(self) -> list[nn.Module]:
         return list(self.model.layers)
 
-    def default_blocks(self, method: str) -> str | int:
-        return 2 if method == "lnstd" else "all"
+    def attention_bias(self, block: BlockRef, parts: AttentionParts) -> torch.Tensor | None:
+        # timm WindowAttention: relative position bias (heads, T, T), plus the shift mask
+        # (nW, T, T) per window, repeated over the batch (windows are batch-major).
+        bias = block.attn._get_rel_pos_bias()
+        if parts.mask is None:
+            return bias
+        nw, t, _ = parts.mask.shape
+        mask = parts.mask.view(1, nw, 1, t, t).expand(parts.q.shape[0] // nw, -1, -1, -1, -1)
+        return bias + mask.reshape(-1, 1, t, t)
 
     def window_map(self, block: BlockRef, input_shape: torch.Size, device: torch.device) -> WindowMap:
         _, h, w, _ = input_shape

@@ -48,7 +48,19 @@ class ViTAdapter(Adapter):
                     f"{type(attn).__name__} attention; lnstd supports timm's pre-norm Block with "
                     "its standard Attention"
                 )
-            refs.append(BlockRef(i, 0, blk, norm1, attn, drop))
+            # The fused capture rebuilds A from q, k: exact for timm's plain Attention (no mask,
+            # no rotary embedding); other attention classes are captured unfused.
+            fused = type(attn).__name__ == "Attention" and all(
+                hasattr(attn, a) for a in ("qkv", "q_norm", "k_norm", "norm", "scale")
+            )
+            refs.append(
+                BlockRef(
+                    i, 0, blk, norm1, attn, drop,
+                    qkv=attn.qkv if fused else None,
+                    qk_norm=(attn.q_norm, attn.k_norm) if fused else None,
+                    out=attn.norm if fused else None,
+                )
+            )  # fmt: skip
         if not refs:
             raise UnsupportedModelError(f"{type(self.model).__name__} has no blocks")
         return refs
@@ -83,7 +95,6 @@ class ViTAdapter(Adapter):
         return int(h), int(w)
 
     def set_input_size(self, hw: tuple[int, int]) -> None:
-        """Record the image size of the batch (the grid of dynamic-size models depends on it)."""
         self._img_size = hw
 
     def to_grid(self, v: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..arch.base import Adapter, WindowMap
-from .base import ChainMethod, Context, register
+from ..capture import BlockView
+from .base import ChainMethod, register
 
 __all__ = ["RawAttention"]
 
@@ -14,11 +14,7 @@ __all__ = ["RawAttention"]
 class RawAttention(ChainMethod):
     """``mean_h A_L`` of the last block, read out directly (no chain)."""
 
-    residual = False
+    residual = False  # defined on the last block only: it takes no options
 
-    def __init__(self, adapter: Adapter, blocks: str | int | None = None) -> None:
-        # Defined on the last block only: the blocks option does not apply.
-        super().__init__(adapter, 1)
-
-    def block_matrix(self, ctx: Context, i: int, wm: WindowMap) -> torch.Tensor:
-        return self.mean_attention(ctx, i, wm)
+    def block_matrix(self, view: BlockView) -> torch.Tensor:
+        return self.mean_attention(view)

@@ -1,21 +1,24 @@
-"""Shared base of the attribution methods and the registry the CLI and jobs use."""
+"""Shared base of the attribution methods, their declared options, and the registry."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from ..arch.base import Adapter, WindowMap
-from ..capture import Capture
-from ..relevance import head_mean, mask_padding, readout
+from ..arch.base import Adapter
+from ..capture import BlockView, Needs
+from ..relevance import head_mean, mask_padding
 
 __all__ = [
+    "BLOCKS",
     "ChainMethod",
-    "Context",
     "Method",
+    "Option",
+    "PassMethod",
+    "PassResult",
     "get_method",
     "list_methods",
     "register",
@@ -54,6 +57,8 @@ def get_method(name: str) -> type[Method]:
 
 def resolve_blocks(blocks: str | int, num_blocks: int) -> list[int]:
     """``"all"`` or k (the last k blocks) -> ascending block indices."""
+    if isinstance(blocks, str) and blocks.isdigit():
+        blocks = int(blocks)
     if blocks == "all":
         return list(range(num_blocks))
     if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= num_blocks:
@@ -61,76 +66,127 @@ def resolve_blocks(blocks: str | int, num_blocks: int) -> list[int]:
     return list(range(num_blocks - blocks, num_blocks))
 
 
-@dataclass
-class Context:
-    """Everything a method may read after the shared forward/backward pass."""
+@dataclass(frozen=True)
+class Option:
+    """One option a method declares: its default (per architecture family) and what it accepts.
 
-    adapter: Adapter
-    capture: Capture
-    batch: int
-    attention_grads: dict[int, torch.Tensor]  # dy/dA per block, (B * nW, heads, T, T)
-    feature_grads: dict[int, torch.Tensor]  # dy/d(norm1 output) per block
+    Attributes:
+        name: the keyword (``Explainer(..., name=value)``, ``--option name=value``).
+        default: the value when none is given.
+        choices: the accepted values, or None for a free value checked by the method.
+        help: one line for ``lnstd methods``.
+        family_defaults: adapter family -> default, where it differs (e.g. Swin ``lnstd`` blocks).
+    """
+
+    name: str
+    default: Any
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+    family_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def default_for(self, family: str) -> Any:
+        return self.family_defaults.get(family, self.default)
+
+    def check(self, value: Any) -> Any:
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {self.choices}, got {value!r}")
+        return value
+
+
+BLOCKS = Option(
+    "blocks", "all", help="'all' or k: the chain runs over the last k blocks (gradients stop there)"
+)
 
 
 class Method:
-    """One attribution method: declares what it needs from the pass, then computes a heatmap.
-
-    Subclasses set the class flags and override :meth:`compute` (or, for chains,
-    :meth:`ChainMethod.block_matrix`).
+    """One attribution method: declares its options and what it needs from the pass, then computes
+    a heatmap. Subclasses set the class attributes and override :meth:`needs` and :meth:`compute`
+    (or, for chains, :meth:`ChainMethod.block_matrix`).
     """
 
     name: ClassVar[str] = ""
+    options: ClassVar[tuple[Option, ...]] = ()
     needs_gradient: ClassVar[bool] = False
-    uses_token_std: ClassVar[bool] = False
 
-    def __init__(self, adapter: Adapter, blocks: str | int | None = None) -> None:
+    def __init__(self, adapter: Adapter, **options: Any) -> None:
         self.adapter = adapter
-        n = len(adapter.blocks)
-        self.blocks = resolve_blocks(adapter.default_blocks(self.name) if blocks is None else blocks, n)
+        declared = {o.name: o for o in self.options}
+        unknown = set(options) - set(declared)
+        if unknown:
+            raise TypeError(
+                f"{self.name}: unknown option {sorted(unknown)[0]!r}; its options are: "
+                f"{', '.join(declared) or 'none'}"
+            )
+        self.config: dict[str, Any] = {}
+        for name, opt in declared.items():
+            value = options[name] if name in options else opt.default_for(adapter.family)
+            self.config[name] = opt.check(value)
+        self.blocks = self._blocks()
 
-    def attention_blocks(self) -> list[int]:
-        """Blocks whose attention probabilities this method reads."""
-        return self.blocks
+    def _blocks(self) -> list[int]:
+        """Blocks this method reads (ascending); the last block only unless it has ``blocks``."""
+        n = len(self.adapter.blocks)
+        if "blocks" in self.config:
+            return resolve_blocks(self.config["blocks"], n)
+        return [n - 1]
 
-    def gradient_blocks(self) -> list[int]:
-        """Blocks whose attention gradient this method reads."""
-        return self.blocks if self.needs_gradient else []
+    def needs(self) -> Needs:
+        """What the shared pass must capture for this method."""
+        return Needs()
 
-    def feature_blocks(self) -> list[int]:
-        """Blocks whose norm1 output (and its gradient) this method reads."""
-        return []
-
-    def compute(self, ctx: Context) -> torch.Tensor:
-        """Heatmap (B, h, w), float32."""
+    def compute(self, ctx: PassResult) -> torch.Tensor:
+        """Heatmap (B, h, w), float32, after the shared pass."""
         raise NotImplementedError
+
+
+@dataclass
+class PassResult:
+    """What a method may read after the shared forward/backward pass (besides streamed blocks)."""
+
+    adapter: Adapter
+    batch: int
+    features: dict[int, torch.Tensor]  # norm1 output per block
+    feature_grads: dict[int, torch.Tensor]  # dy/d(norm1 output) per block
 
 
 class ChainMethod(Method):
-    """A method defined by a per-block matrix and a chain (METHODS.md table)."""
+    """A method defined by a per-block matrix and a chain (docs/methods.md, the methods table)."""
 
     residual: ClassVar[bool] = True
 
-    def block_matrix(self, ctx: Context, i: int, wm: WindowMap) -> torch.Tensor:
-        """Per-block operator of block i in window layout, (B, nW, T, T) float32."""
+    def needs(self) -> Needs:
+        blocks = set(self.blocks)
+        return Needs(attention=blocks, gradient=blocks if self.needs_gradient else set())
+
+    def block_matrix(self, view: BlockView) -> torch.Tensor:
+        """Per-block operator of block ``view.index`` in window layout, (B, nW, T, T) float32."""
         raise NotImplementedError
 
-    def compute(self, ctx: Context) -> torch.Tensor:
-        return readout(
-            ctx.adapter,
-            ctx.capture,
-            self.attention_blocks(),
-            lambda i, wm: self.block_matrix(ctx, i, wm),
-            self.residual,
+    @staticmethod
+    def mean_attention(view: BlockView) -> torch.Tensor:
+        """``mean_h A_b`` (padding masked), float32."""
+        return view.shared(
+            "mean_attention", lambda: mask_padding(head_mean(view.attention, view.batch), view.wm)
         )
 
     @staticmethod
-    def mean_attention(ctx: Context, i: int, wm: WindowMap) -> torch.Tensor:
-        """``mean_h A_b`` (padding masked), float32."""
-        return mask_padding(head_mean(ctx.capture.blocks[i].attention, ctx.batch), wm)
-
-    @staticmethod
-    def gradient_attention(ctx: Context, i: int, wm: WindowMap) -> torch.Tensor:
+    def gradient_attention(view: BlockView) -> torch.Tensor:
         """``Ā_b = mean_h (G_b ⊙ A_b)^+`` (padding masked), float32 (Chefer et al. 2021b)."""
-        a = ctx.capture.blocks[i].attention.float()
-        g = ctx.attention_grads[i].float()
-        return mask_padding(head_mean((g * a).clamp(min=0), ctx.batch), wm)
+
+        def make() -> torch.Tensor:
+            return mask_padding(head_mean((view.gradient * view.attention).clamp(min=0), view.batch), view.wm)
+
+        return view.shared("gradient_attention", make)
+
+
+class PassMethod(Method):
+    """A method that needs a pass of its own (its rules change the backward pass itself).
+
+    :meth:`explain` runs that pass for a batch and the given targets.
+    """
+
+    def explain(
+        self, images: torch.Tensor, targets: torch.Tensor, autocast: Callable[[], Any]
+    ) -> torch.Tensor:
+        """Heatmaps (B, h, w) float32 for ``images`` explained for ``targets``."""
+        raise NotImplementedError

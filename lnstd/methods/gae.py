@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..arch.base import WindowMap
-from .base import ChainMethod, Context, register
+from ..capture import BlockView
+from .base import BLOCKS, ChainMethod, register
 
 __all__ = ["GAE"]
 
@@ -14,7 +14,8 @@ __all__ = ["GAE"]
 class GAE(ChainMethod):
     """``R_b = R_{b-1} + Ā_b R_{b-1}`` with ``Ā_b = mean_h (G_b ⊙ A_b)^+``."""
 
+    options = (BLOCKS,)
     needs_gradient = True
 
-    def block_matrix(self, ctx: Context, i: int, wm: WindowMap) -> torch.Tensor:
-        return self.gradient_attention(ctx, i, wm)
+    def block_matrix(self, view: BlockView) -> torch.Tensor:
+        return self.gradient_attention(view)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..arch.base import Adapter
-from .base import Context, Method, register
+from ..capture import Needs
+from .base import Method, PassResult, register
 
 __all__ = ["GradCAM"]
 
@@ -14,24 +14,14 @@ __all__ = ["GradCAM"]
 class GradCAM(Method):
     """``heat_j = ReLU(sum_c w_c F_jc)``, ``w_c`` = mean over patch tokens of ``dy/dF``."""
 
-    needs_gradient = True
+    needs_gradient = True  # defined on the last block only: it takes no options
 
-    def __init__(self, adapter: Adapter, blocks: str | int | None = None) -> None:
-        # Defined on the last block only: the blocks option does not apply.
-        super().__init__(adapter, 1)
+    def needs(self) -> Needs:
+        return Needs(features={self.blocks[-1]})
 
-    def attention_blocks(self) -> list[int]:
-        return []
-
-    def gradient_blocks(self) -> list[int]:
-        return []
-
-    def feature_blocks(self) -> list[int]:
-        return self.blocks
-
-    def compute(self, ctx: Context) -> torch.Tensor:
+    def compute(self, ctx: PassResult) -> torch.Tensor:
         i = self.blocks[-1]
-        f, (h, w) = ctx.adapter.patch_features(ctx.capture.blocks[i].features)
+        f, (h, w) = ctx.adapter.patch_features(ctx.features[i])
         g, _ = ctx.adapter.patch_features(ctx.feature_grads[i])
         weights = g.float().mean(dim=1, keepdim=True)  # (B, 1, C)
         heat = torch.relu((f.float() * weights).sum(dim=-1))

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from ..arch.base import Adapter, WindowMap
+from ..capture import BlockView, Needs
 from ..relevance import normalize
-from .base import ChainMethod, Context, register
+from .base import BLOCKS, ChainMethod, Option, register
 
 __all__ = ["LNStd"]
 
@@ -20,36 +18,34 @@ NORMALIZE_MODES = ("matrix", "row", "none")
 class LNStd(ChainMethod):
     """``R_b = R_{b-1} + Ã_b R_{b-1}`` with ``Ã_b = norm(Ā_b · diag(1 / s_b))``.
 
-    Args:
-        adapter: architecture adapter.
-        blocks: "all" or the last k blocks (default: all for ViT, 2 for Swin).
-        std: column weights from the LN1 token std s: "inverse" (1/s, the paper's reading),
-            "multiply" (s) or "none".
-        normalize: "matrix" (each matrix sums to one), "row" (each row does) or "none".
+    Options: ``blocks`` ("all" or the last k; default all, Swin the last 2), ``std`` (column
+    weights from the LN1 token std s: "inverse" 1/s, the paper's reading, "multiply" s, or "none")
+    and ``normalize`` ("matrix": each matrix sums to one, "row", or "none"). Where the LayerNorm
+    follows the attention (Swin V2's post-norm) it divides output token i, so the weights apply to
+    the rows instead (``diag(1/s) · Ā``); see docs/methods.md.
     """
 
+    options = (
+        Option(
+            "blocks", "all", help=BLOCKS.help + " (default: all; Swin: 2, the paper's setting)",
+            family_defaults={"swin": 2, "swinv2": 2},
+        ),
+        Option("std", "inverse", STD_MODES, "weight by the LayerNorm token std: 1/s, s or not at all"),
+        Option("normalize", "matrix", NORMALIZE_MODES, "rescale each block's matrix to sum 1 (or each row)"),
+    )  # fmt: skip
     needs_gradient = True
-    uses_token_std = True
 
-    def __init__(
-        self,
-        adapter: Adapter,
-        blocks: str | int | None = None,
-        std: Literal["inverse", "multiply", "none"] = "inverse",
-        normalize: Literal["matrix", "row", "none"] = "matrix",
-    ) -> None:
-        if std not in STD_MODES:
-            raise ValueError(f"std must be one of {STD_MODES}, got {std!r}")
-        if normalize not in NORMALIZE_MODES:
-            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
-        super().__init__(adapter, blocks)
-        self.std = std
-        self.normalize = normalize
+    def needs(self) -> Needs:
+        n = super().needs()
+        if self.config["std"] != "none":
+            n.token_std = set(self.blocks)
+        return n
 
-    def block_matrix(self, ctx: Context, i: int, wm: WindowMap) -> torch.Tensor:
-        m = self.gradient_attention(ctx, i, wm)
-        if self.std != "none":
-            s = ctx.capture.blocks[i].token_std
-            weight = 1.0 / s if self.std == "inverse" else s
-            m = m * wm.to_windows(weight).unsqueeze(2)  # scales column j: M · diag(w)
-        return normalize(m, self.normalize)
+    def block_matrix(self, view: BlockView) -> torch.Tensor:
+        m = self.gradient_attention(view)
+        if self.config["std"] != "none":
+            s = view.token_std
+            weight = view.wm.to_windows(1.0 / s if self.config["std"] == "inverse" else s)
+            # pre-norm scales column j (M · diag(w)); post-norm scales row i (diag(w) · M)
+            m = m * weight.unsqueeze(3 if view.ref.std_side == "query" else 2)
+        return normalize(m, self.config["normalize"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..arch.base import WindowMap
+from ..capture import BlockView
 from ..relevance import rownorm_with_identity
-from .base import ChainMethod, Context, register
+from .base import BLOCKS, ChainMethod, register
 
 __all__ = ["Rollout"]
 
@@ -15,7 +15,8 @@ __all__ = ["Rollout"]
 class Rollout(ChainMethod):
     """``R = Â_L ... Â_1`` with ``Â_b = rownorm(I + mean_h A_b)``."""
 
+    options = (BLOCKS,)
     residual = False
 
-    def block_matrix(self, ctx: Context, i: int, wm: WindowMap) -> torch.Tensor:
-        return rownorm_with_identity(self.mean_attention(ctx, i, wm), wm)
+    def block_matrix(self, view: BlockView) -> torch.Tensor:
+        return rownorm_with_identity(self.mean_attention(view), view.wm)
