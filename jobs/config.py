@@ -7,13 +7,16 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["RESULT_FIELDS", "RunConfig"]
+from lnstd.errors import UsageError
+
+__all__ = ["DECODERS", "RESULT_FIELDS", "RunConfig"]
 
 # Fields that change what is written: a rerun must match these to resume into the same output.
 RESULT_FIELDS = (
     "input",
     "model",
     "checkpoint_sha256",
+    "pretrained",
     "model_args",
     "methods",
     "options",
@@ -21,8 +24,17 @@ RESULT_FIELDS = (
     "precision",
     "target",
     "fit",
+    "decode",
     "save_png",
 )
+DECODERS = ("cpu", "gpu")
+
+
+def _absolute(uri: str) -> str:
+    """Local paths become absolute (a resume from another folder must name the same data)."""
+    if "://" in uri:
+        return uri[len("file://") :] if uri.startswith("file://") else uri
+    return os.path.abspath(uri)
 
 
 @dataclass
@@ -37,7 +49,7 @@ class RunConfig:
     checkpoint_sha256: str | None = None
     pretrained: bool = False
     model_args: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)  # blocks / std / normalize
+    options: dict[str, Any] = field(default_factory=dict)  # method options: name or method.name
     batch_size: int = 32
     shard_size: int = 256
     actors: int = 1
@@ -45,26 +57,46 @@ class RunConfig:
     cpus_per_actor: float = 1.0
     address: str | None = None
     precision: str = "fp32"
+    capture: str | None = None
     target: str = "predicted"
     fit: str = "resize"
+    decode: str = "cpu"
     save_png: bool = False
     overwrite: bool = False
+    refresh_input: bool = False
+    dedupe: bool = False
     s3_endpoint: str | None = None
+    lease_ttl: float = 60.0
+    startup_timeout: float = 600.0
+    verbose: bool = False
 
     def __post_init__(self) -> None:
-        if self.checkpoint and not self.checkpoint_sha256:
+        self.input = _absolute(self.input)
+        self.output = _absolute(self.output)
+        if self.checkpoint:
+            self.checkpoint = os.path.abspath(self.checkpoint)
+        if self.checkpoint and not self.checkpoint_sha256 and os.path.isfile(self.checkpoint):
             h = hashlib.sha256()
             with open(self.checkpoint, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
             self.checkpoint_sha256 = h.hexdigest()
         if self.target != "predicted" and self.target != "label" and not self.target.startswith("topk:"):
-            raise ValueError(f"--target must be predicted, label or topk:K, got {self.target!r}")
-        if self.target.startswith("topk:") and not self.target[5:].isdigit():
-            raise ValueError(f"--target topk:K needs an integer K, got {self.target!r}")
+            raise UsageError(f"--target must be predicted, label or topk:K, got {self.target!r}")
+        if self.target.startswith("topk:") and not (self.target[5:].isdigit() and int(self.target[5:]) > 0):
+            raise UsageError(f"--target topk:K needs a positive integer K, got {self.target!r}")
         for name in ("batch_size", "shard_size", "actors"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("gpus_per_actor", "cpus_per_actor"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must not be negative")
+        if self.decode not in DECODERS:
+            raise UsageError(f"--decode must be one of {', '.join(DECODERS)}, got {self.decode!r}")
+        if self.decode == "gpu" and self.gpus_per_actor <= 0:
+            raise UsageError("--decode gpu needs --gpus-per-actor > 0 (the actors decode on their GPU)")
+        if os.path.normpath(self.output) == os.path.normpath(self.input):
+            raise UsageError("--output must not be the --input folder")
 
     @property
     def topk(self) -> int | None:
@@ -73,10 +105,7 @@ class RunConfig:
     def identity(self) -> dict[str, Any]:
         """The result-deciding fields (what resume compares)."""
         d = asdict(self)
-        ident = {k: d[k] for k in RESULT_FIELDS}
-        if ident["input"] and "://" not in ident["input"]:
-            ident["input"] = os.path.abspath(ident["input"])
-        return ident
+        return {k: d[k] for k in RESULT_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,6 +1,9 @@
 """The ``lnstd`` command: run, aggregate, report, explain, eval, train-toy, methods.
 
-Errors a user can act on are printed as one line (``lnstd: error: ...``) with exit code 2.
+Problems a user can act on (the project's own error types, :mod:`lnstd.errors`) are printed as one
+line, ``lnstd: error: ...``, with exit code 2. Anything else is a bug: one line saying so, exit code
+1, and the full traceback with ``--traceback`` (or ``-v``). This is the only module of the library
+that imports the job layer (:mod:`lnstd.jobs`).
 """
 
 from __future__ import annotations
@@ -9,20 +12,19 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from .errors import LnstdError, UsageError
 
 __all__ = ["build_parser", "main"]
 
-DEMO_MODEL = "vit_tiny_patch16_224"
-DEMO_MODEL_ARGS = {"img_size": 96, "patch_size": 16, "num_classes": 3}
+DEMO_IMAGES = 48
 
 
-class UsageError(ValueError):
-    """A wrong or missing flag (the message names it)."""
-
-
-def _model_arg(text: str) -> tuple[str, Any]:
+def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -44,8 +46,45 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def _blocks(text: str) -> str | int:
-    return text if text == "all" else int(text)
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line ``lnstd: error:`` form and exit code 2 for wrong flags."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output and full tracebacks")
+
+
+def _add_model_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--model", required=required, help="timm model name")
+    p.add_argument(
+        "--checkpoint", help="local .safetensors/.pt weights (a JSON beside it may name the model)"
+    )
+    p.add_argument(
+        "--pretrained", action=argparse.BooleanOptionalAction, default=False,
+        help="download timm's pretrained weights (needs network access)",
+    )  # fmt: skip
+    p.add_argument(
+        "--model-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+        help="timm.create_model argument, e.g. num_classes=10 (repeatable)",
+    )  # fmt: skip
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", type=_methods, default=None, help="comma list or 'all' (default all)")
+    p.add_argument(
+        "--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+        help="method option, e.g. blocks=2 (every method that has it) or lnstd.std=multiply "
+        "(one method); `lnstd methods` lists them (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument(
+        "--capture", choices=["fused", "unfused"], default=None,
+        help="how attention is read (default: fused where exact; both give the same maps)",
+    )  # fmt: skip
 
 
 def _add_run(sub: Any) -> None:
@@ -57,60 +96,80 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--input", help="folder, s3:// prefix, .parquet/.csv manifest (uri column) or .mat")
     p.add_argument("--output", default=None, help="local folder or s3:// prefix (default ./lnstd-out)")
     _add_model_flags(p, required=False)
-    p.add_argument("--methods", type=_methods, default=None, help="comma list or 'all' (default all)")
-    p.add_argument("--blocks", type=_blocks, default=None, help="'all' or the last k blocks")
-    p.add_argument("--std", choices=["inverse", "multiply", "none"], default=None)
-    p.add_argument("--normalize", choices=["matrix", "row", "none"], default=None)
+    _add_method_flags(p)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=256, help="inputs per shard (the unit of commit)")
     p.add_argument("--actors", type=int, default=1, help="model replicas")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="also the actor's decoding threads")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--target", default="predicted", help="predicted | label | topk:K")
     p.add_argument("--fit", choices=["resize", "center-crop"], default="resize")
-    p.add_argument("--save-png", action="store_true", help="add pixel-size PNG heatmaps")
-    p.add_argument("--overwrite", action="store_true", help="replace an output of another configuration")
+    p.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="where JPEGs are decoded")
+    p.add_argument("--save-png", action=argparse.BooleanOptionalAction, default=False,
+                   help="add pixel-size PNG heatmaps over the original image")  # fmt: skip
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace an output of another configuration (not one a live run holds)")  # fmt: skip
+    p.add_argument("--refresh-input", action=argparse.BooleanOptionalAction, default=False,
+                   help="on a resume, add inputs that appeared since the plan, as new shards")  # fmt: skip
+    p.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the first of repeated manifest ids/uris instead of refusing")  # fmt: skip
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default AWS_ENDPOINT_URL)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--spec", metavar="FILE", help="YAML job spec of flags (see jobs/specs/)")
-    p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    p.add_argument(
+        "--lease-ttl", type=float, default=60.0, help="seconds before a silent run's lease expires"
+    )
+    p.add_argument("--startup-timeout", type=float, default=600.0,
+                   help="seconds to wait for a node that can take an actor (autoscaling)")  # fmt: skip
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write _report.html at the end")  # fmt: skip
+    p.add_argument(
+        "--spec", metavar="FILE", help="YAML job spec of flags (jobs/specs/, or a shipped spec's name)"
+    )
+    _common(p)
     p.set_defaults(func=_cmd_run)
 
 
+def _demo(args: argparse.Namespace) -> tuple[str, str, str, list[tuple[str, Any]]]:
+    """The demo's input: generated known-answer images with masks, and the committed toy ViT."""
+    from .data.toy import write_toy_dataset
+    from .train import toy_checkpoint
+
+    output = args.output or "lnstd-out"
+    if "://" in output:
+        raise UsageError("the demo (no --input/--model) writes to a local --output")
+    # Inside the output, under a '_' name: dataset readers of the output skip it.
+    manifest = write_toy_dataset(os.path.join(output, "_demo-input"), n=DEMO_IMAGES)
+    print(f"lnstd: demo: {DEMO_IMAGES} generated images, the trained toy ViT -> {output}", file=sys.stderr)
+    return manifest, output, str(toy_checkpoint("vit")), []
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from jobs.attribute import run
-    from jobs.config import RunConfig
+    from .jobs.attribute import run
+    from .jobs.config import RunConfig
+    from .methods import list_methods
+    from .models import checkpoint_config
 
-    from . import list_methods
-    from .storage import StorageOptions
-
-    model_args = dict(args.model_arg)
-    if args.input is None and args.model is None:
-        from .data.synthetic import write_dataset
-
-        output = args.output or "lnstd-out"
-        if "://" in output:
-            raise UsageError("the demo (no --input/--model) writes to a local --output")
-        print(f"lnstd: demo: 48 generated images, random-weight {DEMO_MODEL} -> {output}", file=sys.stderr)
-        args.input = write_dataset(os.path.join(output, "demo-input"))
-        args.model = DEMO_MODEL
-        model_args = {**DEMO_MODEL_ARGS, **model_args}
+    model, checkpoint, model_args = args.model, args.checkpoint, list(args.model_arg)
+    if args.input is None and args.model is None and args.checkpoint is None:
+        args.input, args.output, checkpoint, model_args = _demo(args)
     elif args.input is None:
         raise UsageError("--input is required with --model")
-    elif args.model is None:
+    elif args.model is None and args.checkpoint is None:
         raise UsageError("--model is required with --input")
-    options = {k: getattr(args, k) for k in ("blocks", "std", "normalize") if getattr(args, k) is not None}
+    if model is None and checkpoint is not None:
+        model = checkpoint_config(checkpoint).get("model") if os.path.isfile(checkpoint) else None
+        if model is None:
+            raise UsageError(f"--model is required: {checkpoint} has no JSON beside it naming the model")
     cfg = RunConfig(
         input=args.input,
         output=args.output or "lnstd-out",
-        model=args.model,
+        model=model,
         methods=args.methods or list_methods(),
-        checkpoint=args.checkpoint,
+        checkpoint=checkpoint,
         pretrained=args.pretrained,
-        model_args=model_args,
-        options=options,
+        model_args=dict(model_args),
+        options=dict(args.option),
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         actors=args.actors,
@@ -118,42 +177,47 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cpus_per_actor=args.cpus_per_actor,
         address=args.address,
         precision=args.precision,
+        capture=args.capture,
         target=args.target,
         fit=args.fit,
+        decode=args.decode,
         save_png=args.save_png,
         overwrite=args.overwrite,
+        refresh_input=args.refresh_input,
+        dedupe=args.dedupe,
         s3_endpoint=args.s3_endpoint,
+        lease_ttl=args.lease_ttl,
+        startup_timeout=args.startup_timeout,
+        verbose=args.verbose,
     )
-    manifest = run(cfg, progress=not args.no_progress)
-    if not args.no_report:
+    manifest = run(cfg, progress=args.progress)
+    if args.report:
         from .report import write_report
+        from .storage import StorageOptions
 
         try:
             uri = write_report(cfg.output, opts=StorageOptions.from_env(cfg.s3_endpoint))
             print(f"lnstd: report -> {uri}", file=sys.stderr)
         except Exception as exc:  # the heatmaps are written: a report failure must not hide that
             print(f"lnstd: warning: no report ({type(exc).__name__}: {exc})", file=sys.stderr)
+            if args.traceback or args.verbose:
+                traceback.print_exc()
     return 1 if manifest["counts"]["shards_failed"] else 0
 
 
-def _add_model_flags(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--model", required=required, help="timm model name")
-    p.add_argument(
-        "--checkpoint", help="local .safetensors/.pt weights (a JSON beside it may name the model)"
-    )
-    p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights")
-    p.add_argument(
-        "--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
-        help="timm.create_model argument, e.g. num_classes=10 (repeatable)",
-    )  # fmt: skip
+def _model_name(args: argparse.Namespace) -> str:
+    """A folder name for a model's outputs: the timm name, or the checkpoint's stem."""
+    if args.checkpoint:
+        return Path(args.checkpoint).stem
+    return str(args.model)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
-    from . import Explainer, list_methods, load_model, transform_for
-    from .data import IMAGE_EXTENSIONS, DecodeError, decode_image
-    from .models import input_size
+    from . import Explainer, list_methods, load_model
+    from .data import IMAGE_EXTENSIONS, DecodeError
+    from .data.preprocess import Preprocess
     from .storage import list_files
     from .viz import overlay, strip
 
@@ -168,32 +232,38 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
     methods = args.methods or list_methods()
-    explainer = Explainer(model, methods)
-    tf = transform_for(model, args.fit)
-    h, w = input_size(model)
+    explainer = Explainer(model, methods, precision=args.precision, capture=args.capture, **dict(args.option))
+    prep = Preprocess.for_model(model, args.fit)
     target = None if args.target == "predicted" else int(args.target)
+    out_dir = os.path.join(args.out, _model_name(args))  # outputs of different models stay apart
     failed = 0
     for k in range(0, len(files), args.batch_size):
-        chunk, images = [], []
+        chunk, pictures, geoms = [], [], []
         for path, rel in files[k : k + args.batch_size]:
             try:
                 with open(path, "rb") as f:
-                    images.append(decode_image(f.read(), min_size=(w, h))[0])
-                chunk.append(rel)
+                    img, geom = prep.decode(f.read())
+                pictures.append(img)
+                geoms.append(geom)
+                chunk.append((path, rel))
             except (DecodeError, OSError) as exc:
                 failed += 1
                 print(f"lnstd: skipped {path}: {exc}", file=sys.stderr)
         if not chunk:
             continue
-        out = explainer(torch.stack([tf(im) for im in images]), target)
-        for i, (rel, img) in enumerate(zip(chunk, images, strict=True)):
-            stem = os.path.join(args.out, os.path.splitext(rel)[0])
+        out = explainer(
+            torch.stack([prep.tensor(im, g) for im, g in zip(pictures, geoms, strict=True)]), target
+        )
+        for i, (path, rel) in enumerate(chunk):
+            stem = os.path.join(out_dir, os.path.splitext(rel)[0])
             os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+            with open(path, "rb") as f:
+                original = prep.decode_full(f.read())
             maps = {m: out.heatmaps[m][i] for m in methods}
             for m, heat in maps.items():
-                overlay(img, heat).save(f"{stem}_{m}.png")
-            strip(img, maps).save(f"{stem}_strip.png")
-    print(f"lnstd: {len(files) - failed} images explained with {', '.join(methods)} -> {args.out}"
+                overlay(original, heat, geometry=geoms[i]).save(f"{stem}_{m}.png")
+            strip(original, maps, geometry=geoms[i]).save(f"{stem}_strip.png")
+    print(f"lnstd: {len(files) - failed} images explained with {', '.join(methods)} -> {out_dir}"
           + (f"; {failed} skipped" if failed else ""), file=sys.stderr)  # fmt: skip
     return 1 if failed else 0
 
@@ -253,17 +323,18 @@ def _eval_one(args: argparse.Namespace, checkpoint: str | None) -> None:
     torch.manual_seed(0)
     model = load_model(args.model, checkpoint, args.pretrained, **dict(args.model_arg))
     methods = args.methods or list_methods()
+    options = {"precision": args.precision, "capture": args.capture, **dict(args.option)}
     batches, n = dataset_batches(args.dataset, model, args.batch_size, args.n)
     name = args.model or os.path.splitext(os.path.basename(checkpoint or "model"))[0]
     with tqdm(total=n, unit="img", desc=f"eval {name}", file=sys.stderr, disable=args.no_progress) as bar:
         results = evaluate(
-            model, batches, methods, perturbation=not args.no_perturbation, progress=bar.update
+            model, batches, methods, perturbation=not args.no_perturbation, progress=bar.update, **options
         )
     results["dataset"], results["model"] = args.dataset, name
     if args.dataset == "toy" and args.two_object_n > 0:
         images, masks, labels = toy_batch(args.two_object_n, 30_000, n_objects=2)
         results["class_sensitivity"] = class_sensitivity(
-            model, toy_tensors(images), torch.from_numpy(masks), torch.from_numpy(labels), methods
+            model, toy_tensors(images), torch.from_numpy(masks), torch.from_numpy(labels), methods, **options
         )
     if args.ablation:
         results["ablation"] = ablation(
@@ -278,8 +349,7 @@ def _eval_one(args: argparse.Namespace, checkpoint: str | None) -> None:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
-    from jobs.aggregate import aggregate, format_table
-
+    from .aggregate import aggregate, format_table
     from .storage import StorageOptions
 
     out = aggregate(args.output, StorageOptions.from_env(args.s3_endpoint))
@@ -298,8 +368,17 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     from .methods import get_method, list_methods
 
     for name in list_methods():
-        doc = (get_method(name).__doc__ or "").strip().splitlines()[0]
-        print(f"{name:10s} {doc}")
+        cls = get_method(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:24s} {doc}")
+        for o in cls.options:
+            fam = (
+                f" ({', '.join(f'{k}: {v!r}' for k, v in o.family_defaults.items())})"
+                if o.family_defaults
+                else ""
+            )
+            choices = f" [{' | '.join(map(str, o.choices))}]" if o.choices else ""
+            print(f"{'':4s}{o.name}={o.default!r}{fam}{choices}: {o.help}")
     return 0
 
 
@@ -307,38 +386,44 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands), also used by tests to check job entrypoints."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lnstd", description="Explain Vision Transformers (timm ViT and Swin) at dataset scale."
     )
     parser.add_argument("--version", action="version", version=f"lnstd {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_run(sub)
     p = sub.add_parser("aggregate", help="summarise a run's output (counts, per-method, per-class)")
     p.add_argument("output", help="the run's --output (local or s3://)")
     p.add_argument("--s3-endpoint", default=None)
+    _common(p)
     p.set_defaults(func=_cmd_aggregate)
     p = sub.add_parser("explain", help="overlay PNGs for a few local images (one per method, plus a strip)")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-    _add_model_flags(p, required=True)
-    p.add_argument("--methods", type=_methods, default=None, help="comma list or 'all' (default all)")
-    p.add_argument("--out", required=True, help="folder for the PNGs")
+    _add_model_flags(p, required=False)
+    _add_method_flags(p)
+    p.add_argument("--out", required=True, help="folder for the PNGs (one subfolder per model)")
     p.add_argument("--fit", choices=["resize", "center-crop"], default="resize")
     p.add_argument("--target", default="predicted", help="'predicted' or a class index")
     p.add_argument("--batch-size", type=int, default=16)
+    _common(p)
     p.set_defaults(func=_cmd_explain)
     p = sub.add_parser("report", help="one self-contained HTML page for a run's output")
     p.add_argument("output", help="the run's --output (local or s3://)")
     p.add_argument("--samples", type=int, default=12, help="gallery images (best, worst, random)")
     p.add_argument(
-        "--metric", default=None, help="metric that ranks the gallery (default iou, else probability)"
+        "--metric",
+        default=None,
+        help="metric that ranks the gallery (default foreground_iou, else probability)",
     )
-    p.add_argument("--out", default=None, help="where to write the HTML (default OUTPUT/report.html)")
+    p.add_argument("--out", default=None, help="where to write the HTML (default OUTPUT/_report.html)")
     p.add_argument("--s3-endpoint", default=None)
+    _common(p)
     p.set_defaults(func=_cmd_report)
     p = sub.add_parser("eval", help="measure explanation quality (segmentation, perturbation, sanity)")
     p.add_argument("--dataset", required=True, help="toy | imagenet-seg:PATH | folder:PATH")
     _add_model_flags(p, required=False)
-    p.add_argument("--methods", type=_methods, default=None, help="comma list or 'all' (default all)")
+    _add_method_flags(p)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--n", type=int, default=None, help="images to use (toy default 500)")
     p.add_argument("--ablation", action="store_true", help="also lnstd's std x normalize x blocks table")
@@ -350,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="results: OUT/<dataset>-<model>/results.{json,md} (default lnstd-eval)"
     )
     p.add_argument("--no-progress", action="store_true")
+    _common(p)
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("train-toy", help="train the known-answer benchmark's small ViT / Swin (CPU)")
     p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
@@ -366,17 +452,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    _common(p)
     p.set_defaults(func=_cmd_train_toy)
-    p = sub.add_parser("methods", help="list the attribution methods")
+    p = sub.add_parser("methods", help="list the attribution methods and their options")
+    _common(p)
     p.set_defaults(func=_cmd_methods)
     return parser
+
+
+def _spec_path(name: str) -> str:
+    """A spec file, or the name of one shipped in lnstd.jobs (``folder-local``)."""
+    if os.path.isfile(name):
+        return name
+    from importlib import resources
+
+    shipped = resources.files("lnstd.jobs") / "specs" / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if shipped.is_file():
+        return str(shipped)
+    raise UsageError(f"--spec {name}: no such file (nor a shipped spec of that name)")
 
 
 def spec_to_argv(path: str) -> list[str]:
     """A job spec (YAML mapping of ``run`` flags to values) -> command-line arguments."""
     import yaml
 
-    with open(path) as f:
+    with open(_spec_path(path)) as f:
         spec = yaml.safe_load(f) or {}
     if not isinstance(spec, dict):
         raise UsageError(f"--spec {path}: expected a mapping of flag names to values")
@@ -385,9 +485,11 @@ def spec_to_argv(path: str) -> list[str]:
         flag = f"--{str(key).replace('_', '-')}"
         if value is True:
             argv.append(flag)
-        elif value is False or value is None:
+        elif value is False:
+            argv.append(f"--no-{flag[2:]}")
+        elif value is None:
             continue
-        elif isinstance(value, dict):  # model-arg: {num_classes: 10}
+        elif isinstance(value, dict):  # model-arg / option: {num_classes: 10}
             for k, v in value.items():
                 argv += [flag, f"{k}={json.dumps(v)}"]
         elif isinstance(value, list):
@@ -398,45 +500,47 @@ def spec_to_argv(path: str) -> list[str]:
 
 
 def expand_specs(argv: list[str]) -> list[str]:
-    """Replace ``--spec FILE`` after ``run`` by the file's flags (later flags override them)."""
+    """Replace ``--spec FILE`` after ``run`` by the file's flags; flags given on the command line win
+    (they are placed after the spec's, and argparse keeps the last value)."""
     if "--spec" not in argv:
         return argv
     i = argv.index("--spec")
     if i + 1 >= len(argv):
         raise UsageError("--spec needs a file")
-    return [*argv[:i], *spec_to_argv(argv[i + 1]), *argv[i + 2 :]]
+    spec = spec_to_argv(argv[i + 1])
+    rest = [*argv[:i], *argv[i + 2 :]]
+    cmd = rest.index("run") + 1 if "run" in rest else 0
+    return [*rest[:cmd], *spec, *rest[cmd:]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lnstd`` console script and ``python -m lnstd``."""
-    parser = build_parser()
+    raw = list(sys.argv[1:] if argv is None else argv)
+    show = "--traceback" in raw or "-v" in raw or "--verbose" in raw
     try:
-        argv = expand_specs(list(sys.argv[1:] if argv is None else argv))
-    except (UsageError, OSError) as exc:
-        print(f"lnstd: error: {exc}", file=sys.stderr)
-        return 2
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    from jobs.attribute import ConfigMismatchError, ReplicaStartError
-
-    from .arch import UnsupportedModelError
-    from .storage import StorageError
-
-    try:
+        parser = build_parser()
+        args = parser.parse_args(expand_specs(raw))
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
-    except (
-        UsageError,
-        ConfigMismatchError,
-        ReplicaStartError,
-        StorageError,
-        UnsupportedModelError,
-        FileNotFoundError,
-        ValueError,
-    ) as exc:
-        print(f"lnstd: error: {exc}", file=sys.stderr)
+    except LnstdError as exc:
+        if show:
+            traceback.print_exc()
+        print(f"lnstd: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lnstd: interrupted (a rerun of the same command resumes)", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if show:
+            traceback.print_exc()
+        print(
+            f"lnstd: internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
+            "this is a bug: rerun with --traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from torch import nn
 from .explain import Explainer
 from .metrics.mask import mask_metrics
 from .metrics.perturbation import PERTURBATION_METRICS, auc, perturbation_curves
+from .metrics.registry import eval_metrics, higher_is_better
 from .metrics.segmentation import SegmentationMeter
 
 __all__ = [
@@ -32,14 +33,8 @@ __all__ = [
     "write_results",
 ]
 
-HIGHER_IS_BETTER = {
-    "pixel_accuracy": True,
-    "miou": True,
-    "map": True,
-    "pointing_game": True,
-    "mass_in_mask": True,
-    **PERTURBATION_METRICS,
-}
+# The figures of the results table, in order, with their directions (from the one registry).
+HIGHER_IS_BETTER = {name: higher_is_better(name) for name in eval_metrics()}
 
 
 @dataclass
@@ -193,9 +188,8 @@ def evaluate(
             collect[m].update(heat, masks)
             if perturbation:
                 curves = perturbation_curves(model, x, heat, out.targets)
-                for key, curve in (("positive_auc", curves["positive"]), ("negative_auc", curves["negative"]),
-                                   ("deletion_auc", curves["deletion"]), ("insertion_auc", curves["insertion"])):  # fmt: skip
-                    collect[m].add(key, auc(curve))
+                for key, curve in PERTURBATION_METRICS.items():
+                    collect[m].add(key, auc(curves[curve]))
         if random_explainer is not None:
             grid = tuple(out.heatmaps[methods[0]].shape[1:])
             collect["gaussian (baseline)"].update(gaussian_heatmap(x.shape[0], grid).to(x.device), masks)

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["input_size", "load_checkpoint", "load_model", "transform_for"]
+from .errors import ModelError
+
+__all__ = ["check_model", "input_size", "load_checkpoint", "load_model", "transform_for"]
 
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
@@ -21,22 +23,37 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise ModelError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path))
+        try:
+            state: Any = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(
+                f"{path}: not a readable safetensors file ({' '.join(str(exc).split())})"
+            ) from None
     else:
+        import pickle
+
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # the unpickler's message names the offending global
-            raise ValueError(f"{path}: not a weights-only torch checkpoint ({exc})") from None
+        except pickle.UnpicklingError as exc:  # the weights-only unpickler names the offending global
+            first = " ".join(str(exc).split())[:200]
+            raise ModelError(
+                f"{path}: refused, it is not a weights-only torch checkpoint ({first})"
+            ) from None
+        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+            raise ModelError(
+                f"{path}: cannot be read as a torch checkpoint ({' '.join(str(exc).split())[:200]})"
+            ) from None
     for key in _NESTED_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: no state dict of tensors found")
+        raise ModelError(f"{path}: no state dict of tensors found")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -70,28 +87,100 @@ def load_model(
     """
     import timm
 
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    side = checkpoint_config(checkpoint) if checkpoint is not None else {}
-    name = name or side.get("model")
-    if name is None:
-        raise ValueError("no model name: pass one (or a checkpoint with a JSON file naming it)")
-    if side.get("model") == name:
-        timm_kwargs = {**side.get("model_args", {}), **timm_kwargs}
-    if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
-    model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **timm_kwargs)
+    name, timm_kwargs, side = _resolve(name, checkpoint, timm_kwargs)
+    model = _create(timm, name, pretrained and checkpoint is None, timm_kwargs)
     if checkpoint is not None:
-        missing, unexpected = model.load_state_dict(load_checkpoint(checkpoint), strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{checkpoint} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+        state = load_checkpoint(checkpoint)
+        _check_fit(model, {k: tuple(v.shape) for k, v in state.items()}, checkpoint, name)
+        model.load_state_dict(state, strict=True)
     if side.get("normalize"):
         model.pretrained_cfg = {**model.pretrained_cfg, **side["normalize"]}
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def _resolve(
+    name: str | None, checkpoint: str | Path | None, timm_kwargs: dict[str, Any]
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The timm name and arguments, completed from the checkpoint's JSON; clear errors otherwise."""
+    import timm
+
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ModelError(f"checkpoint not found: {checkpoint}")
+    side = checkpoint_config(checkpoint) if checkpoint is not None else {}
+    name = name or side.get("model")
+    if name is None:
+        raise ModelError("no model name: pass --model (or a checkpoint with a JSON file naming it)")
+    if side.get("model") == name:
+        timm_kwargs = {**side.get("model_args", {}), **timm_kwargs}
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:3] if "_" in name else []
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+        raise ModelError(f"unknown timm model {name!r}{hint}")
+    return name, timm_kwargs, side
+
+
+def _create(timm: Any, name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:  # an argument the model does not take
+        raise ModelError(f"{name}: {' '.join(str(exc).split())[:200]} (check --model-arg)") from None
+
+
+def _check_fit(
+    model: nn.Module, shapes: dict[str, tuple[int, ...]], checkpoint: str | Path, name: str
+) -> None:
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(want) - set(shapes))
+    unexpected = sorted(set(shapes) - set(want))
+    wrong = sorted(k for k in set(want) & set(shapes) if want[k] != shapes[k])
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if wrong:
+            parts.append(f"shape of {wrong[0]} is {shapes[wrong[0]]}, the model's is {want[wrong[0]]}")
+        raise ModelError(f"{checkpoint} does not fit {name}: {'; '.join(parts)} (check --model-arg)")
+
+
+def check_model(
+    name: str | None, checkpoint: str | Path | None = None, **timm_kwargs: Any
+) -> tuple[str, nn.Module]:
+    """Build the model without weights (on torch's meta device: no memory, no download) and check
+    that a checkpoint fits it, reading only tensor shapes. For validating a job before it starts.
+
+    Returns:
+        (the resolved timm name, the weightless model).
+
+    Raises:
+        ModelError: unknown name, bad arguments, missing or mismatched checkpoint.
+    """
+    import timm
+
+    name, timm_kwargs, side = _resolve(name, checkpoint, timm_kwargs)
+    with torch.device("meta"):
+        model = _create(timm, name, False, timm_kwargs)
+    if side.get("normalize"):
+        model.pretrained_cfg = {**model.pretrained_cfg, **side["normalize"]}
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(path), "pt") as f:
+                    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            except (SafetensorError, OSError) as exc:
+                raise ModelError(
+                    f"{path}: not a readable safetensors file ({' '.join(str(exc).split())})"
+                ) from None
+        else:
+            shapes = {k: tuple(v.shape) for k, v in load_checkpoint(path).items()}
+        _check_fit(model, {k.removeprefix("module."): v for k, v in shapes.items()}, checkpoint, name)
+    return name, model.eval()
 
 
 def input_size(model: nn.Module) -> tuple[int, int]:
@@ -106,21 +195,10 @@ def input_size(model: nn.Module) -> tuple[int, int]:
 def transform_for(model: nn.Module, fit: str = "resize"):
     """PIL image -> normalised (3, H, W) tensor with the model's own timm data config.
 
-    Args:
-        model: a timm model (its ``pretrained_cfg`` gives input size, mean, std, interpolation).
-        fit: "resize" stretches the whole image to the input size, so a heatmap maps back onto
-            all of it; "center-crop" resizes the short side and crops the centre (timm's eval).
+    The same preprocessing as the job (:class:`lnstd.data.preprocess.Preprocess`): ``fit="resize"``
+    stretches the whole image to the input size, so a heatmap maps back onto all of it;
+    ``"center-crop"`` takes timm's evaluation crop.
     """
-    import timm.data
-    from torchvision import transforms as T
+    from .data.preprocess import Preprocess
 
-    cfg = timm.data.resolve_data_config({}, model=model)
-    size = input_size(model)
-    interp = T.InterpolationMode(cfg.get("interpolation", "bilinear"))
-    if fit == "resize":
-        resize = [T.Resize(size, interpolation=interp, antialias=True)]
-    elif fit == "center-crop":
-        resize = [T.Resize(min(size), interpolation=interp, antialias=True), T.CenterCrop(size)]
-    else:
-        raise ValueError(f"fit must be 'resize' or 'center-crop', got {fit!r}")
-    return T.Compose([*resize, T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
+    return Preprocess.for_model(model, fit)

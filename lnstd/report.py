@@ -16,12 +16,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import torch
 from PIL import Image
 
+from . import output as layout
 from . import storage
-from .data import decode_image, read_mat_sample
+from .aggregate import aggregate, heatmap_dataset
+from .data import read_mat_sample
+from .data.decode import decode_image
+from .data.preprocess import Geometry
+from .errors import OutputError
+from .metrics.registry import METRICS, column_metrics, higher_is_better
 from .viz import overlay
 
 __all__ = ["build_report", "write_report"]
@@ -105,40 +110,41 @@ def _curve_svg(curves: dict[str, np.ndarray], title: str) -> str:
     )
 
 
+def _thumb_size(width: int, height: int) -> tuple[int, int]:
+    s = THUMB / max(width, height)
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
 def _load_thumb(source: str, opts: storage.StorageOptions) -> Image.Image | None:
+    """The source image at thumbnail size (the same decoder as the job), or None if unreadable."""
     try:
         if ".mat#" in source:
             img = Image.fromarray(read_mat_sample(source)[0], "RGB")
         else:
-            img = decode_image(storage.read_bytes(source, opts), min_size=(THUMB, THUMB))[0]
+            img = decode_image(storage.read_bytes(source, opts), draft=lambda w, h: _thumb_size(w, h))[0]
     except (OSError, ValueError):
         return None
-    w, h = img.size
-    s = THUMB / max(w, h)
-    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    return img.resize(_thumb_size(*img.size), Image.BILINEAR)
 
 
 def build_report(
     output: str, samples: int = 12, metric: str | None = None, opts: storage.StorageOptions | None = None
 ) -> str:
     """The report page of a run's output, as an HTML string."""
-    from jobs.aggregate import METRIC_COLUMNS, aggregate
-
     opts = opts or storage.StorageOptions.from_env()
     agg = aggregate(output, opts)
     counts, per_method = agg["counts"], agg["per_method"].to_pylist()
     manifest: dict[str, Any] = {}
-    for name in ("manifest.json", "_run.json"):
-        uri = storage.join(output, name)
+    for name in (layout.MANIFEST, layout.RUN):
+        uri = layout.uri(output, name)
         if storage.exists(uri, opts):
             manifest = json.loads(storage.read_bytes(uri, opts))
             break
     config = manifest.get("config") or manifest.get("identity") or {}
 
-    fs, path = storage.resolve(storage.join(output, "heatmaps"), opts)
-    ds = pads.dataset(path, filesystem=fs, format="parquet")
+    ds = heatmap_dataset(output, opts)
     names = ds.schema.names
-    metric_cols = [m for m in METRIC_COLUMNS if m in names]
+    metric_cols = [m for m in column_metrics() if m in names]
     curve_cols = [c for c in names if c.endswith("_curve")]
     base_cols = ["image_id", "method", "status", "source", "target", "predicted"]
     t = ds.to_table(columns=base_cols + metric_cols + curve_cols, filter=pc.field("status") == "ok")
@@ -200,8 +206,8 @@ def build_report(
     out.append(
         "<h2>Metrics per method</h2><p class='muted'>mean ± std (n); ↑ higher is better, ↓ lower is better</p>"
     )
-    present = [m for m in METRIC_COLUMNS if any(r["metric"] == m for r in per_method)]
-    header = ["method"] + [f"{m} {'↑' if METRIC_COLUMNS[m] else '↓'}" for m in present]
+    present = [m for m in column_metrics() if any(r["metric"] == m for r in per_method)]
+    header = ["method"] + [f"{m} {'↑' if higher_is_better(m) else '↓'}" for m in present]
     body = []
     for method in methods:
         cells = [f"<td class='k'>{_esc(method)}</td>"]
@@ -244,43 +250,42 @@ def build_report(
 
 
 def _gallery(ds, t: pa.Table, methods: list[str], samples: int, metric: str | None, opts) -> str:
-    from jobs.aggregate import METRIC_COLUMNS
-
-    if samples <= 0 or t.num_rows == 0:
+    head = "<h2>Gallery</h2>"
+    if samples <= 0:
         return ""
+    if t.num_rows == 0:
+        return head + "<p class='muted'>no image was explained (every row is an error row)</p>"
     if metric is None:
-        metric = "iou" if "iou" in t.column_names and t["iou"].null_count < t.num_rows else "probability"
-    if metric not in t.column_names:
-        raise ValueError(f"--metric {metric!r} is not a column of this output")
+        fg = "foreground_iou"
+        metric = fg if fg in t.column_names and t[fg].null_count < t.num_rows else "probability"
+    if metric not in t.column_names or metric not in METRICS:
+        raise OutputError(f"--metric {metric!r} is not a metric column of this output")
     ranker = "lnstd" if "lnstd" in methods else methods[0]
     r = t.filter(pc.and_(pc.equal(t["method"], ranker), pc.is_valid(t[metric])))
-    r = r.filter(pc.equal(r["target"], r["predicted"])) if r.num_rows else r
+    # Prefer the rows that explain the prediction; a run of --target label with a weak model may
+    # have none, and then every row counts.
+    agree = r.filter(pc.equal(r["target"], r["predicted"])) if r.num_rows else r
+    r = agree if agree.num_rows else r
     ids = r["image_id"].to_pylist()
     vals = pc.cast(r[metric], pa.float64()).to_numpy()
     seen: dict[str, float] = {}
     for i, v in zip(ids, vals, strict=True):
         seen.setdefault(i, float(v))
-    order = sorted(seen, key=seen.__getitem__, reverse=METRIC_COLUMNS.get(metric, True))
+    if not seen:
+        return head + f"<p class='muted'>no image has a {_esc(metric)} value to rank by</p>"
+    order = sorted(seen, key=seen.__getitem__, reverse=higher_is_better(metric))
     k = max(1, samples // 3)
-    best, worst = order[:k], [i for i in order[::-1][:k] if i not in order[:k]]
+    best = order[:k]
+    worst = [i for i in order[::-1][:k] if i not in best]
     rest = [i for i in order if i not in best and i not in worst]
-    rng = np.random.default_rng(0)
-    rand = (
-        [
-            rest[j]
-            for j in sorted(
-                rng.choice(len(rest), size=min(samples - len(best) - len(worst), len(rest)), replace=False)
-            )
-        ]
-        if rest
-        else []
-    )
+    n_rand = min(max(samples - len(best) - len(worst), 0), len(rest))
+    rand = [rest[j] for j in sorted(np.random.default_rng(0).choice(len(rest), size=n_rand, replace=False))]
     chosen = [("best", i) for i in best] + [("worst", i) for i in worst] + [("random", i) for i in rand]
 
-    want = [i for _, i in chosen]
+    cols = ["image_id", "method", "source", "heatmap", "grid_h", "grid_w", "target", "predicted"]
+    cols += [c for c in ("width", "height", "crop_box") if c in ds.schema.names]
     hm = ds.to_table(
-        columns=["image_id", "method", "source", "heatmap", "grid_h", "grid_w", "target", "predicted"],
-        filter=pc.field("image_id").isin(want) & (pc.field("status") == "ok"),
+        columns=cols, filter=pc.field("image_id").isin([i for _, i in chosen]) & (pc.field("status") == "ok")
     ).to_pylist()
     maps: dict[tuple[str, str], dict] = {}
     for row in hm:
@@ -288,7 +293,7 @@ def _gallery(ds, t: pa.Table, methods: list[str], samples: int, metric: str | No
         if key not in maps or row["target"] == row["predicted"]:
             maps[key] = row
     out = [
-        f"<h2>Gallery</h2><p class='muted'>ranked by {_esc(metric)} of {_esc(ranker)}: best, worst and random images</p>"
+        f"{head}<p class='muted'>ranked by {_esc(metric)} of {_esc(ranker)}: best, worst and random images</p>"
     ]
     header = "".join(f"<th>{_esc(h)}</th>" for h in ["", "image", *methods])
     body = []
@@ -306,9 +311,13 @@ def _gallery(ds, t: pa.Table, methods: list[str], samples: int, metric: str | No
                     cells.append("<td></td>")
                     continue
                 heat = torch.tensor(row["heatmap"], dtype=torch.float32).reshape(row["grid_h"], row["grid_w"])
-                cells.append(
-                    f"<td><img class='g' alt='{_esc(m)}' src='{_img_uri(overlay(thumb, heat))}'></td>"
+                geom = (
+                    Geometry(row["width"], row["height"], tuple(row["crop_box"]))
+                    if row.get("crop_box") is not None
+                    else None
                 )
+                pic = overlay(thumb, heat, geometry=geom)
+                cells.append(f"<td><img class='g' alt='{_esc(m)}' src='{_img_uri(pic)}'></td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return "".join(out) + f"<table class='gallery'><tr>{header}</tr>{''.join(body)}</table>"
 
@@ -320,8 +329,8 @@ def write_report(
     out: str | None = None,
     opts: storage.StorageOptions | None = None,
 ) -> str:
-    """Build the report of ``output`` and write it (default ``OUTPUT/report.html``); returns where."""
+    """Build the report of ``output`` and write it (default ``OUTPUT/_report.html``); returns where."""
     page = build_report(output, samples, metric, opts)
-    dest = out or storage.join(output, "report.html")
+    dest = out or layout.uri(output, layout.REPORT)
     storage.write_bytes(dest, page.encode(), opts)
     return dest

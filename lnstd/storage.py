@@ -7,6 +7,7 @@ written to manifests or put in Parquet metadata; the endpoint comes from ``--s3-
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -16,10 +17,13 @@ from typing import TypeVar
 
 import pyarrow.fs as pafs
 
+from .errors import LnstdError
+
 __all__ = [
     "StorageError",
     "StorageOptions",
     "check_credentials",
+    "delete_file",
     "delete_tree",
     "exists",
     "is_s3",
@@ -30,13 +34,14 @@ __all__ = [
     "remove_temporaries",
     "resolve",
     "retry",
+    "s3_client",
     "write_bytes",
 ]
 
 T = TypeVar("T")
 
 
-class StorageError(OSError):
+class StorageError(LnstdError, OSError):
     """A storage problem a user can act on (missing credential, missing bucket, ...)."""
 
 
@@ -109,6 +114,15 @@ def _s3(opts: StorageOptions) -> pafs.FileSystem:
     return _FS_CACHE[opts]
 
 
+def s3_client(opts: StorageOptions | None = None):  # -> botocore client
+    """A boto3 S3 client for the configured endpoint and region (credentials from the environment)."""
+    import boto3
+
+    opts = opts or StorageOptions.from_env()
+    check_credentials()
+    return boto3.client("s3", endpoint_url=opts.s3_endpoint, region_name=opts.region or "us-east-1")
+
+
 def resolve(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
     """URI -> (pyarrow filesystem, path inside it)."""
     opts = opts or StorageOptions.from_env()
@@ -161,11 +175,16 @@ def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> No
         # A dot-name: Parquet dataset readers skip it, so a writer killed mid-write leaves nothing
         # that a reader of the folder would take for data (remove_temporaries clears it later).
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         return
 
     def put() -> None:
@@ -204,6 +223,13 @@ def list_names(uri: str, opts: StorageOptions | None = None) -> list[str]:
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
 
+def delete_file(uri: str, opts: StorageOptions | None = None) -> None:
+    """Remove one file/object, if present."""
+    fs, path = resolve(uri, opts)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        retry(lambda: fs.delete_file(path), f"deleting {uri}")
+
+
 def delete_tree(uri: str, opts: StorageOptions | None = None) -> None:
     """Remove a folder/prefix and everything under it, if present."""
     fs, path = resolve(uri, opts)
@@ -215,31 +241,33 @@ def list_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions | Non
     """Stream the URIs of files under a folder/prefix, recursively, in a deterministic order.
 
     S3 keys come in lexicographic order, page by page, so a listing of millions of keys never
-    sits in memory at once; local folders are walked with sorted entries.
+    sits in memory at once; local folders are walked with sorted entries. Hidden names (a path part
+    starting with ``.``, e.g. macOS ``._x.jpg`` resource forks) are skipped.
     """
     opts = opts or StorageOptions.from_env()
     exts = tuple(e.lower() for e in extensions)
     if is_s3(uri):
-        import boto3
-
-        check_credentials()
         bucket, _, prefix = uri[len("s3://") :].partition("/")
         prefix = prefix.rstrip("/") + "/" if prefix else ""
-        client = boto3.client("s3", endpoint_url=opts.s3_endpoint, region_name=opts.region or "us-east-1")
+        client = s3_client(opts)
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         try:
             for page in pages:
                 for obj in page.get("Contents", []):
-                    if obj["Key"].lower().endswith(exts):
-                        yield f"s3://{bucket}/{obj['Key']}"
+                    key = obj["Key"]
+                    hidden = any(p.startswith(".") for p in key[len(prefix) :].split("/"))
+                    if key.lower().endswith(exts) and not hidden:
+                        yield f"s3://{bucket}/{key}"
         except client.exceptions.NoSuchBucket:
             raise StorageError(f"bucket {bucket!r} does not exist") from None
         return
     _, root = resolve(uri, opts)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"input folder not found: {uri}")
+        from .errors import InputError
+
+        raise InputError(f"input folder not found: {uri}")
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # hidden: .git, .DS_Store, ...
         for name in sorted(filenames):
-            if name.lower().endswith(exts):
+            if name.lower().endswith(exts) and not name.startswith("."):
                 yield os.path.join(dirpath, name)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .ops import minmax, upsample
+from .data.preprocess import Geometry, Preprocess
 
 __all__ = ["colorize", "contour", "overlay", "strip"]
 
@@ -52,24 +52,35 @@ def contour(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = 
 
 
 def overlay(
-    image: Image.Image, heat: torch.Tensor, alpha: float = 0.5, mask: np.ndarray | None = None
+    image: Image.Image,
+    heat: torch.Tensor,
+    alpha: float = 0.5,
+    mask: np.ndarray | None = None,
+    geometry: Geometry | None = None,
 ) -> Image.Image:
     """Blend a (h, w) token-grid heatmap onto ``image``: upsampled bilinearly, min-max scaled.
 
     Args:
-        image: the original picture (any size; the map is stretched over all of it, which is
-            right for ``--fit resize``, the default).
+        image: the original picture, or a resized copy of it (thumbnails).
         heat: (h, w) heatmap, e.g. ``explain(...)[i]``.
         alpha: weight of the heatmap colours.
         mask: optional boolean object mask; its outline is drawn on top.
+        geometry: where the model input came from in the original image (the ``crop_box`` of a
+            row, :class:`~lnstd.data.preprocess.Geometry`); the map covers that box only and the
+            rest is dimmed. None: the map covers the whole image (``--fit resize``).
     """
     image = image.convert("RGB")
     w, h = image.size
-    scaled = minmax(upsample(torch.as_tensor(heat).detach().float().cpu()[None], (h, w)))[0].numpy()
-    colours = colorize(scaled).astype(np.float32)
+    if geometry is None:
+        geometry = Geometry(w, h, (0.0, 0.0, float(w), float(h)))
+    scaled = Preprocess.heat_to_image(heat, geometry, size=(w, h))
+    inside = ~np.isnan(scaled)
+    colours = colorize(np.nan_to_num(scaled)).astype(np.float32)
     base = np.asarray(image, dtype=np.float32)
-    out = Image.fromarray((base * (1 - alpha) + colours * alpha).round().astype(np.uint8))
-    return contour(out, mask) if mask is not None else out
+    blended = base * (1 - alpha) + colours * alpha
+    out = np.where(inside[..., None], blended, base * 0.35)  # outside the input: dimmed, no colour
+    pic = Image.fromarray(out.round().astype(np.uint8))
+    return contour(pic, mask) if mask is not None else pic
 
 
 def strip(
@@ -77,13 +88,15 @@ def strip(
     heatmaps: dict[str, torch.Tensor],
     height: int = 192,
     mask: np.ndarray | None = None,
+    geometry: Geometry | None = None,
 ) -> Image.Image:
-    """The image and one overlay per method side by side, each titled, at a common height."""
+    """The image and one overlay per method side by side, each titled, at a common height
+    (``geometry`` as in :func:`overlay`)."""
     w0, h0 = image.size
     width = max(1, round(w0 * height / h0))
     base = image.convert("RGB").resize((width, height), Image.BILINEAR)
     panels = [("image", contour(base, mask) if mask is not None else base)]
-    panels += [(name, overlay(base, heat, mask=mask)) for name, heat in heatmaps.items()]
+    panels += [(name, overlay(base, heat, mask=mask, geometry=geometry)) for name, heat in heatmaps.items()]
     title = 18
     out = Image.new("RGB", (len(panels) * (width + 4) - 4, height + title), "white")
     draw = ImageDraw.Draw(out)

@@ -97,3 +97,22 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
 
 def read_rows(output: Path, columns: list[str] | None = None):
     return pq.read_table(output / "heatmaps", columns=columns).to_pylist()
+
+
+def mask_scores_by_hand(heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """The three per-image mask columns from their definitions, with torch's interpolate and NumPy
+    (not lnstd.metrics): heat (h, w) upsampled bilinearly to the mask (H, W), min-max scaled;
+    foreground = above its mean."""
+    import torch.nn.functional as F
+
+    up = F.interpolate(torch.tensor(heat, dtype=torch.float32)[None, None], size=mask.shape,
+                       mode="bilinear", align_corners=False)[0, 0].numpy().astype(np.float64)  # fmt: skip
+    lo, hi = up.min(), up.max()
+    up = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+    fg = up > up.mean()
+    iou = (fg & mask).sum() / max((fg | mask).sum(), 1)
+    return {
+        "foreground_iou": float(iou),
+        "pointing_game": float(mask.flat[int(np.argmax(up))]),
+        "mass_in_mask": float(up[mask].sum() / max(up.sum(), 1e-12)),
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import json
 import os
 import signal
@@ -14,13 +15,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 import lnstd
-from lnstd.data import decode_image
 
 from .jobhelpers import (
     ROOT,
@@ -33,6 +35,7 @@ from .jobhelpers import (
     run_cli,
     tiny_checkpoint,
 )
+from .reference import reference_heatmap
 
 FAST = ["--no-progress", "--cpus-per-actor", "0.5"]
 
@@ -53,15 +56,28 @@ def write_folder(folder: Path, n: int, start: int = 0) -> list[str]:
     return names
 
 
+def reference_input(data: bytes, cfg: dict, size: int = 32) -> torch.Tensor:
+    """The model input, made with PIL alone from the model's timm config: JPEG draft to at least
+    the input size, bicubic resize of the whole image, the config's mean and std (independent of
+    lnstd's preprocessing)."""
+    assert cfg["interpolation"] == "bicubic"
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (size, size))
+    arr = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    mean, std = np.array(cfg["mean"]), np.array(cfg["std"])
+    return torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).astype(np.float32))
+
+
 def reference_heatmaps(ckpt: Path, payloads: dict[str, bytes], method: str) -> dict[str, np.ndarray]:
-    """What lnstd.explain gives on the same bytes, decoded and preprocessed the same way."""
+    """The float64, one-image-at-a-time literal reference of the method on the same bytes."""
     model = lnstd.load_model(TINY_MODEL, checkpoint=ckpt, **TINY_ARGS)
-    tf = lnstd.transform_for(model)
-    h, w = lnstd.models.input_size(model)
-    ids = sorted(payloads)
-    x = torch.stack([tf(decode_image(payloads[i], min_size=(w, h))[0]) for i in ids])
-    heat = lnstd.explain(model, x, method=method).flatten(1).numpy()
-    return dict(zip(ids, heat))
+    return {
+        k: reference_heatmap(model, reference_input(data, model.pretrained_cfg)[None], method)
+        .detach()
+        .flatten()
+        .numpy()
+        for k, data in payloads.items()
+    }
 
 
 def test_s3_end_to_end_with_bad_inputs(s3_server, ckpt):
@@ -111,11 +127,12 @@ def test_s3_end_to_end_with_bad_inputs(s3_server, ckpt):
             np.testing.assert_allclose(got[k], ref[k], atol=1e-4, rtol=0)
 
     listing = {o["Key"] for o in client.list_objects_v2(Bucket="data", Prefix="out/")["Contents"]}
-    assert {"out/_SUCCESS", "out/manifest.json", "out/_run.json", "out/report.html"} <= listing
-    report = client.get_object(Bucket="data", Key="out/report.html")["Body"].read().decode()
+    assert {"out/_SUCCESS", "out/_manifest.json", "out/_lnstd/run.json", "out/_report.html"} <= listing
+    assert "out/_lnstd/lease.json" not in listing  # released at the end
+    report = client.get_object(Bucket="data", Key="out/_report.html")["Body"].read().decode()
     assert report.count("data:image/jpeg;base64,") >= 12 and "source unreadable" not in report
     assert all(k.startswith("out/") for k in listing)
-    manifest = client.get_object(Bucket="data", Key="out/manifest.json")["Body"].read().decode()
+    manifest = client.get_object(Bucket="data", Key="out/_manifest.json")["Body"].read().decode()
     meta = json.dumps({k.decode(): v.decode() for k, v in table.schema.metadata.items()})
     for secret in (s3_server.env["AWS_SECRET_ACCESS_KEY"], s3_server.env["AWS_ACCESS_KEY_ID"]):
         assert secret not in manifest and secret not in meta and secret not in r.stderr
@@ -124,7 +141,8 @@ def test_s3_end_to_end_with_bad_inputs(s3_server, ckpt):
     agg = run_cli("aggregate", "s3://data/out", "--s3-endpoint", s3_server.endpoint, env=s3_server.env)
     assert agg.returncode == 0, agg.stderr
     assert "200 images (190 ok, 10 errors)" in agg.stdout
-    summary = pq.read_table("data/out/aggregate/summary.parquet", filesystem=fs).to_pylist()
+    with fs.open_input_stream("data/out/_aggregate/summary.csv") as f:
+        summary = pacsv.read_csv(f).to_pylist()
     for method in ("gae", "lnstd", "attention"):
         probs = [r["probability"] for r in rows if r["method"] == method and r["status"] == "ok"]
         row = next(s for s in summary if s["method"] == method and s["metric"] == "probability")
@@ -172,7 +190,7 @@ def test_driver_sigkill_then_rerun_finishes_without_duplicates(ckpt, tmp_path):
     again = run_cli(*args, "--output", str(out))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "400 images (400 ok, 0 errors)" in again.stderr  # totals include the committed shards
-    manifest = json.loads((out / "manifest.json").read_text())["counts"]
+    manifest = json.loads((out / "_manifest.json").read_text())["counts"]
     assert manifest["shards_skipped"] >= committed and manifest["ok"] == 400
     got, want = _row_set(out), _row_set(tmp_path / "ref")
     assert set(got.values()) == {1}
@@ -222,7 +240,7 @@ def test_driver_memory_does_not_grow_with_the_dataset(ckpt, tmp_path):
         r = run_cli("run", "--input", str(tmp_path / f"in{n}"), "--output", str(tmp_path / f"out{n}"),
                     *model_flags(ckpt), "--methods", "gae", "--shard-size", "25", *FAST)  # fmt: skip
         assert r.returncode == 0, r.stderr[-2000:]
-        rss[n] = json.loads((tmp_path / f"out{n}" / "manifest.json").read_text())["driver_peak_rss_mb"]
+        rss[n] = json.loads((tmp_path / f"out{n}" / "_manifest.json").read_text())["driver_peak_rss_mb"]
     assert rss[500] <= 1.2 * rss[100], rss
 
 
@@ -288,7 +306,7 @@ def test_demo_is_the_first_command(tmp_path):
     assert (out / "_SUCCESS").exists()
     rows = read_rows(out)
     assert len(rows) == 48 * len(lnstd.list_methods())
-    assert all(r["iou"] is not None and r["label"] is not None for r in rows)
+    assert all(r["foreground_iou"] is not None and r["label"] is not None for r in rows)
 
 
 def test_topk_targets_png_column_and_partial_masks(ckpt, tmp_path):
@@ -299,14 +317,15 @@ def test_topk_targets_png_column_and_partial_masks(ckpt, tmp_path):
     from PIL import Image
 
     names = write_folder(tmp_path / "in", 6)
-    mask = Image.new("L", (10, 10), 0)
-    mask.paste(255, (0, 0, 5, 5))
-    mask.save(tmp_path / "in" / "m.png")
     with open(tmp_path / "in" / "list.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["uri", "label", "mask_uri"])
         for k, n in enumerate(names):
-            w.writerow([n, k % 5, "m.png" if k % 2 else ""])
+            size = Image.open(tmp_path / "in" / n).size
+            mask = Image.new("L", size, 0)
+            mask.paste(255, (0, 0, size[0] // 2, size[1] // 2))
+            mask.save(tmp_path / "in" / f"m{k}.png")
+            w.writerow([n, k % 5, f"m{k}.png" if k % 2 else ""])
     r = run_cli("run", "--input", str(tmp_path / "in" / "list.csv"), "--output", str(tmp_path / "out"),
                 *model_flags(ckpt), "--methods", "gae,gradcam", "--target", "topk:2", "--save-png",
                 "--batch-size", "4", *FAST)  # fmt: skip
@@ -318,7 +337,7 @@ def test_topk_targets_png_column_and_partial_masks(ckpt, tmp_path):
         png = Image.open(io.BytesIO(row["heatmap_png"]))
         assert png.size == (row["width"], row["height"])
         with_mask = names.index(row["image_id"]) % 2 == 1
-        assert (row["iou"] is not None) == with_mask
+        assert (row["foreground_iou"] is not None) == with_mask
         assert row["correct"] == (row["predicted"] == row["label"])
     by_image = collections.defaultdict(set)
     for row in rows:

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import lnstd
+from lnstd.errors import ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,12 +44,30 @@ def test_load_model_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": Evil()}, f)
-    with pytest.raises(ValueError, match="not a weights-only torch checkpoint"):
+    with pytest.raises(ModelError, match="refused, it is not a weights-only torch checkpoint"):
         lnstd.load_model("vit_tiny_patch16_224", checkpoint=path)
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(ModelError, match="checkpoint not found"):
         lnstd.load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "missing.safetensors")
-    with pytest.raises(ValueError, match="unknown timm model"):
+    with pytest.raises(ModelError, match="unknown timm model"):
         lnstd.load_model("vit_nonexistent")
+
+
+def test_load_model_says_why_a_checkpoint_cannot_be_read(tmp_path):
+    """A damaged file is not reported as a refused pickle, and a mismatch names the tensor."""
+    torch.manual_seed(0)
+    src = lnstd.load_model("vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=8)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "w.pth").read_bytes()[:500])
+    with pytest.raises(ModelError, match="cannot be read as a torch checkpoint") as info:
+        lnstd.load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "cut.pth", num_classes=4)
+    assert "weights-only" not in str(info.value)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        lnstd.load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "bad.safetensors")
+    with pytest.raises(ModelError, match="shape of head.bias is \\(4,\\), the model.s is \\(7,\\)"):
+        lnstd.load_model(
+            "vit_tiny_patch16_224", checkpoint=tmp_path / "w.pth", num_classes=7, img_size=32, patch_size=8
+        )
 
 
 def test_readme_example_runs_as_written(tmp_path, monkeypatch):
@@ -73,6 +92,10 @@ def test_overlay_is_hot_where_the_map_is_hot():
 def test_cli_entry_points():
     out = subprocess.run([sys.executable, "-m", "lnstd", "methods"], capture_output=True, text=True)
     assert out.returncode == 0
-    assert [line.split()[0] for line in out.stdout.splitlines()] == lnstd.list_methods()
+    lines = out.stdout.splitlines()
+    assert [ln.split()[0] for ln in lines if not ln.startswith(" ")] == lnstd.list_methods()
+    options = [ln.split()[0] for ln in lines if ln.startswith(" ")]
+    assert "std='inverse'" in options and "normalize='matrix'" in options  # lnstd's declared defaults
+    assert any(ln.strip().startswith("blocks='all' (swin: 2") for ln in lines)  # and its per-family default
     bad = subprocess.run([sys.executable, "-m", "lnstd", "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--bogus" in bad.stderr

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lnstd.data.synthetic import write_dataset
+from lnstd.data.toy import write_toy_dataset as write_dataset
 from lnstd.viz import overlay, strip
 
 from .browser import visit
@@ -53,8 +53,18 @@ def test_explain_command_writes_overlays_and_strip(tmp_path):
     assert r.returncode == 1 and "skipped" in r.stderr and "broken.jpg" in r.stderr
     for stem in ("0000", "0001", "0002"):
         for m in ("gae", "lnstd"):
-            assert Image.open(tmp_path / "png" / f"{stem}_{m}.png").size == (48, 48)
-        assert Image.open(tmp_path / "png" / f"{stem}_strip.png").size[0] > 3 * 48
+            assert Image.open(tmp_path / "png" / "tiny" / f"{stem}_{m}.png").size == (48, 48)
+        assert Image.open(tmp_path / "png" / "tiny" / f"{stem}_strip.png").size[0] > 3 * 48
+    # a second model's overlays go next to the first's, not over them
+    first = (tmp_path / "png" / "tiny" / "0000_gae.png").read_bytes()
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(ckpt.read_bytes())
+    flags = [f if f != str(ckpt) else str(other) for f in model_flags(ckpt)]
+    r = run_cli("explain", str(tmp_path / "data" / "images" / "0000.png"), *flags, "--methods", "gae",
+                "--out", str(tmp_path / "png"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "png" / "other" / "0000_gae.png").exists()
+    assert (tmp_path / "png" / "tiny" / "0000_gae.png").read_bytes() == first
 
 
 @pytest.fixture(scope="module")
@@ -62,36 +72,44 @@ def run_output(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("report")
     ckpt = tiny_checkpoint(tmp)
     manifest = write_dataset(str(tmp / "data"), n=30, size=64, seed=1)
-    (tmp / "data" / "images" / "0003.jpg").write_bytes(b"corrupt")  # one error row in the report
+    (tmp / "data" / "images" / "0003.png").write_bytes(b"corrupt")  # one error row in the report
     out = tmp / "out"
     r = run_cli("run", "--input", manifest, "--output", str(out), *model_flags(ckpt), "--methods",
                 "gae,lnstd,attention", "--no-progress", "--cpus-per-actor", "0.5")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (out / "report.html").exists(), "lnstd run writes the report unless --no-report"
+    assert (out / "_report.html").exists(), "lnstd run writes the report unless --no-report"
     return out
 
 
-def test_report_tables_equal_aggregate(run_output, tmp_path):
+def test_report_tables_are_the_means_of_the_rows(run_output, tmp_path):
+    """The report's table and the aggregate's CSV hold each method's metric means and counts, as
+    computed here from the Parquet rows with NumPy."""
+    import pyarrow.csv as pacsv
+
     r = run_cli("report", str(run_output), "--samples", "6", "--out", str(tmp_path / "r.html"))
     assert r.returncode == 0, r.stderr
     page = (tmp_path / "r.html").read_text()
     agg = run_cli("aggregate", str(run_output))
     assert agg.returncode == 0
-    summary = pq.read_table(run_output / "aggregate" / "summary.parquet").to_pylist()
+    rows = [r for r in pq.read_table(run_output / "heatmaps").to_pylist() if r["status"] == "ok"]
+    summary = pacsv.read_csv(run_output / "_aggregate" / "summary.csv").to_pylist()
     cells = re.findall(
         r"data-method='([^']+)' data-metric='([^']+)' data-mean='([^']+)' data-count='(\d+)'", page
     )
-    assert len(cells) == len(summary) > 0
+    assert len(cells) == len(summary) == 3 * 6  # 3 methods x (probability, correct, 3 mask metrics, ms)
     for method, metric, mean, count in cells:
+        values = [float(r[metric]) for r in rows if r["method"] == method and r[metric] is not None]
+        assert int(count) == len(values) == 29
+        assert float(mean) == pytest.approx(np.mean(values), rel=1e-6)
         row = next(s for s in summary if s["method"] == method and s["metric"] == metric)
-        assert float(mean) == row["mean"] and int(count) == row["count"]
+        assert row["mean"] == pytest.approx(np.mean(values), rel=1e-6) and row["count"] == len(values)
     assert "30 images (29 ok, 1 errors)" in agg.stdout
     assert re.search(r"error images</td><td[^>]*>1<", page)
-    assert "corrupt or truncated image" in page or "not an image" in page
+    assert "not an image (unrecognised format)" in page
 
 
 def test_report_renders_in_chromium_without_network_or_errors(run_output, tmp_path):
-    html = run_output / "report.html"
+    html = run_output / "_report.html"
     shot = tmp_path / "report.png"
     seen = visit(html, shot)
     assert seen.requests == [html.resolve().as_uri()], "the page asked for something besides itself"
@@ -117,6 +135,6 @@ def test_report_plots_perturbation_curves_when_present(run_output, tmp_path):
         pq.write_table(t.append_column("deletion_curve", pa.array(curves, pa.list_(pa.float32()))), part)
     r = run_cli("report", str(out), "--samples", "3")
     assert r.returncode == 0, r.stderr
-    page = (out / "report.html").read_text()
+    page = (out / "_report.html").read_text()
     assert "Perturbation curves" in page and "aria-label='deletion_curve'" in page
     assert page.count("<polyline") == 3  # one line per method

@@ -8,10 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LnstdError
+
 __all__ = ["Adapter", "AttentionParts", "BlockRef", "UnsupportedModelError", "WindowMap", "token_std"]
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(LnstdError, TypeError):
     """Raised when a model (or a method on it) is not one lnstd knows how to explain."""
 
 

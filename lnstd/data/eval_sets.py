@@ -5,27 +5,20 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
+from ..errors import UsageError
 from ..evaluate import Batch
-from ..models import input_size, transform_for
-from .decode import decode_image, decode_mask
+from ..models import input_size
+from .decode import decode_mask
+from .preprocess import Preprocess
 from .sources import IMAGE_EXTENSIONS, open_source, read_mat_sample
 from .toy import toy_batch
 
 __all__ = ["TOY_EVAL_SEED", "dataset_batches"]
 
 TOY_EVAL_SEED = 20_000
-
-
-def _resized(
-    img: Image.Image, mask: np.ndarray, tf, size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    m = Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), Image.NEAREST)
-    return tf(img), torch.from_numpy(np.asarray(m) > 0)
 
 
 def _chunks(pairs: Iterator[tuple[torch.Tensor, torch.Tensor, int | None]], batch: int) -> Iterator[Batch]:
@@ -75,7 +68,8 @@ def dataset_batches(
                 )
 
         return toy, count
-    tf = transform_for(model, "resize")
+    # The protocol resizes without cropping; the same preprocessing as the job (one path).
+    prep = Preprocess.for_model(model, "resize")
     if kind == "imagenet-seg":
         items = list(open_source(path).items())[:n]
 
@@ -83,7 +77,8 @@ def dataset_batches(
             def pairs():
                 for it in items:
                     img, mask = read_mat_sample(it.uri)
-                    yield (*_resized(Image.fromarray(img, "RGB"), mask, tf, size), None)
+                    tensor, geom = prep.from_array(img)
+                    yield tensor, prep.mask(mask, geom), None
 
             yield from _chunks(pairs(), batch)
 
@@ -103,12 +98,12 @@ def dataset_batches(
                 for name in stems:
                     stem = os.path.splitext(name)[0]
                     with open(os.path.join(img_dir, name), "rb") as f:
-                        img = decode_image(f.read())[0]
+                        tensor, geom = prep.load(f.read())
                     with open(os.path.join(path, "masks", stem + ".png"), "rb") as f:
-                        mask = decode_mask(f.read())
-                    yield (*_resized(img, mask, tf, size), labels.get(stem))
+                        mask = prep.mask(decode_mask(f.read()), geom)
+                    yield tensor, mask, labels.get(stem)
 
             yield from _chunks(pairs(), batch)
 
         return folder, len(stems)
-    raise ValueError(f"--dataset must be toy, imagenet-seg:PATH or folder:PATH, got {spec!r}")
+    raise UsageError(f"--dataset must be toy, imagenet-seg:PATH or folder:PATH, got {spec!r}")

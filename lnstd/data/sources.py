@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import storage
+from ..errors import InputError
 
 __all__ = ["IMAGE_EXTENSIONS", "Item", "Source", "open_source"]
 
@@ -21,12 +22,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 @dataclass(frozen=True)
 class Item:
-    """One input image: a stable id, where to read it, and what is known about it."""
+    """One input image: a stable id, where to read it (absolute path or URI), and what is known
+    about it. ``problem`` is set when the listing itself already shows a fault of this one input
+    (e.g. a label that is not an integer); the image then gets an error row with that reason."""
 
     image_id: str
     uri: str
     label: int | None = None
     mask_uri: str | None = None
+    problem: str | None = None
 
 
 class Source:
@@ -36,15 +40,24 @@ class Source:
         self.uri = uri
         self.opts = opts
 
+    #: True when ids are unique by construction (one file, one key), so no duplicate check is needed.
+    unique_ids: bool = False
+
     def items(self) -> Iterator[Item]:
         raise NotImplementedError
 
     def count(self) -> int:
         return sum(1 for _ in self.items())
 
+    def check(self) -> None:
+        """Fail early, in one line, if the input cannot be read at all (missing, wrong format)."""
+        next(iter(self.items()), None)
+
 
 class FolderSource(Source):
     """Every image file under a folder or S3 prefix, recursively; id = path relative to the root."""
+
+    unique_ids = True
 
     def items(self) -> Iterator[Item]:
         root = self.uri.rstrip("/")
@@ -57,42 +70,85 @@ class FolderSource(Source):
 class ManifestSource(Source):
     """A Parquet or CSV table with a ``uri`` column and optional ``label``, ``mask_uri``, ``image_id``.
 
-    Relative URIs are resolved against the manifest's folder.
+    Relative URIs are resolved against the manifest's folder; an empty or missing ``image_id``
+    falls back to the ``uri`` as written.
     """
 
-    def _batches(self):
+    def _batches(self) -> Iterator:
+        import pyarrow as pa
         import pyarrow.csv as pacsv
         import pyarrow.parquet as pq
 
         fs, path = storage.resolve(self.uri, self.opts)
-        if self.uri.lower().endswith(".csv"):
-            with fs.open_input_stream(path) as f:
-                reader = pacsv.open_csv(f)
-                yield from reader
-        else:
-            with fs.open_input_file(path) as f:
-                yield from pq.ParquetFile(f).iter_batches(batch_size=8192)
+        try:
+            if self.uri.lower().endswith(".csv"):
+                with fs.open_input_stream(path) as f:
+                    # everything as text: a label column with one bad value must not fail the table
+                    reader = pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(
+                        column_types={c: pa.string() for c in ("uri", "label", "mask_uri", "image_id")}
+                    ))  # fmt: skip
+                    yield from reader
+            else:
+                with fs.open_input_file(path) as f:
+                    yield from pq.ParquetFile(f).iter_batches(batch_size=8192)
+        except FileNotFoundError:
+            raise InputError(f"manifest not found: {self.uri}") from None
+        except (pa.ArrowInvalid, OSError) as exc:
+            if isinstance(exc, storage.StorageError):
+                raise
+            raise InputError(
+                f"manifest {self.uri} cannot be read: {' '.join(str(exc).split())[:200]}"
+            ) from None
 
     def items(self) -> Iterator[Item]:
         base = self.uri.rsplit("/", 1)[0] if "/" in self.uri else "."
+        if not storage.is_s3(base):
+            base = storage.resolve(base, self.opts)[1]
+        row = 0
         for batch in self._batches():
             cols = batch.schema.names
             if "uri" not in cols:
-                raise ValueError(f"manifest {self.uri} has no 'uri' column (columns: {', '.join(cols)})")
+                raise InputError(f"manifest {self.uri} has no 'uri' column (columns: {', '.join(cols)})")
             data = batch.to_pydict()
             n = batch.num_rows
             labels = data.get("label", [None] * n)
             masks = data.get("mask_uri", [None] * n)
+            ids = data.get("image_id", [None] * n)
             for i in range(n):
-                uri = str(data["uri"][i])
-                if "://" not in uri and not os.path.isabs(uri):
-                    uri = storage.join(base, uri)
-                label = labels[i]
-                mask = masks[i]
-                if mask and "://" not in mask and not os.path.isabs(mask):
-                    mask = storage.join(base, mask)
-                image_id = str(data["image_id"][i]) if "image_id" in data else data["uri"][i]
-                yield Item(image_id, uri, None if label is None else int(label), mask or None)
+                row += 1
+                written = data["uri"][i]
+                if written is None or str(written).strip() == "":
+                    raise InputError(f"manifest {self.uri}: row {row} has an empty uri")
+                written = str(written)
+                mask = masks[i] if masks[i] not in (None, "") else None
+                image_id = str(ids[i]) if ids[i] not in (None, "") else written
+                label, problem = _label(labels[i])
+                mask_uri = _absolute(base, str(mask)) if mask else None
+                yield Item(image_id, _absolute(base, written), label, mask_uri, problem)
+
+
+def _absolute(base: str, uri: str) -> str:
+    """A manifest's URI as an absolute path or URI (relative ones are relative to the manifest)."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" in uri or os.path.isabs(uri):
+        return uri
+    return storage.join(base, uri)
+
+
+def _label(value: object) -> tuple[int | None, str | None]:
+    """A manifest label -> (int label, None) or (None, the reason it is unusable)."""
+    if value is None or value == "":
+        return None, None
+    if isinstance(value, bool):
+        return None, f"label {value!r} is not an integer"
+    if isinstance(value, int):
+        return value, None
+    if isinstance(value, float) and value.is_integer():
+        return int(value), None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip()), None
+    return None, f"label {str(value)[:40]!r} is not an integer"
 
 
 class MatSource(Source):
@@ -100,6 +156,8 @@ class MatSource(Source):
 
     Items point into the file (``path#index``); :func:`read_mat_sample` reads one.
     """
+
+    unique_ids = True
 
     def count(self) -> int:
         import h5py
@@ -109,8 +167,11 @@ class MatSource(Source):
 
     def _local(self) -> str:
         if storage.is_s3(self.uri):
-            raise ValueError("read the .mat file from a local path (copy it next to the job)")
-        return storage.resolve(self.uri, self.opts)[1]
+            raise InputError("read the .mat file from a local path (copy it next to the job)")
+        path = storage.resolve(self.uri, self.opts)[1]
+        if not os.path.isfile(path):
+            raise InputError(f"input file not found: {self.uri}")
+        return path
 
     def items(self) -> Iterator[Item]:
         n = self.count()

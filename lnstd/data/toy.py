@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["TOY_CLASSES", "ToySample", "toy_batch", "toy_sample"]
+__all__ = ["TOY_CLASSES", "ToySample", "toy_batch", "toy_sample", "write_toy_dataset"]
 
 TOY_CLASSES = ("horizontal", "vertical", "checker", "diagonal")
 OUTLINES = ("disc", "square", "triangle", "cross")
@@ -148,3 +148,26 @@ def toy_batch(
         np.stack([np.stack(s.masks) for s in samples]),
         np.array([s.labels for s in samples]),
     )
+
+
+def write_toy_dataset(folder: str, n: int = 48, seed: int = 0, size: int = 64) -> str:
+    """Write ``n`` toy images (PNG), their masks and ``manifest.csv`` (uri, label, mask_uri) into
+    ``folder``; returns the manifest's path. The demo of ``lnstd run`` and the job tests use it."""
+    import csv
+    import os
+
+    images, masks, labels = toy_batch(n, seed, size=size)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
+    manifest = os.path.join(folder, "manifest.csv")
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["uri", "label", "mask_uri"])
+        for i in range(n):
+            name = f"{i:04d}"
+            Image.fromarray(images[i]).save(os.path.join(folder, "images", f"{name}.png"))
+            Image.fromarray(masks[i, 0].astype(np.uint8) * 255).save(
+                os.path.join(folder, "masks", f"{name}.png")
+            )
+            w.writerow([f"images/{name}.png", int(labels[i, 0]), f"masks/{name}.png"])
+    return manifest

@@ -27,7 +27,7 @@ class LNStd(ChainMethod):
 
     options = (
         Option(
-            "blocks", "all", help=BLOCKS.help + " (default: all; Swin: 2, the paper's setting)",
+            "blocks", "all", help=BLOCKS.help + " (Swin: the paper's setting)",
             family_defaults={"swin": 2, "swinv2": 2},
         ),
         Option("std", "inverse", STD_MODES, "weight by the LayerNorm token std: 1/s, s or not at all"),

@@ -8,15 +8,15 @@ from ..ops import minmax, upsample
 
 __all__ = ["MASK_METRICS", "mask_metrics"]
 
-# name -> higher is better?
-MASK_METRICS = {"iou": True, "pointing_game": True, "mass_in_mask": True}
+# Per-image columns against a mask (directions and descriptions: metrics/registry.py).
+MASK_METRICS = ("foreground_iou", "pointing_game", "mass_in_mask")
 
 
 def mask_metrics(heat: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image scores of (B, h, w) heatmaps against (B, H, W) boolean masks.
 
     The heatmap is upsampled bilinearly to the mask and min-max scaled (METHODS.md, Evaluation):
-    ``iou``: foreground (heat > mean) vs mask; ``pointing_game``: 1 if the hottest pixel is in the
+    ``foreground_iou``: foreground (heat > mean) vs mask; ``pointing_game``: 1 if the hottest pixel is in the
     mask; ``mass_in_mask``: share of the total relevance that falls inside the mask.
     """
     h = minmax(upsample(heat, tuple(mask.shape[-2:])))
@@ -28,4 +28,4 @@ def mask_metrics(heat: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tens
     flat = h.flatten(1)
     hit = m.flatten(1).gather(1, flat.argmax(1, keepdim=True)).squeeze(1).float()
     mass = (h * m).sum(dim=(1, 2)) / h.sum(dim=(1, 2)).clamp(min=1e-12)
-    return {"iou": iou, "pointing_game": hit, "mass_in_mask": mass}
+    return {"foreground_iou": iou, "pointing_game": hit, "mass_in_mask": mass}

@@ -14,12 +14,12 @@ __all__ = ["FRACTIONS", "PERTURBATION_METRICS", "auc", "perturbation_curves"]
 
 FRACTIONS: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(10))  # 0.0 .. 0.9
 
-# name -> higher is better?
+# Figures of the curves (directions and descriptions: metrics/registry.py), by curve name.
 PERTURBATION_METRICS = {
-    "positive_auc": False,  # removing the most relevant pixels first should hurt fast
-    "negative_auc": True,  # removing the least relevant first should hurt slowly
-    "deletion_auc": False,
-    "insertion_auc": True,
+    "positive_auc": "positive",
+    "negative_auc": "negative",
+    "deletion_auc": "deletion",
+    "insertion_auc": "insertion",
 }
 
 

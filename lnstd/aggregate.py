@@ -1,4 +1,8 @@
-"""``lnstd aggregate``: counts, errors, and per-method / per-class statistics of every metric column."""
+"""``lnstd aggregate``: counts, errors, and per-method / per-class statistics of every metric column.
+
+Reads ``heatmaps/`` of a run's output (local or S3) and writes ``_aggregate/`` next to it:
+``summary.csv`` (method x metric), ``per_class.csv`` (method x class x metric) and ``counts.json``.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,37 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
-from lnstd import storage
-from lnstd.metrics.mask import MASK_METRICS
+from . import output as layout
+from . import storage
+from .errors import OutputError
+from .metrics.registry import column_metrics, higher_is_better
 
-__all__ = ["METRIC_COLUMNS", "aggregate", "format_table"]
+__all__ = ["aggregate", "format_table", "heatmap_dataset"]
 
-# Numeric per-row columns summarised for every method (and whether higher is better).
-METRIC_COLUMNS = {"probability": True, "correct": True, **MASK_METRICS, "elapsed_ms": False}
 STATS = ("count", "mean", "stddev", "min", "approximate_median", "max")
 
 
-def _read(output: str, opts: storage.StorageOptions) -> pa.Table:
-    fs, path = storage.resolve(storage.join(output, "heatmaps"), opts)
+def heatmap_dataset(output: str, opts: storage.StorageOptions) -> pads.Dataset:
+    """The heatmap rows of a run's output as a pyarrow dataset; a clear error if there are none."""
+    uri = layout.uri(output, layout.HEATMAPS)
+    fs, path = storage.resolve(uri, opts)
+    if fs.get_file_info(path).type != storage.pafs.FileType.Directory and not storage.list_names(uri, opts):
+        raise OutputError(
+            f"{output}: no lnstd output here (no {layout.HEATMAPS}/ folder); give the --output of a run"
+        )
     ds = pads.dataset(path, filesystem=fs, format="parquet")
+    if not ds.files:
+        raise OutputError(
+            f"{output}: the run has committed no shard yet (no {layout.HEATMAPS}/part-*.parquet)"
+        )
+    return ds
+
+
+def _read(output: str, opts: storage.StorageOptions) -> pa.Table:
+    ds = heatmap_dataset(output, opts)
     cols = [c for c in ds.schema.names if c not in ("heatmap", "heatmap_png")]
     table = ds.to_table(columns=cols)
     if "correct" in table.column_names:
@@ -36,7 +55,7 @@ def _read(output: str, opts: storage.StorageOptions) -> pa.Table:
 def _stats(table: pa.Table, keys: list[str]) -> pa.Table:
     ok = table.filter(pc.equal(table["status"], "ok"))
     parts = []
-    for metric in METRIC_COLUMNS:
+    for metric in column_metrics():
         if metric not in ok.column_names:
             continue
         col = ok.filter(pc.is_valid(ok[metric]))
@@ -48,7 +67,7 @@ def _stats(table: pa.Table, keys: list[str]) -> pa.Table:
         for s in STATS:
             name = "median" if s == "approximate_median" else ("std" if s == "stddev" else s)
             out[name] = pc.cast(g[f"{metric}_{s}"], pa.float64())
-        out["higher_is_better"] = pa.array([METRIC_COLUMNS[metric]] * g.num_rows)
+        out["higher_is_better"] = pa.array([higher_is_better(metric)] * g.num_rows)
         parts.append(pa.table(out))
     if not parts:
         return pa.table({k: pa.array([], pa.string()) for k in [*keys, "metric"]})
@@ -56,7 +75,7 @@ def _stats(table: pa.Table, keys: list[str]) -> pa.Table:
 
 
 def aggregate(output: str, opts: storage.StorageOptions | None = None) -> dict[str, Any]:
-    """Summarise a run's output and write ``aggregate/`` next to it (Parquet + counts.json).
+    """Summarise a run's output and write ``_aggregate/`` next to it (CSV tables + counts.json).
 
     Returns a dict with ``counts`` (dict), ``per_method`` and ``per_class`` (Arrow tables).
     """
@@ -90,12 +109,13 @@ def aggregate(output: str, opts: storage.StorageOptions | None = None) -> dict[s
     class_col = "label" if table["label"].null_count < table.num_rows else "target"
     by_class = table.append_column("class", pc.cast(table[class_col], pa.int64()))
     per_class = _stats(by_class.filter(pc.is_valid(by_class["class"])), ["method", "class"])
+    # CSV, not Parquet: the output's only *.parquet files are the heatmap rows (see lnstd.output).
     for name, t in (("summary", per_method), ("per_class", per_class)):
         buf = io.BytesIO()
-        pq.write_table(t, buf)
-        storage.write_bytes(storage.join(output, "aggregate", f"{name}.parquet"), buf.getvalue(), opts)
+        pacsv.write_csv(t, buf)
+        storage.write_bytes(layout.uri(output, layout.AGGREGATE, f"{name}.csv"), buf.getvalue(), opts)
     storage.write_bytes(
-        storage.join(output, "aggregate", "counts.json"), json.dumps(counts, indent=1).encode(), opts
+        layout.uri(output, layout.AGGREGATE, "counts.json"), json.dumps(counts, indent=1).encode(), opts
     )
     return {"counts": counts, "per_method": per_method, "per_class": per_class}
 

@@ -1,0 +1,46 @@
+"""The project's own error types: the command line turns these (and only these) into one-line exits."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigMismatchError",
+    "InputError",
+    "LnstdError",
+    "ModelError",
+    "OutputError",
+    "OutputLockedError",
+    "ResourceError",
+    "UsageError",
+]
+
+
+class LnstdError(Exception):
+    """Base of the errors a user can act on; the message says what to do in one line."""
+
+
+class UsageError(LnstdError, ValueError):
+    """A wrong or missing flag or argument (the message names it)."""
+
+
+class InputError(LnstdError, ValueError):
+    """The input cannot be used as given (missing folder, bad manifest, duplicate ids, ...)."""
+
+
+class OutputError(LnstdError, OSError):
+    """The output cannot be written or read (a file where a folder should be, no permission, ...)."""
+
+
+class ConfigMismatchError(OutputError):
+    """The output already holds a run with a different configuration."""
+
+
+class OutputLockedError(OutputError):
+    """Another run holds the output's lease."""
+
+
+class ModelError(LnstdError, ValueError):
+    """The model cannot be built or loaded (unknown name, missing or mismatched checkpoint)."""
+
+
+class ResourceError(LnstdError, RuntimeError):
+    """The cluster cannot place what the job asks for (CPUs, GPUs)."""

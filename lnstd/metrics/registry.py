@@ -1,0 +1,69 @@
+"""The one registry of metrics: name, where it lives, which way is better, what it means.
+
+Evaluation (``lnstd eval``), the job's per-row columns, ``lnstd aggregate`` and the report all read
+their metric facts from here, so a metric has one name, one direction and one description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["METRICS", "Metric", "column_metrics", "eval_metrics", "higher_is_better"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure.
+
+    Attributes:
+        name: its name everywhere (column, table, JSON key).
+        higher_is_better: the direction.
+        level: ``"image"`` (one value per image: a Parquet column of ``lnstd run`` and a per-image
+            figure of ``lnstd eval``), or ``"dataset"`` (only a total over a dataset: ``lnstd eval``).
+        column: True when ``lnstd run`` writes it per row.
+        description: one line for tables and the docs.
+    """
+
+    name: str
+    higher_is_better: bool
+    level: str
+    column: bool
+    description: str
+
+
+_ALL = (
+    Metric("probability", True, "image", True, "softmax probability of the explained class"),
+    Metric("correct", True, "image", True, "the prediction equals the label (1) or not (0)"),
+    Metric("pixel_accuracy", True, "dataset", False,
+           "ImageNet-segmentation protocol: correctly labelled pixels over all labelled pixels"),
+    Metric("miou", True, "dataset", False,
+           "ImageNet-segmentation protocol: mean over background and foreground of the dataset-summed IoU"),
+    Metric("map", True, "dataset", False,
+           "ImageNet-segmentation protocol: mean over images of the average precision of [1-heat, heat]"),
+    Metric("foreground_iou", True, "image", True,
+           "IoU of the heatmap's foreground (heat > its mean) with the object mask, per image"),
+    Metric("pointing_game", True, "image", True, "1 if the hottest pixel lies inside the mask"),
+    Metric("mass_in_mask", True, "image", True, "share of the heatmap's total relevance inside the mask"),
+    Metric("positive_auc", False, "image", False, "accuracy under removing the most relevant pixels first"),
+    Metric("negative_auc", True, "image", False, "accuracy under removing the least relevant pixels first"),
+    Metric("deletion_auc", False, "image", False, "target probability as the most relevant pixels go"),
+    Metric("insertion_auc", True, "image", False, "target probability as the most relevant pixels come in"),
+    Metric("elapsed_ms", False, "image", True, "attribution time per image in its batch (ms)"),
+)  # fmt: skip
+
+METRICS: dict[str, Metric] = {m.name: m for m in _ALL}
+
+
+def higher_is_better(name: str) -> bool:
+    """The direction of metric ``name``."""
+    return METRICS[name].higher_is_better
+
+
+def column_metrics() -> list[str]:
+    """Per-row numeric columns of ``lnstd run``, in table order."""
+    return [m.name for m in _ALL if m.column]
+
+
+def eval_metrics() -> list[str]:
+    """Figures of ``lnstd eval``, in table order."""
+    return [m.name for m in _ALL if m.name not in ("probability", "correct", "elapsed_ms", "foreground_iou")]

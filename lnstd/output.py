@@ -1,0 +1,50 @@
+"""Where everything lives in a run's output (local folder or S3 prefix): the one place that knows.
+
+Only the heatmap rows are Parquet (``heatmaps/part-NNNNN.parquet``, one file per committed shard);
+everything else starts with ``_`` (dataset readers such as pyarrow, pandas and Spark skip those) and
+none of it ends in ``.parquet`` (DuckDB's and Polars' globs take every ``*.parquet``). So a reader
+pointed at the output folder gets the heatmap rows and nothing else.
+"""
+
+from __future__ import annotations
+
+from . import storage
+
+__all__ = [
+    "AGGREGATE",
+    "HEATMAPS",
+    "LEASE",
+    "MANIFEST",
+    "PLAN",
+    "REPORT",
+    "RUN",
+    "SUCCESS",
+    "part_name",
+    "shard_of",
+]
+
+HEATMAPS = "heatmaps"  # the dataset: part-NNNNN.parquet
+SUCCESS = "_SUCCESS"  # every shard of the plan is committed
+MANIFEST = "_manifest.json"  # configuration, versions, counts and timings of the last run
+REPORT = "_report.html"  # the report page
+AGGREGATE = "_aggregate"  # summary.csv, per_class.csv, counts.json
+RUN = "_lnstd/run.json"  # the configuration that decides the results (what a resume must match)
+LEASE = "_lnstd/lease.json"  # who holds the output while a run is active
+PLAN = "_lnstd/plan"  # the shard plan: plan.json (commit point) and part-NNNNN.arrow
+
+
+def part_name(shard: int) -> str:
+    """File name of a shard's heatmaps."""
+    return f"part-{shard:05d}.parquet"
+
+
+def shard_of(name: str) -> int | None:
+    """The shard number of a committed part file name, or None for any other name."""
+    if name.startswith("part-") and name.endswith(".parquet") and name[5:-8].isdigit():
+        return int(name[5:-8])
+    return None
+
+
+def uri(output: str, *parts: str) -> str:
+    """``output`` joined with layout names."""
+    return storage.join(output, *parts)
