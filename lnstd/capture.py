@@ -39,7 +39,7 @@ class Needs:
     attention: set[int] = field(default_factory=set)  # A (for chains)
     gradient: set[int] = field(default_factory=set)  # G = dy/dA (always a top range of blocks)
     token_std: set[int] = field(default_factory=set)  # s (LN1 token std)
-    features: set[int] = field(default_factory=set)  # norm1 output and its gradient (Grad-CAM)
+    features: set[int] = field(default_factory=set)  # attention input and its gradient (Grad-CAM)
 
     @property
     def grad_from(self) -> int | None:
@@ -176,12 +176,21 @@ class Session:
         i, needs = ref.index, self.needs
         attention = i in needs.attention or i in needs.gradient
 
+        # Grad-CAM's features are what the block's attention reads: norm1's output where norm1
+        # precedes attention, the block's input where it follows it (post-norm: after the last
+        # attention has mixed, a class-token head leaves the patch tokens without gradient).
+        features_at_input = i in needs.features and ref.std_side == "query"
+
         def block_pre(_m: nn.Module, args: tuple) -> tuple | None:
             x = args[0]
             self.shapes[i] = x.shape
+            new = None
             if needs.grad_from == i:  # the graph starts here: no earlier block gets a gradient
-                return (x.detach().requires_grad_(True), *args[1:])
-            return None
+                x = x.detach().requires_grad_(True)
+                new = (x, *args[1:])
+            if features_at_input:
+                self.features[i] = x
+            return new
 
         self._hook(ref.block.register_forward_pre_hook(block_pre))
         if i in needs.token_std:
@@ -190,7 +199,7 @@ class Session:
                 self.stds[i] = token_std(ref.norm1, args[0]).reshape(args[0].shape[0], -1)
 
             self._hook(ref.norm1.register_forward_pre_hook(norm_pre))
-        if i in needs.features:
+        if i in needs.features and not features_at_input:
 
             def norm_post(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
                 self.features[i] = out
@@ -263,8 +272,9 @@ class Session:
         """Run the backward pass from ``score`` (the summed target logits) and stream the blocks.
 
         Returns:
-            block index -> gradient of the score with respect to that block's norm1 output
-            (the blocks in ``needs.features``).
+            block index -> gradient of the score with respect to that block's attention input
+            (norm1's output, or the block's input in post-norm blocks), for the blocks in
+            ``needs.features``.
         """
         needs = self.needs
         grad_blocks = sorted(needs.gradient)

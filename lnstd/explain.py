@@ -84,7 +84,8 @@ class Explainer:
     """Computes several methods on a batch from one shared forward/backward pass.
 
     Args:
-        model: a timm VisionTransformer or SwinTransformer (v1).
+        model: a timm model of a supported family (ViT, DeiT distilled, Swin, Swin V2, EVA, BEiT;
+            docs/families.md).
         methods: names from :func:`lnstd.list_methods`.
         precision: "fp32", or "bf16"/"fp16" to run the model under autocast; the relevance
             arithmetic is float32 either way.
@@ -210,7 +211,8 @@ def explain(
     """Token-grid heatmaps of one method for a batch.
 
     Args:
-        model: a timm VisionTransformer or SwinTransformer (v1).
+        model: a timm model of a supported family (ViT, DeiT distilled, Swin, Swin V2, EVA, BEiT;
+            docs/families.md).
         images: normalised float tensor (B, 3, H, W).
         method: a name from :func:`lnstd.list_methods`.
         target: None (the predicted class), an int (same class for all), or a LongTensor (B,).

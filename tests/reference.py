@@ -1,17 +1,23 @@
 """A slow, literal reference of METHODS.md: one image at a time, explicit N x N matrices.
 
 Independent of the fast path: its own hooks, its own Swin window densification (computed slot by
-slot from the definition), an explicit merge matrix, and full matrix chains.
+slot from the definition), an explicit merge matrix, and full matrix chains. Where LayerNorm sits
+(before the attention or after it) is observed, not looked up: a block is pre-norm when its norm1
+receives the block's own input.
 """
 
 from __future__ import annotations
 
 import torch
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+GRID_MODELS = (SwinTransformer, SwinTransformerV2)  # token space = stage grid, pooled over all tokens
 
 
 def _blocks(model):
-    if isinstance(model, SwinTransformer):
+    if isinstance(model, GRID_MODELS):
         return [b for stage in model.layers for b in stage.blocks]
     return list(model.blocks)
 
@@ -19,12 +25,14 @@ def _blocks(model):
 def capture_one(model, image, target=None):
     """Per-block A (H,N',N'), G, LN1 input x, norm1 output F and dy/dF for ONE image (1,3,H,W)."""
     blocks = _blocks(model)
-    saved_fused = [b.attn.fused_attn for b in blocks]
-    for b in blocks:
-        b.attn.fused_attn = False
+    saved_fused = [getattr(b.attn, "fused_attn", None) for b in blocks]  # Swin V2 has no fused path
+    for b, f in zip(blocks, saved_fused):
+        if f is not None:
+            b.attn.fused_attn = False
     recs = [dict() for _ in blocks]
     hooks = []
     for rec, b in zip(recs, blocks):
+        hooks.append(b.register_forward_pre_hook(lambda m, a, rec=rec: rec.__setitem__("in", a[0])))
         hooks.append(b.attn.attn_drop.register_forward_hook(lambda m, a, o, rec=rec: rec.__setitem__("A", o)))
         hooks.append(b.norm1.register_forward_pre_hook(lambda m, a, rec=rec: rec.__setitem__("x", a[0])))
         hooks.append(b.norm1.register_forward_hook(lambda m, a, o, rec=rec: rec.__setitem__("F", o)))
@@ -32,13 +40,20 @@ def capture_one(model, image, target=None):
         x = image.clone().requires_grad_(True)
         with torch.enable_grad():
             logits = model(x)
+            for r in recs:  # post-norm (Swin V2, EVA post-norm): norm1 normalises the attention's output
+                r["post_norm"] = not (r["x"].shape == r["in"].shape and torch.equal(r["x"], r["in"]))
+            # Grad-CAM's layer: the last attention's input (norm1 output; post-norm: the block input)
+            last = recs[-1]
+            if last["post_norm"]:
+                last["F"] = last["in"]
             c = int(logits.argmax()) if target is None else int(target)
-            grads = torch.autograd.grad(logits[0, c], [r["A"] for r in recs] + [recs[-1]["F"]])
+            grads = torch.autograd.grad(logits[0, c], [r["A"] for r in recs] + [last["F"]])
     finally:
         for h in hooks:
             h.remove()
         for b, f in zip(blocks, saved_fused):
-            b.attn.fused_attn = f
+            if f is not None:
+                b.attn.fused_attn = f
     for r, g in zip(recs, grads[:-1]):
         r["G"] = g
     recs[-1]["dF"] = grads[-1]
@@ -47,6 +62,8 @@ def capture_one(model, image, target=None):
 
 def ln_std(norm, x):
     x = x.double()
+    if not isinstance(norm, torch.nn.LayerNorm):  # RMSNorm: root mean square, no centring
+        return torch.sqrt((x**2).mean(-1) + norm.eps)
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1)
     return torch.sqrt(var + norm.eps)
@@ -86,7 +103,7 @@ def merge_matrix(coarse, fine):
 def reference_heatmap(model, image, method, blocks=None, std="inverse", normalize="matrix", target=None):
     """Heatmap (h, w) of one image, straight from METHODS.md, in float64."""
     recs, mods = capture_one(model, image, target)
-    swin = isinstance(model, SwinTransformer)
+    swin = isinstance(model, GRID_MODELS)
     L = len(mods)
     if blocks is None:
         blocks = 2 if (swin and method == "lnstd") else "all"
@@ -135,8 +152,10 @@ def reference_heatmap(model, image, method, blocks=None, std="inverse", normaliz
         abar = (G * A).clamp(min=0).mean(0)
         if method == "gae":
             return abar
-        wcol = {"inverse": 1 / stds[k], "multiply": stds[k], "none": torch.ones(n, dtype=A.dtype)}[std]
-        m = abar @ torch.diag(wcol)
+        w = {"inverse": 1 / stds[k], "multiply": stds[k], "none": torch.ones(n, dtype=A.dtype)}[std]
+        # pre-norm: token j enters attention divided by s_j (columns); post-norm: output i leaves it
+        # divided by s_i (rows)
+        m = torch.diag(w) @ abar if recs[k]["post_norm"] else abar @ torch.diag(w)
         if normalize == "matrix":
             m = m / m.sum()
         elif normalize == "row":
@@ -164,9 +183,11 @@ def reference_heatmap(model, image, method, blocks=None, std="inverse", normaliz
         return R.sum(0).reshape(H, W)
     P = model.num_prefix_tokens
     h, w = model.patch_embed.grid_size
-    if model.global_pool == "token":
+    if isinstance(model, VisionTransformerDistilled):
+        row = (R[0] + R[1]) / 2  # eval: (head(x[:, 0]) + head_dist(x[:, 1])) / 2
+    elif model.global_pool == "token":
         row = R[0]
-    else:
-        rows = slice(0, None) if model.pool_include_prefix else slice(P, None)
+    else:  # ViT may pool the prefix too; Eva and Beit average x[:, P:]
+        rows = slice(0, None) if getattr(model, "pool_include_prefix", False) else slice(P, None)
         row = R[rows].sum(0)
     return row[P:].reshape(h, w)

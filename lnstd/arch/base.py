@@ -33,7 +33,8 @@ class BlockRef:
         std_side: ``"key"`` when ``norm1`` normalises the attention's input (pre-norm: token j is
             divided by ``s_j`` before attention mixes it, so the std weights columns), ``"query"``
             when it normalises the attention's output (post-norm, Swin V2: row i is divided by
-            ``s_i`` after mixing, so the std weights rows).
+            ``s_i`` after mixing, so the std weights rows; Grad-CAM then reads the block's input,
+            which is what the attention reads).
         qkv: the linear layer whose output holds q, k, v as (B, T, 3, heads, head_dim), for the
             fused capture; None where that capture does not apply.
         qk_norm: modules whose outputs are q and k after their normalisation (ViT qk-norm; Identity
@@ -130,6 +131,9 @@ class Adapter:
 
     family: str = ""
     num_prefix: int = 0
+    # Methods checked on this family (tests against the float64 reference); None: every method.
+    # A family lists them so a method added later fails with a clear error until it is checked.
+    supported_methods: tuple[str, ...] | None = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -187,8 +191,18 @@ class Adapter:
         raise NotImplementedError
 
     def patch_features(self, f: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """norm1 output -> (B, n_patches, C) patch features and their grid (for Grad-CAM)."""
+        """Attention input (norm1 output; post-norm: block input) -> (B, n_patches, C) patch
+        features and their grid (for Grad-CAM)."""
         raise NotImplementedError
+
+    def check_method(self, method: str) -> None:
+        """Raise :class:`UnsupportedModelError` (naming the model class and the method) if ``method``
+        cannot explain this model."""
+        if self.supported_methods is not None and method not in self.supported_methods:
+            raise UnsupportedModelError(
+                f"method {method!r} cannot explain a {type(self.model).__name__} ({self.family} family): "
+                f"lnstd supports {', '.join(self.supported_methods)} there"
+            )
 
     def describe(self) -> dict[str, Any]:
         """Facts for error messages and manifests."""

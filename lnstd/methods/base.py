@@ -109,6 +109,7 @@ class Method:
     needs_gradient: ClassVar[bool] = False
 
     def __init__(self, adapter: Adapter, **options: Any) -> None:
+        adapter.check_method(self.name)
         self.adapter = adapter
         declared = {o.name: o for o in self.options}
         unknown = set(options) - set(declared)
@@ -145,8 +146,8 @@ class PassResult:
 
     adapter: Adapter
     batch: int
-    features: dict[int, torch.Tensor]  # norm1 output per block
-    feature_grads: dict[int, torch.Tensor]  # dy/d(norm1 output) per block
+    features: dict[int, torch.Tensor]  # attention input per block (norm1 output; post-norm: block input)
+    feature_grads: dict[int, torch.Tensor]  # dy/d(features) per block
 
 
 class ChainMethod(Method):

@@ -1,4 +1,8 @@
-"""Grad-CAM on the last block's LN1 output (Selvaraju et al. 2017; pytorch-grad-cam's ViT/Swin layer)."""
+"""Grad-CAM on the last block's LN1 output (Selvaraju et al. 2017; pytorch-grad-cam's ViT/Swin layer).
+
+That is the input of the last attention; in post-norm blocks (Swin V2), whose LN1 follows the
+attention, the block's input takes that role (docs/families.md).
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,42 @@
+"""What the single-stage (ViT-like) families added after ViT share: their block list and checked methods."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from .base import BlockRef, UnsupportedModelError
+
+__all__ = ["CHECKED_METHODS", "token_blocks"]
+
+# The methods the newer families are tested for against the float64 reference.
+CHECKED_METHODS = ("attention", "rollout", "gae", "lnstd", "gradcam")
+
+
+def token_blocks(model: nn.Module, std_side: Mapping[str, str], family: str) -> list[BlockRef]:
+    """``model.blocks`` as BlockRefs, captured unfused.
+
+    Args:
+        model: a model whose ``blocks`` each hold ``norm1`` and an ``attn`` with an ``attn_drop``
+            dropout (where timm's unfused path exposes the attention probabilities).
+        std_side: accepted block class name -> where its norm1 sits: ``"key"`` (pre-norm, before
+            the attention) or ``"query"`` (post-norm, after it).
+        family: the family name, for the error message.
+    """
+    refs = []
+    for i, blk in enumerate(model.blocks):
+        attn = getattr(blk, "attn", None)
+        drop = getattr(attn, "attn_drop", None)
+        norm1 = getattr(blk, "norm1", None)
+        side = std_side.get(type(blk).__name__)
+        if side is None or not isinstance(drop, nn.Dropout) or norm1 is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} block {i} is a {type(blk).__name__} with "
+                f"{type(attn).__name__} attention; lnstd supports {family} blocks of type "
+                f"{', '.join(std_side)} with timm's attention"
+            )
+        refs.append(BlockRef(i, 0, blk, norm1, attn, drop, std_side=side))
+    if not refs:
+        raise UnsupportedModelError(f"{type(model).__name__} has no blocks")
+    return refs
