@@ -297,9 +297,11 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .methods import get_method, list_methods
 
-    for name in list_methods():
+    names = list_methods()
+    width = max(len(n) for n in names)
+    for name in names:
         doc = (get_method(name).__doc__ or "").strip().splitlines()[0]
-        print(f"{name:10s} {doc}")
+        print(f"{name:{width}s} {doc}")
     return 0
 
 
