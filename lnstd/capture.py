@@ -14,6 +14,10 @@ to them, ``G``:
   dropout's output; ``G`` arrives in a hook on that tensor. Kept as the plain reference.
 
 Both give the same maps (tests check fused == unfused == a float64 reference).
+
+Blocks in ``Needs.relevance`` also get the LRP relevance of their attention (Chefer et al. 2021a,
+:class:`lnstd.lrp.AttentionRelevance`), computed in the same backward pass just before the block is
+handed on; see docs/lrp.md.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch.base import Adapter, AttentionParts, BlockRef, WindowMap, token_std
+from .arch.base import Adapter, AttentionParts, BlockRef, WindowMap, split_qkv, token_std
+from .lrp import AttentionRelevance
 
 __all__ = ["CAPTURE_MODES", "BlockView", "Needs", "Session", "restored"]
 
@@ -40,6 +45,15 @@ class Needs:
     gradient: set[int] = field(default_factory=set)  # G = dy/dA (always a top range of blocks)
     token_std: set[int] = field(default_factory=set)  # s (LN1 token std)
     features: set[int] = field(default_factory=set)  # attention input and its gradient (Grad-CAM)
+    relevance: set[int] = field(default_factory=set)  # LRP relevance of A (a top range of gradient blocks)
+
+    def add(self, other: Needs) -> None:
+        """Also capture what ``other`` needs."""
+        self.attention |= other.attention
+        self.gradient |= other.gradient
+        self.token_std |= other.token_std
+        self.features |= other.features
+        self.relevance |= other.relevance
 
     @property
     def grad_from(self) -> int | None:
@@ -91,6 +105,13 @@ class BlockView:
         if self._gradient is None:
             raise RuntimeError(f"block {self.index}: no attention gradient was captured")
         return self._gradient.float()
+
+    @property
+    def attention_relevance(self) -> torch.Tensor:
+        """LRP relevance of ``A`` (Chefer et al. 2021a), (B * nW, heads, T, T) float32."""
+        if "attention_relevance" not in self.cache:
+            raise RuntimeError(f"block {self.index}: no attention relevance was computed")
+        return self.cache["attention_relevance"]
 
     def shared(self, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A derived matrix computed once per block for every method that asks for it."""
@@ -147,8 +168,9 @@ class Session:
         self.stds: dict[int, torch.Tensor] = {}
         self.features: dict[int, torch.Tensor] = {}
         self.attn: dict[int, torch.Tensor] = {}  # unfused: A per block
-        self.parts: dict[int, AttentionParts] = {}  # fused: q, k, v, mask, out per block
+        self.parts: dict[int, AttentionParts] = {}  # fused (and relevance blocks): q, k, v, mask, out
         self.batch = 0
+        self.walk = AttentionRelevance(adapter, needs.relevance) if needs.relevance else None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stack = contextlib.ExitStack()
 
@@ -158,6 +180,8 @@ class Session:
         try:
             for ref in self.adapter.blocks:
                 self._install(ref)
+            if self.walk is not None:
+                self.walk.install(self._hook)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -213,7 +237,8 @@ class Session:
                 self.attn[i] = out
 
             self._hook(ref.attn_drop.register_forward_hook(drop_post))
-            return
+            if i not in needs.relevance:  # the relevance walk reads q, k, v in either mode
+                return
         parts = self.parts.setdefault(i, AttentionParts())
         heads = int(ref.attn.num_heads)
 
@@ -224,9 +249,7 @@ class Session:
             parts.mask = mask
 
         def qkv_post(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
-            b, t = out.shape[0], out.shape[1]
-            q, k, v = out.detach().reshape(b, t, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            parts.q, parts.k, parts.v = q, k, v
+            parts.q, parts.k, parts.v = split_qkv(out.detach(), heads)
 
         self._hook(ref.attn.register_forward_pre_hook(attn_pre, with_kwargs=True))
         self._hook(ref.qkv.register_forward_hook(qkv_post))
@@ -234,7 +257,7 @@ class Session:
             qn, kn = ref.qk_norm
             self._hook(qn.register_forward_hook(lambda _m, _a, out: setattr(parts, "q", out.detach())))
             self._hook(kn.register_forward_hook(lambda _m, _a, out: setattr(parts, "k", out.detach())))
-        if i in needs.gradient:
+        if i in needs.gradient and self.mode == "fused":
 
             def out_pre(_m: nn.Module, args: tuple) -> None:
                 parts.out = args[0]
@@ -267,9 +290,14 @@ class Session:
         self.parts.pop(i, None)
 
     def backward(
-        self, score: torch.Tensor | None, on_block: Callable[[BlockView], None]
+        self,
+        score: torch.Tensor | None,
+        on_block: Callable[[BlockView], None],
+        targets: torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
         """Run the backward pass from ``score`` (the summed target logits) and stream the blocks.
+
+        ``targets`` (B,) are the classes in ``score``; the relevance walk needs them.
 
         Returns:
             block index -> gradient of the score with respect to that block's attention input
@@ -280,6 +308,10 @@ class Session:
         grad_blocks = sorted(needs.gradient)
         feature_blocks = sorted(needs.features)
         feature_grads: dict[int, torch.Tensor] = {}
+        if self.walk is not None:
+            if score is None or targets is None:
+                raise RuntimeError("attention relevance needs a score and its targets")
+            self.walk.start(targets)
         if score is not None and (grad_blocks or feature_blocks):
             handles = []
             inputs: list[torch.Tensor] = []
@@ -288,8 +320,7 @@ class Session:
                     target = self.attn[i]
 
                     def on_grad(g: torch.Tensor, i: int = i) -> None:
-                        on_block(self._view(i, g))
-                        self._release(i)
+                        self._hand_on(self._view(i, g), on_block)
 
                 else:
                     parts = self.parts[i]
@@ -300,8 +331,7 @@ class Session:
                         b, t, _ = g.shape
                         d_out = g.float().reshape(b, t, parts.v.shape[1], -1).transpose(1, 2)
                         grad = d_out @ parts.v.float().transpose(-2, -1)
-                        on_block(self._view(i, grad))
-                        self._release(i)
+                        self._hand_on(self._view(i, grad), on_block)
 
                 if target is None or not target.requires_grad:
                     raise RuntimeError(f"block {i}: the attention output is not in the autograd graph")
@@ -316,6 +346,11 @@ class Session:
             feature_grads = dict(zip(feature_blocks, grads[len(grad_blocks) :], strict=True))
         rest = (needs.attention - needs.gradient) if score is not None else needs.attention | needs.gradient
         for i in sorted(rest, reverse=True):
-            on_block(self._view(i, None))
-            self._release(i)
+            self._hand_on(self._view(i, None), on_block)
         return feature_grads
+
+    def _hand_on(self, view: BlockView, on_block: Callable[[BlockView], None]) -> None:
+        if self.walk is not None and view.index in self.needs.relevance:
+            self.walk.step(view, self.parts[view.index])
+        on_block(view)
+        self._release(view.index)

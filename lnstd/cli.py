@@ -367,10 +367,12 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .methods import get_method, list_methods
 
-    for name in list_methods():
+    names = list_methods()
+    width = max(len(n) for n in names)
+    for name in names:
         cls = get_method(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:24s} {doc}")
+        print(f"{name:{width}s} {doc}")
         for o in cls.options:
             fam = (
                 f" ({', '.join(f'{k}: {v!r}' for k, v in o.family_defaults.items())})"

@@ -140,11 +140,7 @@ class Explainer:
         self._chains = {n: m for n, m in self._shared.items() if isinstance(m, ChainMethod)}
         self._needs = Needs()
         for m in self._shared.values():
-            n = m.needs()
-            self._needs.attention |= n.attention
-            self._needs.gradient |= n.gradient
-            self._needs.token_std |= n.token_std
-            self._needs.features |= n.features
+            self._needs.add(m.needs())
 
     @property
     def options(self) -> dict[str, dict[str, Any]]:
@@ -177,7 +173,7 @@ class Explainer:
                     logits.gather(1, targets[:, None]).sum() if self._needs.grad_from is not None else None
                 )
                 with torch.no_grad():
-                    feature_grads = session.backward(score, runner.feed)
+                    feature_grads = session.backward(score, runner.feed, targets)
                     result = PassResult(self.adapter, images.shape[0], session.features, feature_grads)
                     for name, m in self._shared.items():
                         heat = runner.heatmap(name) if name in self._chains else m.compute(result)

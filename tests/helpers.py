@@ -17,10 +17,10 @@ def make_vit_token(seed: int = 0, **kw) -> VisionTransformer:
     return VisionTransformer(**cfg).eval()
 
 
-def make_vit_avg_reg(seed: int = 1) -> VisionTransformer:
+def make_vit_avg_reg(seed: int = 1, **kw) -> VisionTransformer:
     """Avg-pool ViT with register tokens, qk-norm and layer-scale."""
     torch.manual_seed(seed)
-    return VisionTransformer(
+    cfg = dict(
         img_size=32,
         patch_size=8,
         embed_dim=32,
@@ -33,21 +33,19 @@ def make_vit_avg_reg(seed: int = 1) -> VisionTransformer:
         qk_norm=True,
         init_values=0.5,
         no_embed_class=True,
-    ).eval()
+    )
+    cfg.update(kw)
+    return VisionTransformer(**cfg).eval()
 
 
-def make_swin(seed: int = 2) -> SwinTransformer:
+def make_swin(seed: int = 2, **kw) -> SwinTransformer:
     """Swin with window 5 on an 11x11 stage grid: padded windows, shifts, odd-size patch merging."""
     torch.manual_seed(seed)
-    return SwinTransformer(
-        img_size=44,
-        patch_size=4,
-        window_size=5,
-        embed_dim=16,
-        depths=(2, 2),
-        num_heads=(2, 4),
-        num_classes=6,
-    ).eval()
+    cfg = dict(
+        img_size=44, patch_size=4, window_size=5, embed_dim=16, depths=(2, 2), num_heads=(2, 4), num_classes=6
+    )
+    cfg.update(kw)
+    return SwinTransformer(**cfg).eval()
 
 
 def sharpen(model: torch.nn.Module, scale: float = 4.0) -> torch.nn.Module:

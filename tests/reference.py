@@ -100,9 +100,18 @@ def merge_matrix(coarse, fine):
     return m
 
 
-def reference_heatmap(model, image, method, blocks=None, std="inverse", normalize="matrix", target=None):
-    """Heatmap (h, w) of one image, straight from METHODS.md, in float64."""
+def reference_heatmap(
+    model, image, method, blocks=None, std="inverse", normalize="matrix", target=None, relevance=None
+):
+    """Heatmap (h, w) of one image, straight from METHODS.md, in float64.
+
+    ``relevance``: per-block window-layout matrices used instead of A in ``mean_h (G ⊙ A)^+`` (the LRP
+    relevance of A turns ``gae`` into ``transformer_attribution`` and ``lnstd`` into its TA base).
+    """
     recs, mods = capture_one(model, image, target)
+    if relevance is not None:
+        for rec, r in zip(recs, relevance):
+            rec["A"] = r
     swin = isinstance(model, GRID_MODELS)
     L = len(mods)
     if blocks is None:

@@ -20,7 +20,7 @@ MODELS = {
 
 
 def test_registry_lists_all_methods():
-    assert lnstd.list_methods() == sorted(METHODS)
+    assert lnstd.list_methods() == sorted([*METHODS, "attnlrp", "transformer_attribution"])  # test_lrp.py
     with pytest.raises(ValueError, match="unknown method 'nope'.*gae"):
         lnstd.explain(make_vit_token(), torch.randn(1, 3, 32, 48), method="nope")
 
@@ -123,7 +123,7 @@ def test_options_are_routed_to_the_methods_that_declare_them(vit_token):
     ex = lnstd.Explainer(vit_token, ["gae", "lnstd", "gradcam"], blocks=2, **{"lnstd.std": "multiply"})
     assert ex.options == {
         "gae": {"blocks": 2},
-        "lnstd": {"blocks": 2, "std": "multiply", "normalize": "matrix"},
+        "lnstd": {"blocks": 2, "std": "multiply", "normalize": "matrix", "base": "gae"},
         "gradcam": {},
     }
     out = ex(x)

@@ -10,11 +10,78 @@ from torch import nn
 
 from ..errors import LnstdError
 
-__all__ = ["Adapter", "AttentionParts", "BlockRef", "UnsupportedModelError", "WindowMap", "token_std"]
+__all__ = [
+    "Adapter",
+    "AttentionParts",
+    "BlockRef",
+    "HeadRef",
+    "LRPRef",
+    "MergeRef",
+    "UnsupportedModelError",
+    "WindowMap",
+    "merge_qkv",
+    "split_qkv",
+    "token_std",
+]
 
 
 class UnsupportedModelError(LnstdError, TypeError):
     """Raised when a model (or a method on it) is not one lnstd knows how to explain."""
+
+
+@dataclass(frozen=True)
+class LRPRef:
+    """The modules of one pre-norm block ``x + B1(N1(x)); + B2(N2(x))`` that the LRP rules act on.
+
+    Attributes:
+        proj: the attention's output projection (Linear); its input is the attention output after
+            any output norm (ViT ``scale_norm``).
+        norm2: the LayerNorm before the MLP.
+        fc1: the MLP's input projection (Linear); None for gated MLPs.
+        act: the MLP's elementwise activation.
+        fc2: the MLP's output projection (Linear).
+        branch1, branch2: the modules whose outputs are the attention and MLP branches exactly as they
+            are added to the residual stream (after layer-scale and drop-path).
+        norms: every normalisation layer inside the block (norm1, q/k norms, attention output norm,
+            norm2, MLP norm), Identity placeholders left out.
+        gate_inputs: for gated MLPs (SwiGLU), the modules whose whole outputs are the factors of the
+            elementwise product (the activation applied to one of them).
+    """
+
+    proj: nn.Module
+    norm2: nn.Module
+    fc1: nn.Module | None
+    act: nn.Module
+    fc2: nn.Module
+    branch1: nn.Module
+    branch2: nn.Module
+    norms: tuple[nn.Module, ...]
+    gate_inputs: tuple[nn.Module, ...] = ()
+
+
+@dataclass(frozen=True)
+class HeadRef:
+    """What follows the last block: ``logits = fc(pool(tokens))`` with normalisations in between.
+
+    Attributes:
+        tokens: the module whose output is the token tensor the head pools (after the final norm).
+        fc: the Linear layer that produces the logits.
+        norms: the normalisation layers outside the blocks on the way from the patch embedding to
+            the logits (pre-norm, final norm, pooled-feature norm), Identity placeholders left out.
+    """
+
+    tokens: nn.Module
+    fc: nn.Module
+    norms: tuple[nn.Module, ...]
+
+
+@dataclass(frozen=True)
+class MergeRef:
+    """A patch merging between stages: 2x2 tokens concatenated, normalised, projected by ``reduction``."""
+
+    module: nn.Module
+    norm: nn.Module
+    reduction: nn.Module
 
 
 @dataclass(frozen=True)
@@ -40,6 +107,7 @@ class BlockRef:
         qk_norm: modules whose outputs are q and k after their normalisation (ViT qk-norm; Identity
             modules otherwise), or None to take q, k from ``qkv``.
         out: the module whose input is the attention output ``A V`` as (B, T, heads * head_dim).
+        lrp: the modules the LRP rules need, or None where the block is not one they know.
     """
 
     index: int
@@ -52,6 +120,20 @@ class BlockRef:
     qkv: nn.Module | None = None
     qk_norm: tuple[nn.Module, nn.Module] | None = None
     out: nn.Module | None = None
+    lrp: LRPRef | None = None
+
+
+def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm's fused qkv projection output (B, T, 3 * heads * d) -> q, k, v, each (B, heads, T, d)."""
+    b, t = qkv.shape[0], qkv.shape[1]
+    q, k, v = qkv.reshape(b, t, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`split_qkv`: three (B, heads, T, d) tensors -> (B, T, 3 * heads * d)."""
+    b, _, t, _ = q.shape
+    return torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).reshape(b, t, -1)
 
 
 @dataclass
@@ -79,14 +161,15 @@ class WindowMap:
         return self.index.shape[1]
 
     def to_windows(self, v: torch.Tensor) -> torch.Tensor:
-        """(B, N) token vector -> (B, nW, T) window layout; padding slots are 0."""
-        padded = torch.nn.functional.pad(v, (0, 1))
+        """(B, N, ...) token tensor -> (B, nW, T, ...) window layout; padding slots are 0."""
+        padded = torch.cat([v, v.new_zeros(v.shape[0], 1, *v.shape[2:])], dim=1)
         return padded[:, self.index]
 
     def from_windows(self, w: torch.Tensor) -> torch.Tensor:
-        """(B, nW, T) window layout -> (B, N) token vector; padding slots are dropped."""
-        out = w.new_zeros(w.shape[0], self.num_tokens + 1)
-        out[:, self.index.reshape(-1)] = w.reshape(w.shape[0], -1)
+        """(B, nW, T, ...) window layout -> (B, N, ...) token tensor; padding slots are dropped."""
+        rest = w.shape[3:]
+        out = w.new_zeros(w.shape[0], self.num_tokens + 1, *rest)
+        out[:, self.index.reshape(-1)] = w.reshape(w.shape[0], -1, *rest)
         return out[:, : self.num_tokens]
 
 
@@ -203,6 +286,49 @@ class Adapter:
                 f"method {method!r} cannot explain a {type(self.model).__name__} ({self.family} family): "
                 f"lnstd supports {', '.join(self.supported_methods)} there"
             )
+
+    # --- LRP (docs/lrp.md) -------------------------------------------------------------------------
+    def lrp_head(self) -> HeadRef | None:
+        """The head's modules for the LRP rules, or None where the head is not one they know."""
+        return None
+
+    def lrp_merges(self) -> dict[int, MergeRef]:
+        """Patch mergings, keyed by the index of the block that follows each one."""
+        return {}
+
+    def unmerge(self, r: torch.Tensor, fine_shape: torch.Size) -> torch.Tensor:
+        """Relevance of a merging's concatenated features (B, h, w, 4C) -> its input tokens (B, N, C)."""
+        raise NotImplementedError
+
+    def embedding(self) -> nn.Module:
+        """The patch embedding: the LRP token relevance is read at its output."""
+        return self.model.patch_embed
+
+    def embedding_grid(self, r: torch.Tensor) -> torch.Tensor:
+        """Per-token relevance at the patch embedding output, channels summed -> (B, h, w)."""
+        raise NotImplementedError
+
+    def check_lrp(self, method: str, gated: bool = False) -> None:
+        """Raise UnsupportedModelError unless the LRP rules of ``method`` know every layer of the model.
+
+        Args:
+            method: the method's name, for the message.
+            gated: whether the method has a rule for gated (SwiGLU-style) MLPs.
+        """
+
+        def problem() -> str | None:
+            if self.lrp_head() is None:
+                return "its classifier head is not a Linear layer on pooled tokens"
+            for b in self.blocks:
+                if b.lrp is None or b.qkv is None:
+                    return f"block {b.index} is not a pre-norm block with a fused qkv projection and an MLP"
+                if b.lrp.fc1 is None and not gated:
+                    return f"block {b.index} has a gated MLP, for which {method} has no rule"
+            return None
+
+        why = problem()
+        if why is not None:
+            raise UnsupportedModelError(f"{method} cannot explain {type(self.model).__name__}: {why}")
 
     def describe(self) -> dict[str, Any]:
         """Facts for error messages and manifests."""

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, AttentionParts, BlockRef, UnsupportedModelError, WindowMap
+from .base import (
+    Adapter,
+    AttentionParts,
+    BlockRef,
+    HeadRef,
+    LRPRef,
+    MergeRef,
+    UnsupportedModelError,
+    WindowMap,
+)
 
 __all__ = ["SwinAdapter", "swin_window_index"]
 
@@ -56,11 +65,27 @@ class SwinAdapter(Adapter):
                         "is not a timm SwinTransformerBlock with WindowAttention"
                     )
                 fused = type(attn).__name__ == "WindowAttention" and hasattr(attn, "qkv")
+                mlp = blk.mlp
+                lrp = None
+                if fused and type(mlp).__name__ == "Mlp":
+                    lrp = LRPRef(
+                        proj=attn.proj,
+                        norm2=blk.norm2,
+                        fc1=mlp.fc1,
+                        act=mlp.act,
+                        fc2=mlp.fc2,
+                        branch1=blk.drop_path1,
+                        branch2=blk.drop_path2,
+                        norms=tuple(
+                            m for m in (blk.norm1, blk.norm2, mlp.norm) if not isinstance(m, nn.Identity)
+                        ),
+                    )
                 refs.append(
                     BlockRef(
                         len(refs), s, blk, blk.norm1, attn, drop,
                         qkv=attn.qkv if fused else None,
                         out=attn.proj if fused else None,
+                        lrp=lrp,
                     )
                 )  # fmt: skip
         return refs
@@ -107,3 +132,32 @@ class SwinAdapter(Adapter):
     def patch_features(self, f: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         b, h, w, c = f.shape
         return f.reshape(b, h * w, c), (h, w)
+
+    def lrp_head(self) -> HeadRef | None:
+        head = self.model.head
+        if type(head).__name__ != "ClassifierHead" or not isinstance(getattr(head, "fc", None), nn.Linear):
+            return None
+        norms = [m.norm for m in self.lrp_merges().values()] + [self.model.norm]
+        return HeadRef(tokens=self.model.norm, fc=head.fc, norms=tuple(norms))
+
+    def lrp_merges(self) -> dict[int, MergeRef]:
+        merges, first = {}, 0
+        for stage in self.model.layers:
+            ds = stage.downsample
+            if type(ds).__name__ == "PatchMerging":
+                merges[first] = MergeRef(ds, ds.norm, ds.reduction)
+            elif not isinstance(ds, nn.Identity):
+                raise UnsupportedModelError(f"Swin downsample {type(ds).__name__} is not timm's PatchMerging")
+            first += len(stage.blocks)
+        return merges
+
+    def unmerge(self, r: torch.Tensor, fine_shape: torch.Size) -> torch.Tensor:
+        # timm PatchMerging: pad to even, reshape (B, h, 2, w, 2, C), permute to (B, h, w, dw, dh, C),
+        # flatten: feature (dw * 2 + dh) * C + c. Undo it and drop the padding.
+        b, h, w, _ = r.shape
+        _, hf, wf, c = fine_shape
+        fine = r.reshape(b, h, w, 2, 2, c).permute(0, 1, 4, 2, 3, 5).reshape(b, 2 * h, 2 * w, c)
+        return fine[:, :hf, :wf].reshape(b, hf * wf, c)
+
+    def embedding_grid(self, r: torch.Tensor) -> torch.Tensor:
+        return r.float().sum(dim=-1)  # Swin's patch embedding output is (B, h, w, C)

@@ -16,8 +16,8 @@ class SwinV2Adapter(SwinAdapter):
 
     The blocks are post-norm, ``x + norm1(attn(x))``: norm1 divides output token i of the attention
     by its std s_i after attention has mixed, so ``lnstd`` weights rows (``std_side="query"``).
-    Grad-CAM reads norm1's output, the normalised attention branch that is added to the residual
-    stream (its gradient is the residual stream's). Captured unfused: V2 has no fused kernel.
+    Grad-CAM reads the last block's input, what its attention reads (norm1's output is already
+    mixed by that attention). Captured unfused: V2 has no fused kernel.
     """
 
     family = "swinv2"

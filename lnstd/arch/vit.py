@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, BlockRef, UnsupportedModelError, WindowMap
+from .base import Adapter, BlockRef, HeadRef, LRPRef, UnsupportedModelError, WindowMap
 
 __all__ = ["ViTAdapter"]
 
@@ -59,6 +59,7 @@ class ViTAdapter(Adapter):
                     qkv=attn.qkv if fused else None,
                     qk_norm=(attn.q_norm, attn.k_norm) if fused else None,
                     out=attn.norm if fused else None,
+                    lrp=_lrp_ref(blk) if fused else None,
                 )
             )  # fmt: skip
         if not refs:
@@ -103,3 +104,42 @@ class ViTAdapter(Adapter):
 
     def patch_features(self, f: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         return f[:, self.num_prefix :], self.grid(f.shape[1])
+
+    def lrp_head(self) -> HeadRef | None:
+        m = self.model
+        if not isinstance(m.head, nn.Linear):
+            return None
+        # forward_features ends with norm (Identity when fc_norm is used); forward_head pools,
+        # applies fc_norm and the head Linear.
+        return HeadRef(tokens=m.norm, fc=m.head, norms=_norms(m.norm_pre, m.norm, m.fc_norm))
+
+    def embedding_grid(self, r: torch.Tensor) -> torch.Tensor:
+        r = r.float().sum(dim=-1)
+        if r.ndim == 3:  # dynamic-size models keep the patch embedding's (B, h, w, C) layout
+            return r
+        h, w = self.grid(r.shape[1] + self.num_prefix)
+        return r.reshape(r.shape[0], h, w)
+
+
+def _norms(*modules: nn.Module) -> tuple[nn.Module, ...]:
+    return tuple(m for m in modules if not isinstance(m, nn.Identity))
+
+
+def _lrp_ref(blk: nn.Module) -> LRPRef | None:
+    """The LRP view of a timm ViT Block: standard Attention (no output gate) and Mlp or SwiGLU."""
+    attn, mlp = blk.attn, blk.mlp
+    if getattr(attn, "gate", None) is not None:
+        return None
+    kind = type(mlp).__name__
+    if kind == "Mlp":
+        fc1, gates = mlp.fc1, ()
+    elif kind == "SwiGLU":
+        fc1, gates = None, (mlp.fc1_g, mlp.fc1_x)
+    else:
+        return None
+    return LRPRef(
+        proj=attn.proj, norm2=blk.norm2, fc1=fc1, act=mlp.act, fc2=mlp.fc2,
+        branch1=blk.drop_path1, branch2=blk.drop_path2,
+        norms=_norms(blk.norm1, attn.q_norm, attn.k_norm, attn.norm, blk.norm2, mlp.norm),
+        gate_inputs=gates,
+    )  # fmt: skip

@@ -1,6 +1,14 @@
 """Attribution methods: one small module each over a shared base, and the registry."""
 
-from . import attention, gae, gradcam, lnstd, rollout  # noqa: F401  (registers the methods)
+from . import (  # noqa: F401  (registers the methods)
+    attention,
+    attnlrp,
+    gae,
+    gradcam,
+    lnstd,
+    rollout,
+    transformer_attribution,
+)
 from .base import (
     BLOCKS,
     ChainMethod,

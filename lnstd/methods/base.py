@@ -179,6 +179,17 @@ class ChainMethod(Method):
 
         return view.shared("gradient_attention", make)
 
+    @staticmethod
+    def relevance_attention(view: BlockView) -> torch.Tensor:
+        """``mean_h (G_b ⊙ R_A_b)^+`` (padding masked), float32, with ``R_A_b`` the LRP relevance of
+        ``A_b`` (Chefer et al. 2021a; docs/lrp.md)."""
+
+        def make() -> torch.Tensor:
+            m = (view.gradient * view.attention_relevance).clamp(min=0)
+            return mask_padding(head_mean(m, view.batch), view.wm)
+
+        return view.shared("relevance_attention", make)
+
 
 class PassMethod(Method):
     """A method that needs a pass of its own (its rules change the backward pass itself).
