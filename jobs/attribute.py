@@ -73,6 +73,11 @@ def validate(cfg: RunConfig, opts: storage.StorageOptions) -> Source:
     if cfg.checkpoint_sha256 is None and cfg.checkpoint:
         raise ModelError(f"checkpoint not found: {cfg.checkpoint}")
     _, model = check_model(cfg.model, cfg.checkpoint, **cfg.model_args)
+    if not cfg.methods:  # the default: every method that applies to this model
+        from lnstd.arch import get_adapter
+        from lnstd.methods import applicable_methods
+
+        cfg.methods = applicable_methods(get_adapter(model))
     try:
         Explainer(model, cfg.methods, precision=cfg.precision, capture=cfg.capture, **cfg.options)
     except TypeError as exc:
@@ -107,8 +112,10 @@ def check_output(output: str, opts: storage.StorageOptions) -> None:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise OutputError(f"--output {output}: {probe} is a file, so the folder cannot be created")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"--output {output}: no permission to write in {probe}")
+    try:  # os.access says yes to root everywhere: try it (an empty folder, removed at once)
+        os.rmdir(tempfile.mkdtemp(prefix=".lnstd-probe-", dir=probe))
+    except OSError as exc:
+        raise OutputError(f"--output {output}: cannot write in {probe} ({exc.strerror})") from None
 
 
 def _previous(cfg: RunConfig, opts: storage.StorageOptions) -> dict[str, Any] | None:
@@ -162,6 +169,10 @@ def _ray_init(cfg: RunConfig) -> bool:
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(lnstd.__file__))))
     try:
         ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise ResourceError(
+            f"--address {address}: no Ray cluster answers there ({_last_line(exc)})"
+        ) from None
     finally:
         os.chdir(here)
     return bool(address)
@@ -323,9 +334,18 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         actors.wait_first(cfg.startup_timeout, external)
         lease.acquire()
         try:
-            plan = _prepare(cfg, opts, run_id, plan, staging)
+            # The checks above only fail fast; under the lease they are made again, for real: a
+            # run that finished between our check and our claim may have recorded its own
+            # configuration and plan.
+            previous = _previous(cfg, opts)
+            run_id = previous["run_id"] if previous and not cfg.overwrite else run_id
+            publish = staging
+            committed_plan = None if cfg.overwrite else Plan.load(cfg.output, opts)
+            if committed_plan is not None and publish is not None:
+                plan, publish = committed_plan, None  # use the plan another run committed
+            plan = _prepare(cfg, opts, run_id, plan, publish)
             return _schedule(
-                cfg, opts, run_id, plan, source, actors, lease, t_start, progress, resumed=staging is None
+                cfg, opts, run_id, plan, source, actors, lease, t_start, progress, resumed=publish is None
             )
         finally:
             lease.release()

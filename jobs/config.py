@@ -44,7 +44,7 @@ class RunConfig:
     input: str
     output: str
     model: str
-    methods: list[str]
+    methods: list[str]  # empty: every method that applies to the model (resolved before the run)
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     pretrained: bool = False
@@ -69,6 +69,7 @@ class RunConfig:
     lease_ttl: float = 60.0
     startup_timeout: float = 600.0
     verbose: bool = False
+    fail_on_errors: bool = False
 
     def __post_init__(self) -> None:
         self.input = _absolute(self.input)

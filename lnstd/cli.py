@@ -114,6 +114,8 @@ def _add_run(sub: Any) -> None:
                    help="on a resume, add inputs that appeared since the plan, as new shards")  # fmt: skip
     p.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the first of repeated manifest ids/uris instead of refusing")  # fmt: skip
+    p.add_argument("--fail-on-errors", action=argparse.BooleanOptionalAction, default=False,
+                   help="exit 1 if any image got an error row (default: only if a shard failed)")  # fmt: skip
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default AWS_ENDPOINT_URL)")
     p.add_argument(
         "--lease-ttl", type=float, default=60.0, help="seconds before a silent run's lease expires"
@@ -147,7 +149,6 @@ def _demo(args: argparse.Namespace) -> tuple[str, str, str, list[tuple[str, Any]
 def _cmd_run(args: argparse.Namespace) -> int:
     from .jobs.attribute import run
     from .jobs.config import RunConfig
-    from .methods import list_methods
     from .models import checkpoint_config
 
     model, checkpoint, model_args = args.model, args.checkpoint, list(args.model_arg)
@@ -165,7 +166,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         input=args.input,
         output=args.output or "lnstd-out",
         model=model,
-        methods=args.methods or list_methods(),
+        methods=args.methods or [],
         checkpoint=checkpoint,
         pretrained=args.pretrained,
         model_args=dict(model_args),
@@ -189,6 +190,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         lease_ttl=args.lease_ttl,
         startup_timeout=args.startup_timeout,
         verbose=args.verbose,
+        fail_on_errors=args.fail_on_errors,
     )
     manifest = run(cfg, progress=args.progress)
     if args.report:
@@ -202,7 +204,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"lnstd: warning: no report ({type(exc).__name__}: {exc})", file=sys.stderr)
             if args.traceback or args.verbose:
                 traceback.print_exc()
-    return 1 if manifest["counts"]["shards_failed"] else 0
+    counts = manifest["counts"]
+    return 1 if counts["shards_failed"] or (args.fail_on_errors and counts["errors"]) else 0
 
 
 def _model_name(args: argparse.Namespace) -> str:
@@ -215,9 +218,11 @@ def _model_name(args: argparse.Namespace) -> str:
 def _cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
-    from . import Explainer, list_methods, load_model
+    from . import Explainer, load_model
+    from .arch import get_adapter
     from .data import IMAGE_EXTENSIONS, DecodeError
     from .data.preprocess import Preprocess
+    from .methods import applicable_methods
     from .storage import list_files
     from .viz import overlay, strip
 
@@ -231,7 +236,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             raise UsageError(f"no such image or folder: {arg}")
     torch.manual_seed(0)
     model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
-    methods = args.methods or list_methods()
+    methods = args.methods or applicable_methods(get_adapter(model))
     explainer = Explainer(model, methods, precision=args.precision, capture=args.capture, **dict(args.option))
     prep = Preprocess.for_model(model, args.fit)
     target = None if args.target == "predicted" else int(args.target)
@@ -312,17 +317,18 @@ def _eval_one(args: argparse.Namespace, checkpoint: str | None) -> None:
     import torch
     from tqdm import tqdm
 
-    from . import list_methods, load_model
+    from . import load_model
     from .arch import get_adapter
     from .data.eval_sets import dataset_batches
     from .data.toy import toy_batch
     from .evaluate import ablation, class_sensitivity, evaluate, write_results
+    from .methods import applicable_methods
     from .train import toy_tensors
 
     t0 = time.time()
     torch.manual_seed(0)
     model = load_model(args.model, checkpoint, args.pretrained, **dict(args.model_arg))
-    methods = args.methods or list_methods()
+    methods = args.methods or applicable_methods(get_adapter(model))
     options = {"precision": args.precision, "capture": args.capture, **dict(args.option)}
     batches, n = dataset_batches(args.dataset, model, args.batch_size, args.n)
     name = args.model or os.path.splitext(os.path.basename(checkpoint or "model"))[0]

@@ -115,7 +115,9 @@ def _resolve(
     if side.get("model") == name:
         timm_kwargs = {**side.get("model_args", {}), **timm_kwargs}
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:3] if "_" in name else []
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.8)
         hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
         raise ModelError(f"unknown timm model {name!r}{hint}")
     return name, timm_kwargs, side

@@ -34,6 +34,15 @@ class S3Server:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
+    def fs(self):
+        """A pyarrow S3 filesystem on this server (for reading what a run wrote)."""
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            access_key=self.env["AWS_ACCESS_KEY_ID"], secret_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            endpoint_override=self.endpoint.split("://")[1], scheme="http", region="us-east-1",
+        )  # fmt: skip
+
     def client(self):
         import boto3
 

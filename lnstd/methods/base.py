@@ -19,6 +19,7 @@ __all__ = [
     "Option",
     "PassMethod",
     "PassResult",
+    "applicable_methods",
     "get_method",
     "list_methods",
     "register",
@@ -53,6 +54,21 @@ def get_method(name: str) -> type[Method]:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}") from None
+
+
+def applicable_methods(adapter: Adapter) -> list[str]:
+    """The registered methods that can explain the adapter's model (the others raise
+    :class:`~lnstd.arch.UnsupportedModelError` saying why)."""
+    from ..arch.base import UnsupportedModelError
+
+    names = []
+    for name in list_methods():
+        try:
+            _REGISTRY[name](adapter)
+        except UnsupportedModelError:
+            continue
+        names.append(name)
+    return names
 
 
 def resolve_blocks(blocks: str | int, num_blocks: int) -> list[int]:
