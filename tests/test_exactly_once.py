@@ -368,8 +368,9 @@ def test_report_renders_when_no_target_equals_the_prediction(tmp_path):
     flags = [
         biased if f.endswith("tiny.safetensors") else f for f in model_flags(tmp_path / "tiny.safetensors")
     ]
-    r = run_cli("run", "--input", str(tmp_path / "in" / "list.csv"), "--output", str(tmp_path / "out"), *flags,
-                "--target", "label", "--no-progress", "--cpus-per-actor", "0.5", "--methods", "gae,lnstd")  # fmt: skip
+    r = run_cli("run", "--input", str(tmp_path / "in" / "list.csv"), "--output", str(tmp_path / "out"),
+                *flags, "--target", "label", "--no-progress", "--cpus-per-actor", "0.5",
+                "--methods", "gae,lnstd")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "warning" not in r.stderr
     rows = read_rows(tmp_path / "out")
