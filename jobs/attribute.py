@@ -426,7 +426,7 @@ def _schedule(
     total = plan.inputs
     bar = tqdm(total=total, initial=sum(sizes[s] for s in committed if s in sizes), unit="img",
                disable=not progress, mininterval=1.0, file=sys.stderr,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {postfix}]")  # fmt: skip
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")  # fmt: skip
     bar.set_postfix_str(f"{rate():.1f} img/s", refresh=False)
 
     state = {"exhausted": False}

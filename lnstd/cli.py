@@ -35,9 +35,11 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def _methods(text: str) -> list[str]:
-    from .methods import get_method, list_methods
+    from .methods import get_method
 
-    names = list_methods() if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    if text == "all":
+        return []  # every method that applies to the model (resolved once the model is known)
+    names = [m.strip() for m in text.split(",") if m.strip()]
     for n in names:
         try:
             get_method(n)

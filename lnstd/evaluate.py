@@ -1,5 +1,5 @@
 """Evaluation of explanations: the ImageNet-segmentation protocol, perturbation tests, baselines,
-the model-randomisation sanity check (Adebayo et al. 2018), the METHODS.md ablation and the
+the model-randomisation sanity check (Adebayo et al. 2018), the ablation of docs/methods.md and the
 two-object class-sensitivity check. Everything runs batched on the model's device."""
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def class_sensitivity(model: nn.Module, images: torch.Tensor, masks: torch.Tenso
 def ablation(
     model: nn.Module, batches: Callable[[], Iterator[Batch]], blocks: list[Any]
 ) -> list[dict[str, Any]]:
-    """mIoU / mAP of ``lnstd`` for every std x normalize x blocks combination (METHODS.md)."""
+    """mIoU / mAP of ``lnstd`` for every std x normalize x blocks combination (docs/methods.md)."""
     rows = []
     for std, norm, blk in itertools.product(
         ("inverse", "multiply", "none"), ("matrix", "row", "none"), blocks

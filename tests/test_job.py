@@ -298,17 +298,6 @@ def test_missing_credentials_say_which(tmp_path):
     assert r.returncode == 2 and "AWS_SECRET_ACCESS_KEY is not" in r.stderr
 
 
-def test_demo_is_the_first_command(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "lnstd", "run", "--no-progress"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = tmp_path / "lnstd-out"
-    assert (out / "_SUCCESS").exists()
-    rows = read_rows(out)
-    assert len(rows) == 48 * len(lnstd.list_methods())
-    assert all(r["foreground_iou"] is not None and r["label"] is not None for r in rows)
-
-
 def test_topk_targets_png_column_and_partial_masks(ckpt, tmp_path):
     """--target topk:2 writes one row per image x method x class; --save-png at the image's size."""
     import csv

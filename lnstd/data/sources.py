@@ -181,7 +181,7 @@ class MatSource(Source):
 
 
 def read_mat_sample(ref: str) -> tuple[np.ndarray, np.ndarray]:
-    """``path#i`` -> (image uint8 (H, W, 3), mask bool (H, W)), transposed as METHODS.md states."""
+    """``path#i`` -> (image uint8 (H, W, 3), mask bool (H, W)), transposed as docs/methods.md states."""
     import h5py
 
     path, _, idx = ref.rpartition("#")

@@ -15,7 +15,7 @@ MASK_METRICS = ("foreground_iou", "pointing_game", "mass_in_mask")
 def mask_metrics(heat: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image scores of (B, h, w) heatmaps against (B, H, W) boolean masks.
 
-    The heatmap is upsampled bilinearly to the mask and min-max scaled (METHODS.md, Evaluation):
+    The heatmap is upsampled bilinearly to the mask and min-max scaled (docs/methods.md, Evaluation):
     ``foreground_iou``: foreground (heat > mean) vs mask; ``pointing_game``: 1 if the hottest pixel is in the
     mask; ``mass_in_mask``: share of the total relevance that falls inside the mask.
     """

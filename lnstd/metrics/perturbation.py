@@ -1,5 +1,5 @@
 """Perturbation tests: positive/negative perturbation and deletion/insertion, one batched forward
-per step (METHODS.md, Evaluation; Petsiuk et al. 2018 for deletion/insertion)."""
+per step (docs/methods.md, Evaluation; Petsiuk et al. 2018 for deletion/insertion)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ImageNet-segmentation protocol (Chefer et al. 2021a), batched on tensors (METHODS.md, Evaluation).
+"""The ImageNet-segmentation protocol (Chefer et al. 2021a), batched on tensors (docs/methods.md).
 
 Heatmaps are upsampled bilinearly to the mask, min-max scaled to [0, 1]; foreground = heat > mean.
 Pixel accuracy and mIoU accumulate counts over the whole dataset; AP is per image, then averaged.

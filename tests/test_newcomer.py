@@ -1,0 +1,237 @@
+"""What a newcomer meets first and what a maintainer checks: the demo and its output as data, early
+one-line errors, unschedulable resources, the shipped specs, the package's layering and layout."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import lnstd
+
+from .jobhelpers import ROOT, good_image, model_flags, read_rows, run_cli, tiny_checkpoint
+
+CLEAN_ENV = {"RAY_ADDRESS": None}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+# --- the demo, and its output as a dataset ---------------------------------------------------------
+@pytest.mark.integration
+def test_demo_output_is_a_dataset_readers_can_point_at(tmp_path):
+    import duckdb
+
+    work = tmp_path / "here"
+    work.mkdir()
+    r = subprocess.run([sys.executable, "-m", "lnstd", "run"], cwd=work, capture_output=True, text=True,
+                       timeout=300, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = work / "lnstd-out"
+    # Ray's own warnings, worker logs and tracebacks stay out of the terminal
+    assert "Token authentication" not in r.stderr and "(raylet)" not in r.stderr and "WARNING" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert all(ln.startswith("lnstd: ") or "/48 [" in ln for ln in lines), r.stderr  # ours, or the bar
+    # one throughput figure: the bar's last rate is the summary's
+    bar = re.findall(r"([\d.]+) img/s\]", r.stderr)
+    summary = re.search(r"at ([\d.]+) img/s", r.stderr)
+    assert bar and summary and bar[-1] == summary.group(1), r.stderr
+    methods = lnstd.list_methods()
+    rows = read_rows(out)
+    assert len(rows) == 48 * len(methods) and {row["method"] for row in rows} == set(methods)
+    assert all(row["status"] == "ok" for row in rows)
+    # the committed toy ViT knows this task: it gets (almost) every label right
+    assert sum(row["correct"] for row in rows if row["method"] == "gae") >= 45
+    assert all(os.path.isabs(row["source"]) and os.path.isfile(row["source"]) for row in rows)
+    # a reader given the output folder gets exactly the heatmap rows
+    table = pq.read_table(out)
+    assert table.num_rows == len(rows) and "heatmap" in table.column_names
+    assert duckdb.sql(f"select count(*) from read_parquet('{out}')").fetchone()[0] == len(rows)
+    assert duckdb.sql(f"select count(*) from read_parquet('{out}/**/*.parquet')").fetchone()[0] == len(rows)
+    parquet = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet"))
+    assert parquet == ["heatmaps/part-00000.parquet"]
+    assert all(p.name.startswith("_") for p in out.iterdir() if p.name != "heatmaps")
+    # the report from another working directory shows every image
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, "-m", "lnstd", "report", str(out)], cwd=elsewhere,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    page = (out / "_report.html").read_text()
+    assert "source unreadable" not in page and page.count("<img class='g'") == 12 * (1 + len(methods))
+
+
+# --- fail early, in one line ------------------------------------------------------------------------
+def _blocked_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI in a process where importing Ray fails: an error found before Ray is touched still
+    comes out as the user's one line; anything that needed Ray would be an internal error."""
+    code = "import sys; sys.modules['ray'] = None; from lnstd.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--model", "vit_tinyy_patch16_224"], "unknown timm model 'vit_tinyy_patch16_224'; did you mean vit_tiny"),
+        (["--model", "vit_tiny_patch16_224", "--checkpoint", "nope.safetensors"], "checkpoint not found"),
+        (["--model", "vit_tiny_patch16_224", "--model-arg", "depthh=2"], "unexpected keyword argument 'depthh'"),
+        (["--model", "vit_tiny_patch16_224", "--option", "std=divide"], "std must be one of"),
+        (["--model", "vit_tiny_patch16_224", "--option", "stdd=2"], "unknown option 'stdd'"),
+        (["--model", "vit_tiny_patch16_224", "--methods", "gae", "--option", "lnstd.std=none"],
+         "is for method 'lnstd', which is not among"),
+        (["--model", "vit_tiny_patch16_224", "--decode", "gpu"], "--decode gpu needs --gpus-per-actor"),
+    ],
+)  # fmt: skip
+def test_model_methods_and_options_are_checked_before_ray_and_before_writing(tmp_path, flags, needle):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(good_image(1))
+    r = _blocked_ray("run", "--input", "in", "--output", "out", *flags, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("lnstd: error: ") and needle in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written, no output folder
+
+
+@pytest.mark.integration
+def test_a_wrong_model_then_the_right_one_is_not_refused(ckpt, tmp_path):
+    """The corrected command starts: the failed one left nothing that claims the output."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(good_image(1))
+    wrong = ["--model" if f == "--model" else ("vit_tiny_patch16_22" if f == "vit_tiny_patch16_224" else f)
+             for f in model_flags(ckpt)]  # fmt: skip
+    args = ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress",
+            "--cpus-per-actor", "0.5", "--methods", "gae"]  # fmt: skip
+    r = run_cli(*args, *wrong, env=CLEAN_ENV)
+    assert r.returncode == 2 and not (tmp_path / "out").exists()
+    r = run_cli(*args, *model_flags(ckpt), env=CLEAN_ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [row["status"] for row in read_rows(tmp_path / "out", ["status"])] == ["ok"]
+
+
+def test_wrong_paths_for_aggregate_and_report_say_what_is_wrong(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for cmd in ("aggregate", "report"):
+        for path in (tmp_path / "missing", tmp_path / "empty"):
+            r = run_cli(cmd, str(path))
+            assert r.returncode == 2 and r.stderr.count("\n") == 1
+            assert f"{path}: no lnstd output here (no heatmaps/ folder)" in r.stderr
+
+
+def test_a_bug_is_an_internal_error_and_traceback_shows_it(tmp_path):
+    code = ("import sys, lnstd.cli as c; c._cmd_methods = lambda a: 1 / 0; "
+            "sys.exit(c.main(sys.argv[1:]))")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code, "methods"], capture_output=True, text=True, timeout=60)
+    assert (
+        r.returncode == 1 and "internal error (ZeroDivisionError" in r.stderr and "Traceback" not in r.stderr
+    )
+    r = subprocess.run([sys.executable, "-c", code, "methods", "--traceback"], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
+    assert "ZeroDivisionError: division by zero\n" in r.stderr  # the traceback's last line
+
+
+@pytest.mark.integration
+def test_unschedulable_actors_fail_fast_naming_what_is_missing(ckpt, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(good_image(1))
+    base = ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *model_flags(ckpt),
+            "--no-progress", "--methods", "gae"]  # fmt: skip
+    cpus = os.cpu_count()
+    for flags, needle in ((["--cpus-per-actor", str(cpus + 2)], f"an actor needs {cpus + 2} CPUs"),
+                          (["--gpus-per-actor", "1", "--cpus-per-actor", "0.5"], "and 1 GPUs, but this machine has")):  # fmt: skip
+        r = run_cli(*base, *flags, env=CLEAN_ENV, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert needle in r.stderr and r.stderr.count("\n") == 2  # the plan line, then the error
+    assert not (tmp_path / "out").exists()
+
+
+# --- the shipped job specs run on this machine ------------------------------------------------------
+def _write_mat(path: Path, n: int = 2) -> None:
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        refs = f.create_group("#refs#")
+        img_refs = f.create_dataset("/value/img", (n, 1), dtype=h5py.ref_dtype)
+        gt_refs = f.create_dataset("/value/gt", (n, 1), dtype=h5py.ref_dtype)
+        for i in range(n):
+            img = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+            mask = np.zeros((40, 56), np.uint8)
+            mask[5:20, 10:30] = 1
+            img_refs[i, 0] = refs.create_dataset(f"img{i}", data=img.transpose(2, 1, 0)).ref
+            gt = refs.create_dataset(f"gt{i}", data=mask.T)
+            cell = refs.create_dataset(f"cell{i}", (1, 1), dtype=h5py.ref_dtype)
+            cell[0, 0] = gt.ref
+            gt_refs[i, 0] = cell.ref
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("spec", sorted(p.name for p in (ROOT / "jobs" / "specs").glob("*.yaml")))
+def test_shipped_specs_run_here(spec, tmp_path):
+    """Each spec runs with only what this machine lacks overridden: data, downloads, GPUs."""
+    (tmp_path / "in").mkdir()
+    for k in range(2):
+        (tmp_path / "in" / f"s{k}.jpg").write_bytes(good_image(2 * k))
+    overrides = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-pretrained",
+                 "--no-progress", "--no-report"]  # fmt: skip
+    if spec.startswith("imagenet-seg"):
+        _write_mat(tmp_path / "gtsegs_ijcv.mat")
+        overrides[1] = str(tmp_path / "gtsegs_ijcv.mat")
+    if "gpus-per-actor" in (ROOT / "jobs" / "specs" / spec).read_text():
+        overrides += ["--gpus-per-actor", "0", "--actors", "1", "--cpus-per-actor", "1"]
+    r = run_cli("run", "--spec", spec.removesuffix(".yaml"), *overrides, env=CLEAN_ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_rows(tmp_path / "out")
+    assert rows and all(row["status"] == "ok" for row in rows)
+    assert len({row["image_id"] for row in rows}) == 2
+
+
+# --- layering and packaging ---------------------------------------------------------------------------
+def test_only_the_cli_imports_the_job_layer():
+    offenders = []
+    for path in (ROOT / "lnstd").rglob("*.py"):
+        if path.name == "cli.py" and path.parent.name == "lnstd":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            offenders += [
+                f"{path.relative_to(ROOT)}: {n}" for n in names if re.match(r"^(\.*jobs|lnstd\.jobs)", n)
+            ]
+    assert offenders == []
+
+
+def test_users_never_need_the_design_folder():
+    hits = []
+    for base in ("README.md", "lnstd", "jobs", "docs", "cluster", "benchmarks"):
+        for path in [ROOT / base] if base.endswith(".md") else (ROOT / base).rglob("*"):
+            if path.is_file() and path.suffix in (".py", ".md", ".yaml", ".sh"):
+                text = path.read_text()
+                hits += [
+                    f"{path.relative_to(ROOT)}: {m}" for m in re.findall(r"shared/design|METHODS\.md", text)
+                ]
+    assert hits == []
+
+
+@pytest.mark.integration
+def test_the_wheel_installs_no_generic_top_level_name(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("lnstd-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"lnstd", f"{wheel.name.split('-py3')[0]}.dist-info"}
+    assert "lnstd/jobs/attribute.py" in names and "lnstd/jobs/specs/folder-local.yaml" in names
+    assert "lnstd/checkpoints/toy_vit.safetensors" in names
