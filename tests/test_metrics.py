@@ -111,7 +111,14 @@ def test_perturbation_curves_known_answer_and_batching():
     # deleting the relevant quadrant first destroys the evidence; deleting elsewhere does not
     assert (auc(right["deletion"]) < auc(wrong["deletion"])).all()
     assert (auc(right["insertion"]) > auc(wrong["insertion"])).all()
-    assert (auc(right["positive"]) <= auc(wrong["positive"])).all()
+    # The right map ranks the 16 quadrant pixels strictly first (bilinear values >= 0.5625 inside,
+    # <= 0.25 outside). Positive: 10% (6 px) leaves the quadrant's mean at 10/16 (still class 0),
+    # 20% (13 px) at 3/16 (class 1). Negative: up to 70% only outside pixels go; 80% removes 3
+    # quadrant pixels (13/16 left, class 0), 90% removes 10 (6/16, class 1).
+    torch.testing.assert_close(right["positive"], torch.tensor([[1.0, 1.0] + [0.0] * 8] * 2))
+    torch.testing.assert_close(right["negative"], torch.tensor([[1.0] * 9 + [0.0]] * 2))
+    torch.testing.assert_close(auc(right["positive"]), torch.tensor([0.15, 0.15]))
+    assert (auc(wrong["positive"]) > auc(right["positive"])).all()
     # a batch equals its images one by one
     hm = torch.rand(2, 4, 4)
     batched = perturbation_curves(model, x, hm, t)
