@@ -63,8 +63,8 @@ def test_demo_output_is_a_dataset_readers_can_point_at(tmp_path):
     # a reader given the output folder gets exactly the heatmap rows
     table = pq.read_table(out)
     assert table.num_rows == len(rows) and "heatmap" in table.column_names
-    assert duckdb.sql(f"select count(*) from read_parquet('{out}')").fetchall()[0][0] == len(rows)
-    assert duckdb.sql(f"select count(*) from read_parquet('{out}/**/*.parquet')").fetchall()[0][0] == len(rows)
+    for source in (f"'{out}'", f"'{out}/**/*.parquet'"):
+        assert duckdb.sql(f"select count(*) from read_parquet({source})").fetchall()[0][0] == len(rows)
     parquet = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet"))
     assert parquet == ["heatmaps/part-00000.parquet"]
     assert all(p.name.startswith("_") for p in out.iterdir() if p.name != "heatmaps")
