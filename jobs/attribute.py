@@ -157,7 +157,8 @@ def _ray_init(cfg: RunConfig) -> bool:
     }
     if address:
         kwargs["address"] = address
-    else:
+    else:  # our own cluster, even if another one runs on this machine (Ray would join that one)
+        kwargs["address"] = "local"
         kwargs["include_dashboard"] = False
     # Ray puts the driver's working directory first on its workers' import path (and starts them
     # there). A folder in it named like this package (a checkout's parent, say) would shadow the

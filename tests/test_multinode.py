@@ -78,6 +78,19 @@ def test_actors_spread_a_joining_node_gets_work_and_a_lost_node_loses_nothing(tm
         finally:
             if proc.poll() is None:
                 proc.kill()
+        # Without --address the job starts its own cluster, even while another runs on the machine
+        # (Ray's plain ray.init() would join that one).
+        (tmp_path / "few").mkdir()
+        for k in range(4):
+            (tmp_path / "few" / f"{k}.png").write_bytes(good_image(k))
+        alone = subprocess.run(
+            [sys.executable, "-m", "lnstd", "run", "--input", str(tmp_path / "few"), "--output",
+             str(tmp_path / "alone"), *model, "--methods", "gae", "--no-progress", "--no-report",
+             "--cpus-per-actor", "0.5"],
+            cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert alone.returncode == 0, alone.stderr[-2000:]
+        assert len(read_rows(tmp_path / "alone", ["image_id"])) == 4
     finally:
         cluster.shutdown()
     assert before < n_images // 4 - 10, "the job (nearly) finished before the node was removed"
