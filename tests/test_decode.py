@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lnstd.data import DecodeError, decode_image
@@ -61,3 +62,70 @@ def test_bad_files_are_refused_with_a_reason(name, data):
         decode_image(data)
     assert str(info.value)
     assert "\n" not in str(info.value)
+
+
+def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A smooth, photo-like picture (JPEG handles it as it handles photos)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    base = np.stack([np.sin(6 * xx + c) * np.cos(4 * yy - c) for c in (0.0, 1.0, 2.0)], -1)
+    arr = (base * 90 + 128 + rng.normal(0, 6, (h, w, 3))).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def test_preprocess_resize_and_crop_geometry_and_draft_decoding():
+    from lnstd.data.preprocess import Preprocess
+
+    img = _photo(500, 375)
+    data = _bytes(img, "JPEG", quality=90)
+    full = Preprocess((224, 224), fit="resize", draft=False)
+    drafted = Preprocess((224, 224), fit="resize", draft=True)
+    x_full, g = full.load(data)
+    x_draft, g2 = drafted.load(data)
+    assert g == g2 and g.box == (0.0, 0.0, 500.0, 375.0) and (g.width, g.height) == (500, 375)
+    assert x_full.shape == (3, 224, 224)
+    # at 224 px no DCT reduction keeps 224 rows (a half-scale decode has 188): the same pixels;
+    # at 96 px a half-scale decode (250 x 188) is taken, and stays close to a full decode
+    small_full, _ = Preprocess((96, 96), draft=False).load(data)
+    small_draft, _ = Preprocess((96, 96), draft=True).load(data)
+    assert (small_full - small_draft).abs().mean() < 0.05  # normalised units (std ~0.23 of [0, 1])
+    torch_close = torch.testing.assert_close
+    torch_close(x_full, x_draft)  # no reduction possible at 224: identical
+    crop = Preprocess((224, 224), fit="center-crop", crop_pct=0.875)
+    _, gc = crop.load(data)
+    side = 375 * 0.875
+    assert gc.box == pytest.approx(((500 - side) / 2, (375 - side) / 2, (500 + side) / 2, (375 + side) / 2))
+
+
+def test_tensor_decode_path_matches_pil_and_falls_back_per_image():
+    """The GPU decoder's code path, run on the CPU: JPEGs are decoded by torchvision and resized as
+    tensors (close to PIL's resize), and anything else takes the PIL path or becomes an error."""
+    from types import SimpleNamespace
+
+    from lnstd.data.decode import jpeg_header
+    from lnstd.data.gpu import decode_on_gpu
+    from lnstd.data.preprocess import Preprocess
+
+    prep = Preprocess((64, 64), fit="center-crop", crop_pct=0.9, draft=False)
+    jpeg = _bytes(_photo(120, 80), "JPEG", quality=95)
+    png = _bytes(_photo(90, 60, 1), "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = _bytes(_photo(40, 70, 2), "JPEG", quality=95, exif=exif)
+    broken = jpeg[: len(jpeg) // 2]
+    header = jpeg_header(jpeg)
+    assert header == (120, 80, True) and jpeg_header(rotated) == (70, 40, False) and jpeg_header(png) is None
+    batch = [
+        SimpleNamespace(raw=jpeg, geometry=prep.geometry(120, 80), tensor=None, error=None, detail=None),
+        SimpleNamespace(raw=rotated, geometry=prep.geometry(70, 40), tensor=None, error=None, detail=None),
+        SimpleNamespace(raw=broken, geometry=prep.geometry(120, 80), tensor=None, error=None, detail=None),
+        SimpleNamespace(raw=None, geometry=None, tensor=torch.zeros(3, 64, 64), error=None, detail=None),
+    ]
+    decode_on_gpu(batch, prep, torch.device("cpu"))
+    pil, _ = prep.load(jpeg)
+    assert batch[0].tensor.shape == (3, 64, 64)
+    assert (batch[0].tensor - pil).abs().mean() < 0.03  # torchvision's antialiased resize vs PIL's
+    torch.testing.assert_close(batch[1].tensor, prep.load(rotated)[0])  # rotated: the PIL path
+    assert batch[2].error == "corrupt or truncated image" and batch[2].tensor is None
+    assert batch[3].tensor.abs().sum() == 0  # entries without raw bytes are left alone
+    assert all(b.raw is None for b in batch)
