@@ -237,8 +237,8 @@ class Session:
                 self.attn[i] = out
 
             self._hook(ref.attn_drop.register_forward_hook(drop_post))
-            if i not in needs.relevance:  # the relevance walk reads q, k, v in either mode
-                return
+            if i not in needs.relevance or ref.qkv is None:  # the relevance walk reads q, k, v in
+                return  # either mode; where no module outputs them, the adapter recomputes them
         parts = self.parts.setdefault(i, AttentionParts())
         heads = int(ref.attn.num_heads)
 
@@ -351,6 +351,6 @@ class Session:
 
     def _hand_on(self, view: BlockView, on_block: Callable[[BlockView], None]) -> None:
         if self.walk is not None and view.index in self.needs.relevance:
-            self.walk.step(view, self.parts[view.index])
+            self.walk.step(view, self.parts.get(view.index))
         on_block(view)
         self._release(view.index)

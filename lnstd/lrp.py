@@ -5,7 +5,9 @@
   attention probabilities, which ``transformer_attribution`` weights by the attention gradient.
 - :class:`ModifiedGradients`: AttnLRP (Achtibat et al., ICML 2024) as one backward pass. Every rule is
   written as gradient x input; forward hooks keep each output and swap the gradient of the layers
-  where the rule differs from the plain gradient (normalisations, activations, q/k/v, gated products).
+  where the rule differs from the plain gradient (normalisations, activations, q/k/v or A V and A,
+  gated products), and ``F.normalize`` calls inside a module (Swin V2) get the norm rule through a
+  ``TorchFunctionMode`` for the duration of the pass.
 
 Both work on whole batches: every sum a rule takes runs over one image, never over the batch.
 """
@@ -18,9 +20,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from .arch.base import Adapter, AttentionParts, UnsupportedModelError, merge_qkv, split_qkv, token_std
+from .arch.base import (
+    Adapter,
+    AttentionParts,
+    LRPOperands,
+    UnsupportedModelError,
+    merge_qkv,
+    split_qkv,
+    token_std,
+)
 
 if TYPE_CHECKING:
     from .capture import BlockView
@@ -33,6 +44,7 @@ __all__ = [
     "clone_relevance",
     "linear_relevance",
     "pool_relevance",
+    "rotation_relevance",
     "safe_divide",
 ]
 
@@ -57,6 +69,18 @@ def linear_relevance(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor) -> 
     xp, xn = x.clamp(min=0), x.clamp(max=0)
     s = safe_divide(r, xp @ wp.T + xn @ wn.T)
     return xp * (s @ wp) + xn * (s @ wn)
+
+
+def rotation_relevance(x: torch.Tensor, m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """:func:`linear_relevance` (alpha = 1) of a per-token linear map without bias, ``y_t = m_t x_t``
+    (a rotary embedding): x and r (B, heads, n, d), m (heads or 1, n, d_out, d_in)."""
+    eq = "tji,bhti->bhtj" if m.shape[0] == 1 else "htji,bhti->bhtj"
+    mt = m[0] if m.shape[0] == 1 else m  # einsum batches over tokens: no (B, heads, n, d, d) copy of m
+    mp, mn = mt.clamp(min=0), mt.clamp(max=0)
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    s = safe_divide(r, torch.einsum(eq, mp, xp) + torch.einsum(eq, mn, xn))
+    back = eq.replace("bhti->bhtj", "bhtj->bhti")
+    return xp * torch.einsum(back, mp, s) + xn * torch.einsum(back, mn, s)
 
 
 def _per_image(t: torch.Tensor) -> torch.Tensor:
@@ -128,14 +152,20 @@ class AttentionRelevance:
                 return lambda _m, _a, out: store.__setitem__(key, out.detach())
             return lambda _m, args: store.__setitem__(key, args[0].detach())
 
+        def keep_call(store: dict[str, Any]) -> Callable[..., None]:
+            def hook(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                store["attn_in"], store["attn_kwargs"] = args[0].detach(), kwargs
+
+            return hook
+
         for ref in self.adapter.blocks[self.lowest :]:
             s, lrp = self.saved.setdefault(ref.index, {}), ref.lrp
-            assert lrp is not None and ref.qkv is not None and lrp.fc1 is not None
+            assert lrp is not None and lrp.fc1 is not None
             register(ref.block.register_forward_pre_hook(keep(s, "x")))
-            register(ref.qkv.register_forward_pre_hook(keep(s, "qkv_in")))
+            register(ref.attn.register_forward_pre_hook(keep_call(s), with_kwargs=True))  # = qkv input
             register(lrp.proj.register_forward_pre_hook(keep(s, "proj_in")))
             register(lrp.branch1.register_forward_hook(keep(s, "branch1", output=True)))
-            register(lrp.norm2.register_forward_pre_hook(keep(s, "mid")))
+            register(lrp.mid.register_forward_pre_hook(keep(s, "mid")))
             register(lrp.fc1.register_forward_pre_hook(keep(s, "fc1_in")))
             register(lrp.fc2.register_forward_pre_hook(keep(s, "fc2_in")))
             register(lrp.branch2.register_forward_hook(keep(s, "branch2", output=True)))
@@ -147,32 +177,58 @@ class AttentionRelevance:
             register(m.reduction.register_forward_pre_hook(keep(s, "reduction_in")))
         s = self.saved.setdefault(-1, {})
         register(self.head.tokens.register_forward_hook(keep(s, "tokens", output=True)))
-        register(self.head.fc.register_forward_pre_hook(keep(s, "features")))
+        if not self.head.token_heads:
+            register(self.head.fc.register_forward_pre_hook(keep(s, "features")))
+        for k, (fc, _row) in enumerate(self.head.token_heads):
+            register(fc.register_forward_pre_hook(keep(s, f"features{k}")))
+            register(fc.register_forward_hook(keep(s, f"logits{k}", output=True)))
 
     def start(self, targets: torch.Tensor) -> None:
         """Relevance at the last block's output for a one-hot target (the authors start from 1)."""
         s = self.saved.pop(-1)
-        tokens, features = s["tokens"], s["features"].float()
+        tokens = s["tokens"]
         batch = tokens.shape[0]
-        onehot = F.one_hot(targets, self.head.fc.out_features).float()
-        r = linear_relevance(features, self.head.fc.weight.float(), onehot)  # head drop, fc_norm: identity
-        weights = self.adapter.readout_start(tokens.shape, batch, tokens.device)
         flat = tokens.float().reshape(batch, -1, tokens.shape[-1])
-        self.r = pool_relevance(flat, weights, r)  # final norm: identity
+        onehot = F.one_hot(targets, self.head.fc.out_features).float()
+        if not self.head.token_heads:
+            r = linear_relevance(s["features"].float(), self.head.fc.weight.float(), onehot)  # head drop,
+            weights = self.adapter.readout_start(tokens.shape, batch, tokens.device)  # fc_norm: identity
+            self.r = pool_relevance(flat, weights, r)  # final norm: identity
+            return
+        # Two heads on two token rows, their logits averaged (DeiT): the sum is Add.relprop, the 1/2 a
+        # constant factor (identity); then each head's Linear and its token row (IndexSelect).
+        if len(self.head.token_heads) != 2:
+            raise RuntimeError("the relevance start knows the mean of two token heads")
+        r_logits = add_relevance(s["logits0"].float(), s["logits1"].float(), onehot)
+        self.r = torch.zeros_like(flat)
+        for k, ((fc, row), r_k) in enumerate(zip(self.head.token_heads, r_logits, strict=True)):
+            r_feat = linear_relevance(s[f"features{k}"].float(), fc.weight.float(), r_k)
+            weights = torch.zeros(flat.shape[:2], device=flat.device)
+            weights[:, row] = 1.0
+            self.r = self.r + pool_relevance(flat, weights, r_feat)
 
-    def step(self, view: BlockView, parts: AttentionParts) -> None:
-        """Block ``view.index``: store ``R_A`` in ``view.cache`` and carry the relevance below it."""
+    def step(self, view: BlockView, parts: AttentionParts | None) -> None:
+        """Block ``view.index``: store ``R_A`` in ``view.cache`` and carry the relevance below it.
+
+        ``parts``: q, k, v as the capture's hooks saw them at the qkv projection's output, where it has
+        one (``BlockRef.qkv``); otherwise the adapter recomputes them from the attention's input.
+        """
         i, wm, batch = view.index, view.wm, view.batch
         s, lrp, r = self.saved.pop(i), view.ref.lrp, self.r
-        if r is None or lrp is None or view.ref.qkv is None or lrp.fc1 is None:
+        if r is None or lrp is None or lrp.fc1 is None:
             raise RuntimeError(f"block {i}: the relevance walk is not at this block")
+        if view.ref.qkv is not None and parts is not None:
+            ops = LRPOperands(parts.q, parts.k, parts.v, view.ref.qkv.weight)
+        else:
+            ops = self.adapter.lrp_operands(view.ref, s["attn_in"], s["attn_kwargs"])
 
         def flat(t: torch.Tensor) -> torch.Tensor:  # Swin keeps (B, H, W, C) between some layers
             return t.float().reshape(batch, -1, t.shape[-1])
 
         x, mid = flat(s["x"]), flat(s["mid"])
         # MLP branch: drop-path, layer-scale, dropouts, the MLP's norm, the activation and norm2
-        # all pass relevance unchanged (the authors' identity rules for GELU, Dropout, LayerNorm).
+        # (before the MLP, or after it in post-norm blocks) all pass relevance unchanged (the
+        # authors' identity rules for GELU, Dropout, LayerNorm; RelPropSimple for a constant factor).
         r_mid, r_mlp = add_relevance(mid, flat(s["branch2"]), r)
         r_hidden = linear_relevance(flat(s["fc2_in"]), lrp.fc2.weight.float(), r_mlp)
         r_norm2 = linear_relevance(flat(s["fc1_in"]), lrp.fc1.weight.float(), r_hidden)
@@ -182,17 +238,25 @@ class AttentionRelevance:
         t = wm.window_tokens
         r_proj = wm.to_windows(r_attn).reshape(-1, t, r_attn.shape[-1])
         r_out = linear_relevance(s["proj_in"].float(), lrp.proj.weight.float(), r_proj)
-        v = parts.v.float()
+        v = ops.v.float()
         r_out = r_out.reshape(r_out.shape[0], t, v.shape[1], -1).transpose(1, 2)
         r_a, r_v = bilinear_relevance(view.attention, v, r_out)
         view.cache["attention_relevance"] = r_a
         if i == self.lowest:
             self.r = None
             return
-        # softmax and attention dropout: identity; the scale and the logits' bias/mask are constants
-        r_q, r_kt = bilinear_relevance(parts.q.float(), parts.k.float().transpose(-2, -1), r_a)
-        r_qkv = merge_qkv(r_q, r_kt.transpose(-2, -1), r_v)  # q/k norms: identity
-        r_in = linear_relevance(s["qkv_in"].float(), view.ref.qkv.weight.float(), r_qkv)
+        # softmax and attention dropout: identity; the scale and the logits' bias/mask are constants;
+        # q/k norms and the L2 normalisation of cosine attention: identity; a rotary embedding: Linear
+        r_q, r_kt = bilinear_relevance(ops.q.float(), ops.k.float().transpose(-2, -1), r_a)
+        r_k = r_kt.transpose(-2, -1)
+        if ops.rotation is not None:  # the last n tokens only; the prefix tokens pass unchanged
+            assert ops.q_in is not None and ops.k_in is not None
+            rotation, n = ops.rotation.float(), ops.rotation.shape[-3]
+            r_q, r_k = r_q.clone(), r_k.clone()
+            r_q[..., -n:, :] = rotation_relevance(ops.q_in[..., -n:, :].float(), rotation, r_q[..., -n:, :])
+            r_k[..., -n:, :] = rotation_relevance(ops.k_in[..., -n:, :].float(), rotation, r_k[..., -n:, :])
+        r_qkv = merge_qkv(r_q, r_k, r_v)
+        r_in = linear_relevance(s["attn_in"].float(), ops.weight.float(), r_qkv)
         r_norm1 = wm.from_windows(r_in.reshape(batch, wm.num_windows, t, -1))  # norm1: identity
         r = clone_relevance(x, r_x, r_norm1)
         if i in self.merges:  # patch merging: reduction Linear, norm (identity), 2x2 layout undone
@@ -274,38 +338,84 @@ def _qkv_rule(heads: int) -> Callable:
     return make
 
 
+def _halve_input(_m: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: half of the gradient reaching the module's input goes on (uniform rule on the
+    product ``A V`` that the input is: both ``A`` and ``V`` get half)."""
+    x = args[0]
+    if not x.requires_grad:
+        return None
+    return (_Swap.apply(x, x.detach(), lambda g: g / 2), *args[1:])
+
+
+def _held_normalize(
+    input: torch.Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.normalize`` with the norm held constant: the same value, the gradient of ``x / const``."""
+    if out is not None:
+        raise UnsupportedModelError("attnlrp: F.normalize(..., out=...) inside the model is not supported")
+    denom = input.norm(p, dim, keepdim=True).clamp_min(eps).expand_as(input)
+    return input / denom.detach()
+
+
+class _HeldNormalize(TorchFunctionMode):
+    """AttnLRP's normalisation rule (identity rule on the division by the norm, Prop. 3.4) for the
+    ``F.normalize`` calls no module hook reaches (Swin V2's cosine attention)."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.normalize:
+            return _held_normalize(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 class ModifiedGradients:
     """AttnLRP's rules as forward hooks; use as a context manager around one forward and backward pass.
 
     Inside, the model computes its usual outputs; the gradient of the target logit with respect to
     :attr:`tokens` (the patch embedding's output, a leaf) times :attr:`tokens` is then the AttnLRP
     relevance. Every other layer (linear maps, residual additions, layer-scale, pooling, Swin's window
-    moves, softmax) already has the rule's gradient: see docs/lrp.md. Hooks are removed on exit.
+    moves, softmax, rotary embeddings, biases) already has the rule's gradient: see docs/lrp.md. Hooks
+    are removed on exit.
+
+    Where a block's q, k, v are not a module's output (``BlockRef.qkv`` is None: BEiT, EVA, Swin V2) the
+    uniform rules act at ``A V`` and at ``A`` instead, which needs the unfused attention path:
+    :attr:`unfused` says so, and the caller switches it on (``capture.restored``).
     """
 
     def __init__(self, adapter: Adapter) -> None:
         adapter.check_lrp("attnlrp", gated=True)
         self.adapter = adapter
-        self.rules = self._rules()
+        self.unfused = any(ref.qkv is None for ref in adapter.blocks)
+        self.rules, self.input_rules = self._rules()
         for module, make, _ in self.rules:
             if make is _norm_rule:
                 _check_norm(module)
         self.tokens: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = []
+        self._mode: _HeldNormalize | None = None
 
-    def _rules(self) -> list[tuple[nn.Module, Callable, bool]]:
+    def _rules(self) -> tuple[list[tuple[nn.Module, Callable, bool]], list[nn.Module]]:
         """(module, rule maker, whether the rule acts on the output's gradient rather than replacing
-        the module's own gradient)."""
+        the module's own gradient), and the modules whose input gradient is halved."""
         head = self.adapter.lrp_head()
         assert head is not None
         rules: list[tuple[nn.Module, Callable, bool]] = [(m, _norm_rule, False) for m in head.norms]
+        halve_inputs: list[nn.Module] = []
         for ref in self.adapter.blocks:
             lrp = ref.lrp
-            assert lrp is not None and ref.qkv is not None
+            assert lrp is not None
             rules += [(m, _norm_rule, False) for m in lrp.norms]
-            rules += [(lrp.act, _identity_rule, False), (ref.qkv, _qkv_rule(int(ref.attn.num_heads)), True)]
+            rules.append((lrp.act, _identity_rule, False))
+            if ref.qkv is not None:
+                rules.append((ref.qkv, _qkv_rule(int(ref.attn.num_heads)), True))
+            else:
+                # A V: half to A and to V (at the product's output); q k^T: half to q and to k (at A,
+                # through the softmax, whose rule is its plain gradient): q, k 1/4, v 1/2 in all
+                assert lrp.out is not None
+                halve_inputs.append(lrp.out)
+                rules.append((ref.attn_drop, _halve_rule, True))
             rules += [(m, _halve_rule, True) for m in lrp.gate_inputs]
-        return rules
+        return rules, halve_inputs
 
     def __enter__(self) -> ModifiedGradients:
         try:
@@ -326,7 +436,12 @@ class ModifiedGradients:
                     return _Swap.apply(source, out.detach(), make(m, args[0], out))
 
                 self._handles.append(module.register_forward_hook(hook))
+            for module in self.input_rules:
+                self._handles.append(module.register_forward_pre_hook(_halve_input))
             self._handles.append(self.adapter.embedding().register_forward_hook(self._leaf))
+            if self.adapter.lrp_normalize_calls:
+                self._mode = _HeldNormalize()
+                self._mode.__enter__()
         except BaseException:
             self.__exit__()
             raise
@@ -340,3 +455,6 @@ class ModifiedGradients:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)

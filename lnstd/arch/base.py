@@ -15,10 +15,12 @@ __all__ = [
     "AttentionParts",
     "BlockRef",
     "HeadRef",
+    "LRPOperands",
     "LRPRef",
     "MergeRef",
     "UnsupportedModelError",
     "WindowMap",
+    "biased_qkv",
     "merge_qkv",
     "split_qkv",
     "token_std",
@@ -31,25 +33,30 @@ class UnsupportedModelError(LnstdError, TypeError):
 
 @dataclass(frozen=True)
 class LRPRef:
-    """The modules of one pre-norm block ``x + B1(N1(x)); + B2(N2(x))`` that the LRP rules act on.
+    """The modules of one block that the LRP rules act on. Pre-norm ``x + B1(N1(x)); + B2(N2(x))`` or
+    post-norm ``x + N1(B1(x)); + N2(B2(x))``: the rules only need where each tensor is seen.
 
     Attributes:
         proj: the attention's output projection (Linear); its input is the attention output after
-            any output norm (ViT ``scale_norm``).
-        norm2: the LayerNorm before the MLP.
+            any output norm (ViT ``scale_norm``, EVA ``scale_attn_inner``).
+        mid: the module whose input is the residual stream between the two branches (pre-norm: the
+            norm before the MLP; post-norm: the MLP).
         fc1: the MLP's input projection (Linear); None for gated MLPs.
         act: the MLP's elementwise activation.
         fc2: the MLP's output projection (Linear).
         branch1, branch2: the modules whose outputs are the attention and MLP branches exactly as they
-            are added to the residual stream (after layer-scale and drop-path).
+            are added to the residual stream (after layer-scale, post-norm and drop-path).
         norms: every normalisation layer inside the block (norm1, q/k norms, attention output norm,
             norm2, MLP norm), Identity placeholders left out.
         gate_inputs: for gated MLPs (SwiGLU), the modules whose whole outputs are the factors of the
             elementwise product (the activation applied to one of them).
+        out: the module whose input is the attention output ``A V`` with heads merged, where q, k, v are
+            not the output of a module the hooks can reach (``BlockRef.qkv`` is None); AttnLRP then
+            applies the uniform rules at ``A V`` and at ``A`` (``BlockRef.attn_drop``).
     """
 
     proj: nn.Module
-    norm2: nn.Module
+    mid: nn.Module
     fc1: nn.Module | None
     act: nn.Module
     fc2: nn.Module
@@ -57,6 +64,34 @@ class LRPRef:
     branch2: nn.Module
     norms: tuple[nn.Module, ...]
     gate_inputs: tuple[nn.Module, ...] = ()
+    out: nn.Module | None = None
+
+
+@dataclass
+class LRPOperands:
+    """What the relevance walk reads of one block's attention where no module hook sees q, k and v
+    (``BlockRef.qkv`` is None): recomputed by the adapter from the attention's input.
+
+    Attributes:
+        q, k: (B * nW, heads, T, d), the operands of the logit product ``q k^T`` exactly as the model
+            forms them (after q/k norms, L2 normalisation and rotary embedding; before the scale).
+        v: (B * nW, heads, T, d), the values.
+        weight: (3 * heads * d, C), the projection from the attention's input to q, k, v (timm's
+            packing: q, k, v, then heads).
+        rotation: where a rotary embedding turns ``q_in`` into ``q`` (and ``k_in`` into ``k``): the
+            per-token linear map of the last n tokens, (heads or 1, n, d, d),
+            ``q[T - n + t] = rotation[t] @ q_in[T - n + t]``; the tokens before them (class and register
+            tokens) are not rotated. None where there is no rotation.
+        q_in, k_in: q and k before the rotation (after any q/k norm), where there is one.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    weight: torch.Tensor
+    rotation: torch.Tensor | None = None
+    q_in: torch.Tensor | None = None
+    k_in: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -68,11 +103,15 @@ class HeadRef:
         fc: the Linear layer that produces the logits.
         norms: the normalisation layers outside the blocks on the way from the patch embedding to
             the logits (pre-norm, final norm, pooled-feature norm), Identity placeholders left out.
+        token_heads: where the logits are the mean of two Linear heads that each read one token row
+            of ``tokens`` (DeiT: ``fc`` on row 0, the distillation head on row 1): (head, row) pairs;
+            empty where ``fc`` reads the readout (``Adapter.readout_start``).
     """
 
     tokens: nn.Module
     fc: nn.Module
     norms: tuple[nn.Module, ...]
+    token_heads: tuple[tuple[nn.Module, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +147,7 @@ class BlockRef:
             modules otherwise), or None to take q, k from ``qkv``.
         out: the module whose input is the attention output ``A V`` as (B, T, heads * head_dim).
         lrp: the modules the LRP rules need, or None where the block is not one they know.
+        lrp_problem: why ``lrp`` is None, for the error message ("" where that is the generic reason).
     """
 
     index: int
@@ -121,6 +161,7 @@ class BlockRef:
     qk_norm: tuple[nn.Module, nn.Module] | None = None
     out: nn.Module | None = None
     lrp: LRPRef | None = None
+    lrp_problem: str = ""
 
 
 def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,6 +175,18 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """Inverse of :func:`split_qkv`: three (B, heads, T, d) tensors -> (B, T, 3 * heads * d)."""
     b, _, t, _ = q.shape
     return torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).reshape(b, t, -1)
+
+
+def biased_qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The fused q, k, v projection of timm attentions that keep separate q and v biases (BEiT, EVA,
+    Swin V2: ``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``, k_bias a zero buffer), in float32
+    (``.float()``, so a float64 test sees float64), (B, T, 3 * heads * d)."""
+    x = x.float()
+    if getattr(attn, "q_bias", None) is None:
+        bias = attn.qkv.bias
+        return torch.nn.functional.linear(x, attn.qkv.weight.float(), None if bias is None else bias.float())
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).float()
+    return torch.nn.functional.linear(x, attn.qkv.weight.float(), bias)
 
 
 @dataclass
@@ -217,6 +270,9 @@ class Adapter:
     # Methods checked on this family (tests against the float64 reference); None: every method.
     # A family lists them so a method added later fails with a clear error until it is checked.
     supported_methods: tuple[str, ...] | None = None
+    # True where the forward L2-normalises tensors with ``torch.nn.functional.normalize`` outside any
+    # module (Swin V2's cosine attention): AttnLRP applies its normalisation rule to those calls.
+    lrp_normalize_calls: bool = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -308,6 +364,11 @@ class Adapter:
         """Per-token relevance at the patch embedding output, channels summed -> (B, h, w)."""
         raise NotImplementedError
 
+    def lrp_operands(self, block: BlockRef, x: torch.Tensor, kwargs: dict[str, Any]) -> LRPOperands:
+        """q, k, v (and the rotation, if any) of ``block``'s attention, recomputed from its input ``x``
+        (B * nW, T, C) and the keyword arguments it was called with; needed where ``block.qkv`` is None."""
+        raise UnsupportedModelError(f"{type(self.model).__name__}: no LRP operands for block {block.index}")
+
     def check_lrp(self, method: str, gated: bool = False) -> None:
         """Raise UnsupportedModelError unless the LRP rules of ``method`` know every layer of the model.
 
@@ -320,10 +381,15 @@ class Adapter:
             if self.lrp_head() is None:
                 return "its classifier head is not a Linear layer on pooled tokens"
             for b in self.blocks:
-                if b.lrp is None or b.qkv is None:
-                    return f"block {b.index} is not a pre-norm block with a fused qkv projection and an MLP"
+                if b.lrp is None:
+                    return f"block {b.index} ({type(b.block).__name__}): " + (
+                        b.lrp_problem or "not a pre-norm block with a fused qkv projection and an MLP"
+                    )
                 if b.lrp.fc1 is None and not gated:
-                    return f"block {b.index} has a gated MLP, for which {method} has no rule"
+                    return (
+                        f"block {b.index} has a gated MLP (act(x W_g) * (x W_x), SwiGLU), for which {method} "
+                        "has no rule"
+                    )
             return None
 
         why = problem()

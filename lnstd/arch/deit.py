@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
-from .base import UnsupportedModelError
-from .tokens import CHECKED_METHODS
+from .base import HeadRef, UnsupportedModelError
 from .vit import ViTAdapter
 
 __all__ = ["DeiTAdapter"]
@@ -16,12 +17,12 @@ class DeiTAdapter(ViTAdapter):
     """A ViT with two prefix tokens, class (0) and distillation (1), and two heads.
 
     In eval the model returns ``(head(x[:, 0]) + head_dist(x[:, 1])) / 2``, so the readout is the
-    average of rows 0 and 1 of R. Blocks are timm's ``Block`` with ``Attention``: everything else,
-    including the fused capture, is the ViT adapter's.
+    average of rows 0 and 1 of R, and the LRP head has two Linear heads on those rows. Blocks are
+    timm's ``Block`` with ``Attention``: everything else, including the fused capture and the LRP
+    rules inside the blocks, is the ViT adapter's.
     """
 
     family = "deit"
-    supported_methods = CHECKED_METHODS
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -35,3 +36,10 @@ class DeiTAdapter(ViTAdapter):
         v = torch.zeros(batch, input_shape[1], device=device)
         v[:, :2] = 0.5  # the two heads' logits are averaged
         return v
+
+    def lrp_head(self) -> HeadRef | None:
+        head = super().lrp_head()
+        if head is None or not isinstance(self.model.head_dist, nn.Linear):
+            return None
+        # forward_head: head(x[:, 0]) and head_dist(x[:, 1]) (head_drop between), averaged; no fc_norm
+        return replace(head, token_heads=((self.model.head, 0), (self.model.head_dist, 1)))

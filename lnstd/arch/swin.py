@@ -70,7 +70,7 @@ class SwinAdapter(Adapter):
                 if fused and type(mlp).__name__ == "Mlp":
                     lrp = LRPRef(
                         proj=attn.proj,
-                        norm2=blk.norm2,
+                        mid=blk.norm2,
                         fc1=mlp.fc1,
                         act=mlp.act,
                         fc2=mlp.fc2,

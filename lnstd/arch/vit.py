@@ -7,7 +7,7 @@ from torch import nn
 
 from .base import Adapter, BlockRef, HeadRef, LRPRef, UnsupportedModelError, WindowMap
 
-__all__ = ["ViTAdapter"]
+__all__ = ["ViTAdapter", "lrp_mlp"]
 
 
 class ViTAdapter(Adapter):
@@ -111,7 +111,8 @@ class ViTAdapter(Adapter):
             return None
         # forward_features ends with norm (Identity when fc_norm is used); forward_head pools,
         # applies fc_norm and the head Linear.
-        return HeadRef(tokens=m.norm, fc=m.head, norms=_norms(m.norm_pre, m.norm, m.fc_norm))
+        norms = (getattr(m, name, nn.Identity()) for name in ("norm_pre", "norm", "fc_norm"))
+        return HeadRef(tokens=m.norm, fc=m.head, norms=_norms(*norms))
 
     def embedding_grid(self, r: torch.Tensor) -> torch.Tensor:
         r = r.float().sum(dim=-1)
@@ -125,20 +126,29 @@ def _norms(*modules: nn.Module) -> tuple[nn.Module, ...]:
     return tuple(m for m in modules if not isinstance(m, nn.Identity))
 
 
-def _lrp_ref(blk: nn.Module) -> LRPRef | None:
-    """The LRP view of a timm ViT Block: standard Attention (no output gate) and Mlp or SwiGLU."""
-    attn, mlp = blk.attn, blk.mlp
-    if getattr(attn, "gate", None) is not None:
-        return None
+def lrp_mlp(mlp: nn.Module) -> tuple[nn.Module | None, tuple[nn.Module, ...]] | None:
+    """timm's MLPs as the LRP rules see them: (fc1, ()) for ``Mlp``; (None, the modules whose outputs
+    hold the two factors of the gated product) for ``SwiGLU`` (separate ``fc1_g``, ``fc1_x``) and
+    ``GluMlp`` (one ``fc1`` holding both halves); None for any other MLP."""
     kind = type(mlp).__name__
     if kind == "Mlp":
-        fc1, gates = mlp.fc1, ()
-    elif kind == "SwiGLU":
-        fc1, gates = None, (mlp.fc1_g, mlp.fc1_x)
-    else:
+        return mlp.fc1, ()
+    if kind == "SwiGLU":
+        return None, (mlp.fc1_g, mlp.fc1_x)
+    if kind == "GluMlp":
+        return None, (mlp.fc1,)
+    return None
+
+
+def _lrp_ref(blk: nn.Module) -> LRPRef | None:
+    """The LRP view of a timm ViT Block: standard Attention (no output gate), Mlp or a gated MLP."""
+    attn, mlp = blk.attn, blk.mlp
+    parts = lrp_mlp(mlp)
+    if getattr(attn, "gate", None) is not None or parts is None:
         return None
+    fc1, gates = parts
     return LRPRef(
-        proj=attn.proj, norm2=blk.norm2, fc1=fc1, act=mlp.act, fc2=mlp.fc2,
+        proj=attn.proj, mid=blk.norm2, fc1=fc1, act=mlp.act, fc2=mlp.fc2,
         branch1=blk.drop_path1, branch2=blk.drop_path2,
         norms=_norms(blk.norm1, attn.q_norm, attn.k_norm, attn.norm, blk.norm2, mlp.norm),
         gate_inputs=gates,

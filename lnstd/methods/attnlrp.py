@@ -34,11 +34,8 @@ class AttnLRP(PassMethod):
         self, images: torch.Tensor, targets: torch.Tensor, autocast: Callable[[], Any]
     ) -> torch.Tensor:
         model = self.adapter.model
-        with (
-            restored(model, self.adapter, unfused=False),
-            ModifiedGradients(self.adapter) as rules,
-            torch.enable_grad(),
-        ):
+        rules = ModifiedGradients(self.adapter)
+        with restored(model, self.adapter, unfused=rules.unfused), rules, torch.enable_grad():
             with autocast():
                 logits = model(images)
             score = logits.float().gather(1, targets[:, None]).sum()
