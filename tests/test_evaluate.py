@@ -140,8 +140,8 @@ def test_paired_difference_of_a_method_with_itself_is_zero_and_a_shift_is_found(
 
 def test_eval_command_on_toy_mat_and_folder(tmp_path, toy_vit):
     r = run_cli("eval", "--dataset", "toy", "--checkpoint", str(toy_vit), "--n", "20", "--batch-size", "10",
-                "--methods", "gae,lnstd", "--two-object-n", "10", "--ablation", "--out", str(tmp_path / "toy"),
-                "--no-progress")  # fmt: skip
+                "--methods", "gae,lnstd", "--two-object-n", "10", "--ablation",
+                "--out", str(tmp_path / "toy"), "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "toy" / "toy-toy_vit" / "results.json").read_text())
     assert res["n"] == 20 and set(res["class_sensitivity"]) == {"gae", "lnstd"}
