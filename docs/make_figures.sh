@@ -3,10 +3,17 @@
 set -euo pipefail
 out=$(mktemp -d)
 .venv/bin/lnstd run --output "$out/run" --no-progress
-.venv/bin/lnstd explain "$out/run/demo-input/images/0003.jpg" --model vit_tiny_patch16_224 \
-  --model-arg img_size=96 --model-arg patch_size=16 --model-arg num_classes=3 --out "$out/png"
-cp "$out/png/0003_strip.png" docs/img/strip.png
-.venv/bin/python - "$out/run/report.html" <<'PY'
+.venv/bin/lnstd explain "$out/run/_demo-input/images/0003.png" --checkpoint lnstd/checkpoints/toy_vit.safetensors \
+  --out "$out/png"
+python3 - "$out/png/toy_vit/0003_strip.png" <<'PY'
+import sys
+
+from PIL import Image
+
+img = Image.open(sys.argv[1])  # the 64 px toy image: show it larger
+img.resize((img.width * 2, img.height * 2), Image.NEAREST).save("docs/img/strip.png", optimize=True)
+PY
+.venv/bin/python - "$out/run/_report.html" <<'PY'
 import sys
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""lnstd: explain Vision Transformers (timm ViT and Swin) at dataset scale."""
+"""lnstd: explain Vision Transformers (timm ViT, DeiT, Swin, Swin V2, EVA, BEiT) at dataset scale."""
 
 from . import viz
 from .arch import UnsupportedModelError
