@@ -1,12 +1,15 @@
 """Cost of each attribution method relative to plain passes of the same model, measured in one run.
 
-Prints, per model and method: time over (a) an inference forward and (b) a forward + backward to
-the input with parameters frozen (no weight gradients), images/s, and the speed-up of one batched
-call over a loop of single images. Ratios, not absolute times: this machine is shared and noisy.
+Prints, per model, capture mode and method: time over (a) an inference forward and (b) a forward +
+backward to the input with parameters frozen (no weight gradients), images/s, and the speed-up of
+one batched call over a loop of single images. Ratios, not absolute times: this machine is shared
+and noisy. ``capture`` is how the attention and its gradient are read (``Explainer(capture=...)``):
+``fused`` keeps the fused attention kernel and rebuilds them from q, k, v; ``unfused`` runs timm's
+unfused attention path; both give the same maps, and their rows show what the fused path saves.
 
-    python benchmarks/bench_explain.py                          # CPU, batch 16, fp32
-    python benchmarks/bench_explain.py --device cuda --batch 64 --precision bf16 \
-        --models vit_base_patch16_224,swin_tiny_patch4_window7_224
+    python benchmarks/bench_explain.py                          # CPU, batch 4, fp32, both captures
+    python benchmarks/bench_explain.py --device cuda --precision bf16 \
+        --models vit_base_patch16_224,swin_tiny_patch4_window7_224        # batch 64 on a GPU
 """
 
 from __future__ import annotations
@@ -16,21 +19,26 @@ import statistics
 import time
 from collections.abc import Callable
 
+import timm
 import torch
 
 import lnstd
+from lnstd.arch import UnsupportedModelError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def timed_all(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, measured round-robin after one warm-up call each.
+def timed_all(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: bool = True
+) -> dict[str, float]:
+    """Median seconds of each callable, measured round-robin after one warm-up call each (unless the
+    caller has already called each once).
 
     Interleaving the candidates spreads the machine's drift over all of them alike, so the
     ratios between them hold even when absolute times wander.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
+    for fn in fns.values() if warmup else ():
         fn()
     for _ in range(repeats):
         for key, fn in fns.items():
@@ -66,7 +74,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
 
     for p in model.parameters():
         p.requires_grad_(False)  # baseline (b): gradients to the input only
-    methods = lnstd.list_methods()
+    methods = args.methods.split(",") if args.methods else lnstd.list_methods()
+    captures = args.captures.split(",")
+    loop_capture = args.loop_capture or captures[0]
 
     def forward_backward_loop():
         for s in singles:
@@ -78,33 +88,55 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
     fns: dict[str, Callable[[], object]] = {"forward": forward, "fwd_bwd": forward_backward}
     if not args.no_loop:
         fns["loop:fwd_bwd"] = forward_backward_loop
-    for method in [*methods, "all"]:
-        ex = lnstd.Explainer(model, methods if method == "all" else [method], precision=args.precision)
-        fns[method] = lambda ex=ex: ex(x)
-        if method != "all" and not args.no_loop:
-            fns[f"loop:{method}"] = lambda ex=ex: [ex(s) for s in singles]
+    keys = []  # (capture, method) timed
+    for capture in captures:
+        for method in [*methods, "all"]:
+            try:
+                ex = lnstd.Explainer(
+                    model, methods if method == "all" else [method], precision=args.precision, capture=capture
+                )
+            except UnsupportedModelError as exc:
+                print(f"{name} {capture} {method}: skipped ({exc})")
+                continue
+            keys.append((capture, method))
+            fns[f"{capture}:{method}"] = lambda ex=ex: ex(x)
+            if method != "all" and capture == loop_capture and not args.no_loop:
+                fns[f"loop:{capture}:{method}"] = lambda ex=ex: [ex(s) for s in singles]
     t = timed_all(fns, device, args.repeats)
     rows = []
-    for method in [*methods, "all"]:
+    for capture, method in keys:
+        key = f"{capture}:{method}"
         row = {
             "model": name,
+            "capture": capture,
             "method": method,
-            "vs_forward": t[method] / t["forward"],
-            "vs_fwd_bwd": t[method] / t["fwd_bwd"],
-            "images_s": args.batch / t[method],
+            "vs_forward": t[key] / t["forward"],
+            "vs_fwd_bwd": t[key] / t["fwd_bwd"],
+            "images_s": args.batch / t[key],
         }
-        if f"loop:{method}" in t:
-            row["batched_speedup"] = (t[f"loop:{method}"] / len(singles)) / (t[method] / args.batch)
+        if f"loop:{key}" in t:
+            row["batched_speedup"] = (t[f"loop:{key}"] / len(singles)) / (t[key] / args.batch)
         rows.append(row)
     own = ""
     if "loop:fwd_bwd" in t:
         speedup = (t["loop:fwd_bwd"] / len(singles)) / (t["fwd_bwd"] / args.batch)
         own = f"; the bare model's own forward+backward is {speedup:.2f}x faster batched than looped"
     print(
-        f"# {name}: forward {args.batch / t['forward']:.1f} img/s, "
-        f"forward+backward {args.batch / t['fwd_bwd']:.1f} img/s{own}",
-        flush=True,
+        f"\n{name}: forward {args.batch / t['forward']:.1f} img/s, "
+        f"forward+backward {args.batch / t['fwd_bwd']:.1f} img/s{own}\n"
     )
+    # each model's table as soon as it is measured: a run cut short keeps the models it finished
+    print(
+        "| model | capture | method | time / forward (a) | time / fwd+bwd (b) | images/s | batched vs loop |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        loop = f"{r['batched_speedup']:.2f}x" if "batched_speedup" in r else "-"
+        print(
+            f"| {r['model']} | {r['capture']} | {r['method']} | {r['vs_forward']:.2f} | "
+            f"{r['vs_fwd_bwd']:.2f} | {r['images_s']:.1f} | {loop} |",
+            flush=True,
+        )
     return rows
 
 
@@ -113,26 +145,36 @@ def main() -> None:
     p.add_argument("--models", default="vit_small_patch16_224,swin_tiny_patch4_window7_224")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=list(DTYPES), default="fp32")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=None, help="default 4 on the CPU, 64 on a GPU")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--loop-images", type=int, default=16, help="single images timed in the loop")
+    p.add_argument("--methods", default="", help="comma list (default: every method, lnstd.list_methods())")
+    p.add_argument("--captures", default="fused,unfused", help="comma list of Explainer capture modes")
+    p.add_argument(
+        "--loop-images", type=int, default=None, help="single images in the loop (default 2 CPU, 16 GPU)"
+    )
+    p.add_argument("--loop-capture", default=None, help="capture whose loop is timed (default: the first)")
     p.add_argument("--no-loop", action="store_true", help="skip the loop-of-single-images timing")
     args = p.parse_args()
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.batch = args.batch or (64 if cuda else 4)
+    args.loop_images = args.loop_images or (16 if cuda else 2)
     print(
         f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
         f"{torch.get_num_threads()} threads) batch={args.batch} precision={args.precision} "
-        f"torch={torch.__version__}"
+        f"repeats={args.repeats} torch={torch.__version__} timm={timm.__version__}"
     )
     rows = [r for name in args.models.split(",") for r in bench_model(name, args, device)]
-    print("\n| model | method | time / forward (a) | time / fwd+bwd (b) | images/s | batched vs loop |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        loop = f"{r['batched_speedup']:.2f}x" if "batched_speedup" in r else "-"
-        print(
-            f"| {r['model']} | {r['method']} | {r['vs_forward']:.2f} | {r['vs_fwd_bwd']:.2f} | "
-            f"{r['images_s']:.1f} | {loop} |"
-        )
+    if len({r["capture"] for r in rows}) > 1:  # what the fused path saves, method by method
+        by = {(r["model"], r["capture"], r["method"]): r["images_s"] for r in rows}
+        caps = list(dict.fromkeys(r["capture"] for r in rows))
+        print(f"\n| model | method | images/s {' | images/s '.join(caps)} | {caps[0]} vs {caps[1]} |")
+        print("|---" * (3 + len(caps)) + "|")
+        for model, method in dict.fromkeys((r["model"], r["method"]) for r in rows):
+            speeds = [by.get((model, c, method)) for c in caps]
+            cells = " | ".join(f"{v:.1f}" if v else "-" for v in speeds)
+            ratio = f"{speeds[0] / speeds[1]:.2f}x" if speeds[0] and speeds[1] else "-"
+            print(f"| {model} | {method} | {cells} | {ratio} |")
 
 
 if __name__ == "__main__":
