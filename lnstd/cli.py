@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = _Parser(
-        prog="lnstd", description="Explain timm Vision Transformers (ViT, DeiT, Swin, EVA, BEiT) at dataset scale."
+        prog="lnstd", description="Explain timm vision transformers (ViT, DeiT, Swin, EVA, BEiT) at scale."
     )
     parser.add_argument("--version", action="version", version=f"lnstd {__version__}")
     _common(parser)
