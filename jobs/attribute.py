@@ -201,6 +201,21 @@ def _fits(cfg: RunConfig) -> tuple[int, str]:
     return total, f"{best[0]:g} CPUs and {best[1]:g} GPUs"
 
 
+class _NoActors:
+    """The pool of a run with nothing left to attribute (every shard of its plan is committed)."""
+
+    def __init__(self) -> None:
+        self.ready: list[Any] = []
+        self.pending: dict[Any, Any] = {}
+        self.load: dict[Any, int] = {}
+
+    def pick(self) -> None:
+        return None
+
+    def spawn(self) -> None:
+        raise RuntimeError("a finished run has no actors")
+
+
 class _Actors:
     """The actor pool: ready actors, actors waiting for a node, replacement of lost ones."""
 
@@ -329,10 +344,14 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         staging = tempfile.mkdtemp(prefix="lnstd-plan-")
         staged = Plan.create(staging, source, cfg.shard_size, storage.StorageOptions(), dedupe=cfg.dedupe)
         _log(f"plan: {staged.inputs} inputs in {staged.shards} shards of up to {cfg.shard_size}")
+    finished = plan is not None and not cfg.refresh_input and _committed(cfg, opts) >= set(range(plan.shards))
     try:
-        external = _ray_init(cfg)
-        actors = _Actors(cfg, run_id, external)
-        actors.wait_first(cfg.startup_timeout, external)
+        if finished:  # every shard is committed: no actor is needed to check and record that
+            actors: _Actors | _NoActors = _NoActors()
+        else:
+            external = _ray_init(cfg)
+            actors = _Actors(cfg, run_id, external)
+            actors.wait_first(cfg.startup_timeout, external)
         lease.acquire()
         try:
             # The checks above only fail fast; under the lease they are made again, for real: a
@@ -392,7 +411,7 @@ def _schedule(
     run_id: str,
     plan: Plan,
     source: Source,
-    actors: _Actors,
+    actors: _Actors | _NoActors,
     lease: Lease,
     t_start: float,
     progress: bool,
@@ -430,7 +449,7 @@ def _schedule(
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")  # fmt: skip
     bar.set_postfix_str(f"{rate():.1f} img/s", refresh=False)
 
-    state = {"exhausted": False}
+    state = {"exhausted": committed >= set(range(plan.shards))}
 
     def next_shard() -> tuple[int, list[Item], int] | None:
         if backlog:
@@ -464,6 +483,7 @@ def _schedule(
             _log(f"shard {shard} failed {SHARD_TRIES} times: {why}")
 
     idle_since: float | None = None
+    actor_rss = 0.0
     while True:
         if lease.lost.is_set():
             raise OutputError(f"{cfg.output}: this run lost the output's lease to another run; stopped")
@@ -473,7 +493,7 @@ def _schedule(
             break
         waiting = list(in_flight) + list(actors.pending)
         if not waiting:
-            if not actors.ready:
+            if not actors.ready and isinstance(actors, _Actors):
                 actors.spawn()  # every actor was lost and none is starting: start one
             else:
                 time.sleep(0.2)  # only the input check is still running
@@ -511,6 +531,7 @@ def _schedule(
         counts["shards_done"] += 1
         counts["ok"] += res["ok"]
         counts["errors"] += res["errors"]
+        actor_rss = max(actor_rss, float(res.get("peak_rss_mb", 0.0)))
         node = res.get("node_id") or "?"
         nodes[node] = nodes.get(node, 0) + 1
         done_images += len(items)
@@ -554,6 +575,7 @@ def _schedule(
             "images_per_s": images_per_s,
         },
         "driver_peak_rss_mb": peak_rss_mb(),
+        "actor_peak_rss_mb": actor_rss,
     }
     storage.write_bytes(
         layout.uri(cfg.output, layout.MANIFEST), json.dumps(manifest, indent=1).encode(), opts
