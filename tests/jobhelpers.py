@@ -95,6 +95,21 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     )
 
 
+def cli_in_process(*args: str) -> tuple[int, str]:
+    """``lnstd ARGS`` in this process (for errors found before any work starts): (exit code, stderr)."""
+    import contextlib
+
+    from lnstd.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's own errors
+            code = int(exc.code or 0)
+    return code, err.getvalue()
+
+
 def read_rows(output: Path, columns: list[str] | None = None):
     return pq.read_table(output / "heatmaps", columns=columns).to_pylist()
 

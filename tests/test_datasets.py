@@ -54,6 +54,7 @@ def test_mat_v73_layout_reads_back_the_originals(tmp_path):
         assert got_mask.shape == mask.shape and (got_mask == mask).all()
 
 
+@pytest.mark.integration
 def test_run_over_the_mat_file_fills_mask_metrics(tmp_path):
     images, masks = _samples()
     write_gtsegs(tmp_path / "gtsegs_ijcv.mat", images, masks)

@@ -35,6 +35,7 @@ def toy_vit(tmp_path_factory) -> Path:
     return out / "toy_vit.safetensors"
 
 
+@pytest.mark.integration
 def test_train_toy_writes_weights_and_an_honest_config(toy_vit):
     meta = json.loads(toy_vit.with_suffix(".json").read_text())
     assert meta["steps"] == 30 and meta["model"] == "vit_tiny_patch16_224"
@@ -49,6 +50,7 @@ def test_train_toy_writes_weights_and_an_honest_config(toy_vit):
     assert evaluate_accuracy(model, n=200, seed=10_000) == pytest.approx(meta["test_accuracy"], abs=0.06)
 
 
+@pytest.mark.integration
 def test_evaluate_reports_methods_baselines_and_sanity(toy_vit):
     """The table's figures are the protocol's, recomputed here from the same maps with NumPy and
     SciPy; the sanity figure is SciPy's Spearman correlation of the trained and re-initialised maps."""
@@ -56,9 +58,9 @@ def test_evaluate_reports_methods_baselines_and_sanity(toy_vit):
     from scipy.stats import spearmanr
 
     model = lnstd.load_model(None, checkpoint=toy_vit)
-    batches, n = dataset_batches("toy", model, batch=20, n=40, seed=77_777)
+    batches, n = dataset_batches("toy", model, batch=10, n=20, seed=77_777)
     res = evaluate(model, batches, ["gae", "lnstd"], perturbation=True)
-    assert res["n"] == n == 40
+    assert res["n"] == n == 20
     assert set(res["methods"]) == {"gae", "lnstd", "gaussian (baseline)", "gae (randomised model)",
                                    "lnstd (randomised model)"}  # fmt: skip
     images = torch.cat([b.images for b in batches()])
@@ -138,6 +140,7 @@ def test_paired_difference_of_a_method_with_itself_is_zero_and_a_shift_is_found(
     assert bootstrap(b, n=200)["map"][0] < bootstrap(a, n=200)["map"][1]
 
 
+@pytest.mark.integration
 def test_eval_command_on_toy_mat_and_folder(tmp_path, toy_vit):
     r = run_cli("eval", "--dataset", "toy", "--checkpoint", str(toy_vit), "--n", "20", "--batch-size", "10",
                 "--methods", "gae,lnstd", "--two-object-n", "10", "--ablation",
@@ -194,6 +197,7 @@ def test_gae_and_lnstd_beat_the_gaussian_and_randomised_model_heatmaps(arch):
             assert miou[method] > miou[baseline], (method, baseline, miou)
 
 
+@pytest.mark.integration
 def test_eval_toy_without_a_model_evaluates_both_committed_checkpoints(tmp_path):
     r = run_cli("eval", "--dataset", "toy", "--n", "10", "--batch-size", "10", "--two-object-n", "4",
                 "--methods", "gae,lnstd", "--no-perturbation", "--out", str(tmp_path),

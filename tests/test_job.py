@@ -29,6 +29,7 @@ from .jobhelpers import (
     TINY_ARGS,
     TINY_MODEL,
     bad_files,
+    cli_in_process,
     good_image,
     model_flags,
     read_rows,
@@ -36,6 +37,8 @@ from .jobhelpers import (
     tiny_checkpoint,
 )
 from .reference import reference_heatmap
+
+pytestmark = pytest.mark.integration  # Ray, an S3 server or the CLI in a subprocess
 
 FAST = ["--no-progress", "--cpus-per-actor", "0.5"]
 
@@ -166,7 +169,7 @@ def _row_set(output: Path) -> collections.Counter:
 
 
 def test_driver_sigkill_then_rerun_finishes_without_duplicates(ckpt, tmp_path):
-    write_folder(tmp_path / "in", 400)
+    write_folder(tmp_path / "in", 160)
     args = ["run", "--input", str(tmp_path / "in"), *model_flags(ckpt), "--methods", "gae,rollout",
             "--shard-size", "4", "--batch-size", "4", *FAST]  # fmt: skip
     ref = run_cli(*args, "--output", str(tmp_path / "ref"))
@@ -184,14 +187,14 @@ def test_driver_sigkill_then_rerun_finishes_without_duplicates(ckpt, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # and the local cluster it started with it
     committed = len(list((out / "heatmaps").glob("part-*.parquet")))
-    assert parts >= 5 and committed < 100, "the driver was not killed mid-run"
+    assert parts >= 5 and committed < 40, "the driver was not killed mid-run"
     assert not (out / "_SUCCESS").exists()
 
     again = run_cli(*args, "--output", str(out))
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "400 images (400 ok, 0 errors)" in again.stderr  # totals include the committed shards
+    assert "160 images (160 ok, 0 errors)" in again.stderr  # totals include the committed shards
     manifest = json.loads((out / "_manifest.json").read_text())["counts"]
-    assert manifest["shards_skipped"] >= committed and manifest["ok"] == 400
+    assert manifest["shards_skipped"] >= committed and manifest["ok"] == 160
     got, want = _row_set(out), _row_set(tmp_path / "ref")
     assert set(got.values()) == {1}
     assert got == want
@@ -235,17 +238,17 @@ def test_killed_actor_is_replaced_and_the_job_completes(ckpt, tmp_path):
 
 def test_driver_memory_does_not_grow_with_the_dataset(ckpt, tmp_path):
     rss = {}
-    for n in (100, 500):
+    for n in (60, 300):
         write_folder(tmp_path / f"in{n}", n)
         r = run_cli("run", "--input", str(tmp_path / f"in{n}"), "--output", str(tmp_path / f"out{n}"),
-                    *model_flags(ckpt), "--methods", "gae", "--shard-size", "25", *FAST)  # fmt: skip
+                    *model_flags(ckpt), "--methods", "gae", "--shard-size", "15", *FAST)  # fmt: skip
         assert r.returncode == 0, r.stderr[-2000:]
         rss[n] = json.loads((tmp_path / f"out{n}" / "_manifest.json").read_text())["driver_peak_rss_mb"]
-    assert rss[500] <= 1.2 * rss[100], rss
+    assert rss[300] <= 1.2 * rss[60], rss
 
 
 def test_other_configuration_is_refused_unless_overwrite(ckpt, tmp_path):
-    write_folder(tmp_path / "in", 12)
+    write_folder(tmp_path / "in", 4)
     base = [
         "run",
         "--input",
@@ -278,9 +281,9 @@ def test_other_configuration_is_refused_unless_overwrite(ckpt, tmp_path):
     ],
 )  # fmt: skip
 def test_wrong_flags_name_the_flag(args, needle):
-    r = run_cli(*args)
-    assert r.returncode == 2
-    assert needle in r.stderr
+    code, err = cli_in_process(*args)
+    assert code == 2
+    assert needle in err
 
 
 def test_missing_credentials_say_which(tmp_path):

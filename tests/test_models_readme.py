@@ -89,6 +89,7 @@ def test_overlay_is_hot_where_the_map_is_hot():
     assert bright > sum(px[115, 55]) + 200 and bright > sum(px[115, 5]) + 200
 
 
+@pytest.mark.integration
 def test_cli_entry_points():
     out = subprocess.run([sys.executable, "-m", "lnstd", "methods"], capture_output=True, text=True)
     assert out.returncode == 0

@@ -18,7 +18,7 @@ import pytest
 
 import lnstd
 
-from .jobhelpers import ROOT, good_image, model_flags, read_rows, run_cli, tiny_checkpoint
+from .jobhelpers import ROOT, cli_in_process, good_image, model_flags, read_rows, run_cli, tiny_checkpoint
 
 CLEAN_ENV = {"RAY_ADDRESS": None}
 
@@ -79,12 +79,11 @@ def test_demo_output_is_a_dataset_readers_can_point_at(tmp_path):
 
 
 # --- fail early, in one line ------------------------------------------------------------------------
-def _blocked_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """The CLI in a process where importing Ray fails: an error found before Ray is touched still
-    comes out as the user's one line; anything that needed Ray would be an internal error."""
-    code = "import sys; sys.modules['ray'] = None; from lnstd.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Importing Ray fails: an error found before Ray is touched still comes out as the user's one
+    line; anything that needed Ray first would be an internal error."""
+    monkeypatch.setitem(sys.modules, "ray", None)
 
 
 @pytest.mark.parametrize(
@@ -100,12 +99,15 @@ def _blocked_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["--model", "vit_tiny_patch16_224", "--decode", "gpu"], "--decode gpu needs --gpus-per-actor"),
     ],
 )  # fmt: skip
-def test_model_methods_and_options_are_checked_before_ray_and_before_writing(tmp_path, flags, needle):
+def test_model_methods_and_options_are_checked_before_ray_and_before_writing(
+    tmp_path, monkeypatch, no_ray, flags, needle
+):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(good_image(1))
-    r = _blocked_ray("run", "--input", "in", "--output", "out", *flags, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("lnstd: error: ") and needle in r.stderr
+    code, err = cli_in_process("run", "--input", "in", "--output", "out", *flags)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("lnstd: error: ") and needle in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written, no output folder
 
 
@@ -125,26 +127,25 @@ def test_a_wrong_model_then_the_right_one_is_not_refused(ckpt, tmp_path):
     assert [row["status"] for row in read_rows(tmp_path / "out", ["status"])] == ["ok"]
 
 
-def test_wrong_paths_for_aggregate_and_report_say_what_is_wrong(tmp_path):
+@pytest.mark.integration
+def test_wrong_paths_for_aggregate_and_report_say_what_is_wrong(tmp_path, no_ray):
     (tmp_path / "empty").mkdir()
     for cmd in ("aggregate", "report"):
         for path in (tmp_path / "missing", tmp_path / "empty"):
-            r = run_cli(cmd, str(path))
-            assert r.returncode == 2 and r.stderr.count("\n") == 1
-            assert f"{path}: no lnstd output here (no heatmaps/ folder)" in r.stderr
+            code, err = cli_in_process(cmd, str(path))
+            assert code == 2 and err.count("\n") == 1
+            assert f"{path}: no lnstd output here (no heatmaps/ folder)" in err
 
 
-def test_a_bug_is_an_internal_error_and_traceback_shows_it(tmp_path):
-    code = ("import sys, lnstd.cli as c; c._cmd_methods = lambda a: 1 / 0; "
-            "sys.exit(c.main(sys.argv[1:]))")  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", code, "methods"], capture_output=True, text=True, timeout=60)
-    assert (
-        r.returncode == 1 and "internal error (ZeroDivisionError" in r.stderr and "Traceback" not in r.stderr
-    )
-    r = subprocess.run([sys.executable, "-c", code, "methods", "--traceback"], capture_output=True, text=True,
-                       timeout=60)  # fmt: skip
-    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
-    assert "ZeroDivisionError: division by zero\n" in r.stderr  # the traceback's last line
+def test_a_bug_is_an_internal_error_and_traceback_shows_it(monkeypatch):
+    import lnstd.cli
+
+    monkeypatch.setattr(lnstd.cli, "_cmd_methods", lambda args: 1 / 0)
+    code, err = cli_in_process("methods")
+    assert code == 1 and "internal error (ZeroDivisionError" in err and "Traceback" not in err
+    code, err = cli_in_process("methods", "--traceback")
+    assert code == 1 and "Traceback (most recent call last)" in err
+    assert "ZeroDivisionError: division by zero\n" in err  # the traceback's last line
 
 
 @pytest.mark.integration

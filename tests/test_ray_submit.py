@@ -14,6 +14,8 @@ import pytest
 from .jobhelpers import ROOT, model_flags, tiny_checkpoint
 from .test_job import write_folder
 
+pytestmark = pytest.mark.integration  # Ray, an S3 server or the CLI in a subprocess
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 

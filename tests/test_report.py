@@ -44,6 +44,7 @@ def test_strip_and_mask_contour():
     assert (arr[10, 20:60] == [0, 255, 128]).all() and (arr[20, 40] == 0).all()
 
 
+@pytest.mark.integration
 def test_explain_command_writes_overlays_and_strip(tmp_path):
     ckpt = tiny_checkpoint(tmp_path)
     write_dataset(str(tmp_path / "data"), n=3, size=48)
@@ -81,6 +82,7 @@ def run_output(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.integration
 def test_report_tables_are_the_means_of_the_rows(run_output, tmp_path):
     """The report's table and the aggregate's CSV hold each method's metric means and counts, as
     computed here from the Parquet rows with NumPy."""
@@ -108,6 +110,7 @@ def test_report_tables_are_the_means_of_the_rows(run_output, tmp_path):
     assert "not an image (unrecognised format)" in page
 
 
+@pytest.mark.integration
 def test_report_renders_in_chromium_without_network_or_errors(run_output, tmp_path):
     html = run_output / "_report.html"
     shot = tmp_path / "report.png"
@@ -121,6 +124,7 @@ def test_report_renders_in_chromium_without_network_or_errors(run_output, tmp_pa
     assert len(set(img.convert("L").resize((64, 64)).getdata())) > 20  # a page with content, not blank
 
 
+@pytest.mark.integration
 def test_report_plots_perturbation_curves_when_present(run_output, tmp_path):
     """An output with per-row curve columns gets one mean-curve plot per column."""
     import shutil

@@ -53,6 +53,7 @@ def test_local_write_is_atomic_and_listing_is_sorted(tmp_path):
         storage.resolve("gs://bucket/x")
 
 
+@pytest.mark.integration
 def test_s3_roundtrip_and_missing_bucket(s3_server, monkeypatch):
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
