@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import make_swin, make_vit_avg_reg, make_vit_token, sharpen
+from .helpers import make_swin, make_vit_avg_reg, make_vit_token, sharpen  # also sets torch's threads
 
 
 @pytest.fixture

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-torch.set_num_threads(2)
+# One thread per pytest-xdist worker (two workers share the 2 cores), two without xdist.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def make_vit_token(seed: int = 0, **kw) -> VisionTransformer:
