@@ -142,18 +142,20 @@ class Lease:
     def _body(self) -> bytes:
         return json.dumps(asdict(self.me)).encode()
 
+    def _put(self, **condition: str | None) -> bool:
+        """Write our lease to S3 if ``condition`` (If-None-Match / If-Match) holds; False if not."""
+        client, bucket, key = self._client()
+        try:
+            self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(), **condition)["ETag"]
+            return True
+        except client.exceptions.ClientError as exc:
+            if _precondition(exc) or _missing(exc):
+                return False
+            raise
+
     def _create(self) -> bool:
         if self._s3:
-            client, bucket, key = self._client()
-            try:
-                self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")[
-                    "ETag"
-                ]
-                return True
-            except client.exceptions.ClientError as exc:
-                if _precondition(exc):
-                    return False
-                raise
+            return self._put(IfNoneMatch="*")
         path = storage.resolve(self.uri, self.opts)[1]
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
@@ -169,16 +171,7 @@ class Lease:
     def _take_over(self, etag: str | None) -> bool:
         """Replace an abandoned lease; exactly one of several racing runs succeeds."""
         if self._s3:
-            client, bucket, key = self._client()
-            try:
-                self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(), IfMatch=etag)[
-                    "ETag"
-                ]
-                return True
-            except client.exceptions.ClientError as exc:
-                if _precondition(exc) or _missing(exc):
-                    return False
-                raise
+            return self._put(IfMatch=etag)
         path = storage.resolve(self.uri, self.opts)[1]
         try:
             os.rename(path, f"{path}.stale-{self.me.token}")  # one racer renames it, the others fail
@@ -206,16 +199,7 @@ class Lease:
         """Refresh the heartbeat; False if the lease is no longer ours."""
         self.me.heartbeat = time.time()
         if self._s3:
-            client, bucket, key = self._client()
-            try:
-                self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(), IfMatch=self._etag)[
-                    "ETag"
-                ]
-                return True
-            except client.exceptions.ClientError as exc:
-                if _precondition(exc) or _missing(exc):
-                    return False
-                raise
+            return self._put(IfMatch=self._etag)
         h, _ = self._read()
         if h is None or h.token != self.me.token:
             return False

@@ -6,9 +6,10 @@ problems group together in ``lnstd aggregate``; the file is named in the row's `
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -50,6 +51,22 @@ def _clean(exc: BaseException) -> str:
     return text[:200]
 
 
+@contextlib.contextmanager
+def _decoding() -> Iterator[None]:
+    """PIL's ways of saying no, as :class:`DecodeError` with a stable reason (decompression bombs
+    included: their warning is an error here)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except UnidentifiedImageError:
+        raise DecodeError("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError("image too large to decode safely", _clean(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DecodeError("corrupt or truncated image", _clean(exc)) from None
+
+
 def decode_image(
     data: bytes, draft: Callable[[int, int], tuple[int, int] | None] | None = None
 ) -> tuple[Image.Image, int, int]:
@@ -70,27 +87,19 @@ def decode_image(
     """
     if not data:
         raise DecodeError("empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            rotated = img.getexif().get(0x0112) in _ROTATING_ORIENTATIONS
-            if rotated:
-                width, height = height, width
-            if draft is not None and img.format == "JPEG":
-                need = draft(width, height)
-                if need is not None:
-                    img.draft("RGB", (need[1], need[0]) if rotated else need)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(img)
-    except UnidentifiedImageError:
-        raise DecodeError("not an image (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError("image too large to decode safely", _clean(exc)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DecodeError("corrupt or truncated image", _clean(exc)) from None
+    with _decoding():
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        rotated = img.getexif().get(0x0112) in _ROTATING_ORIENTATIONS
+        if rotated:
+            width, height = height, width
+        if draft is not None and img.format == "JPEG":
+            need = draft(width, height)
+            if need is not None:
+                img.draft("RGB", (need[1], need[0]) if rotated else need)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(img)
     if width < 1 or height < 1:
         raise DecodeError("image has no pixels")
     return rgb, width, height
@@ -104,18 +113,10 @@ def jpeg_header(data: bytes) -> tuple[int, int, bool] | None:
     """
     if data[:2] != b"\xff\xd8":
         return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except UnidentifiedImageError:
-        raise DecodeError("not an image (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError("image too large to decode safely", _clean(exc)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DecodeError("corrupt or truncated image", _clean(exc)) from None
+    with _decoding():
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        orientation = img.getexif().get(0x0112, 1)
     if orientation in _ROTATING_ORIENTATIONS:
         width, height = height, width
     return width, height, img.mode in ("RGB", "L") and orientation in (None, 1)
