@@ -213,23 +213,23 @@ def test_lnstd_base_option():
     assert not torch.allclose(ta2, lnstd.explain(model, x, "transformer_attribution"))
 
 
-@pytest.mark.parametrize("make", [make_vit_token, make_swin])
-def test_model_left_as_found(make):
-    model = _unusual(offsets(make()))
-    before = _state(model)
-    lnstd.Explainer(model, LRP)(images_for(model))
-    assert _state(model) == before
+def assert_left_as_found(model, methods, state, **options) -> None:
+    """The model is left as found after the LRP methods succeed, after they fail in the shared pass
+    and after attnlrp fails inside its own pass; no parameter gets a gradient."""
+    before = state(model)
+    lnstd.Explainer(model, methods, **options)(images_for(model))
+    assert state(model) == before
     assert all(p.grad is None for p in model.parameters())
 
     def boom(m, a, o):
         raise RuntimeError("boom")
 
-    for name in LRP:
+    for name in methods:
         h = model.head.register_forward_hook(boom)
         with pytest.raises(RuntimeError, match="boom"):
             lnstd.Explainer(model, [name])(images_for(model))
         h.remove()
-        assert _state(model) == before
+        assert state(model) == before
 
     def boom_with_grad(m, a, o):  # spares the no-grad forward that finds the targets
         if torch.is_grad_enabled():
@@ -240,8 +240,13 @@ def test_model_left_as_found(make):
     with pytest.raises(RuntimeError, match="boom"):
         lnstd.explain(model, images_for(model), "attnlrp", target=0)
     h.remove()
-    assert _state(model) == before
+    assert state(model) == before
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("make", [make_vit_token, make_swin])
+def test_model_left_as_found(make):
+    assert_left_as_found(_unusual(offsets(make())), LRP, _state)
 
 
 def test_autocast_keeps_float32_relevance():

@@ -12,13 +12,12 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.eva import Eva
 
 import lnstd
-from lnstd.arch import get_adapter
 
 from .helpers import images_for
 from .reference import reference_heatmap
 from .reference_lrp import reference_attnlrp, ta_attention_relevance
 from .test_families import _realistic, _state, _unusual, make_beit_token, make_eva_post, make_swinv2
-from .test_lrp import assert_matches, boost, offsets
+from .test_lrp import assert_left_as_found, assert_matches, boost, offsets
 
 TA = ["transformer_attribution", "lnstd"]  # lnstd on the TA base (option below)
 BOTH = [*TA, "attnlrp"]
@@ -158,32 +157,7 @@ def test_one_image_equals_its_row_of_the_batch(arch):
 def test_model_left_as_found(arch):
     model = _unusual(MODELS[arch]())
     methods = METHODS[arch]
-    before = _state(model)
-    lnstd.Explainer(model, methods, **(TA_BASE if "lnstd" in methods else {}))(images_for(model))
-    assert _state(model) == before
-    assert all(p.grad is None for p in model.parameters())
-
-    def boom(m, a, o):
-        raise RuntimeError("boom")
-
-    for name in methods:
-        h = model.head.register_forward_hook(boom)
-        with pytest.raises(RuntimeError, match="boom"):
-            lnstd.Explainer(model, [name])(images_for(model))
-        h.remove()
-        assert _state(model) == before
-
-    def boom_with_grad(m, a, o):  # spares the no-grad forward that finds the targets
-        if torch.is_grad_enabled():
-            raise RuntimeError("boom")
-
-    fc2 = get_adapter(model).blocks[-1].lrp.fc2
-    h = fc2.register_forward_hook(boom_with_grad)  # fails inside attnlrp's own pass, rules in place
-    with pytest.raises(RuntimeError, match="boom"):
-        lnstd.explain(model, images_for(model), "attnlrp", target=0)
-    h.remove()
-    assert _state(model) == before
-    assert all(p.grad is None for p in model.parameters())
+    assert_left_as_found(model, methods, _state, **(TA_BASE if "lnstd" in methods else {}))
     # attnlrp's F.normalize rule (Swin V2) is gone with its pass: the plain gradient of normalize(q)
     # is orthogonal to q again (held norm: q / |q|)
     q = torch.randn(5, requires_grad=True)
