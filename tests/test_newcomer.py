@@ -197,7 +197,7 @@ def test_shipped_specs_run_here(spec, tmp_path):
         _write_mat(tmp_path / "gtsegs_ijcv.mat")
         overrides[1] = str(tmp_path / "gtsegs_ijcv.mat")
     if "gpus-per-actor" in (ROOT / "jobs" / "specs" / spec).read_text():
-        overrides += ["--gpus-per-actor", "0", "--actors", "1", "--cpus-per-actor", "1"]
+        overrides += ["--gpus-per-actor", "0", "--actors", "1", "--cpus-per-actor", "1", "--decode", "cpu"]
     r = run_cli("run", "--spec", spec.removesuffix(".yaml"), *overrides, env=CLEAN_ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_rows(tmp_path / "out")
