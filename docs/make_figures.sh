@@ -5,7 +5,7 @@ out=$(mktemp -d)
 .venv/bin/lnstd run --output "$out/run" --no-progress
 .venv/bin/lnstd explain "$out/run/_demo-input/images/0003.png" --checkpoint lnstd/checkpoints/toy_vit.safetensors \
   --out "$out/png"
-python3 - "$out/png/toy_vit/0003_strip.png" <<'PY'
+.venv/bin/python - "$out/png/toy_vit/0003_strip.png" <<'PY'
 import sys
 
 from PIL import Image

@@ -9,9 +9,10 @@ write. A rerun skips committed shards, so no row is ever written twice. Ray Data
 to resume from, and its CPU-decode / GPU-actor split pays off only when the GPU nodes lack CPUs:
 one core decodes and preprocesses about 270 ImageNet-size JPEGs a second with PIL (410 through
 torchvision's decoder; benchmarks/README.md, bench_decode), so the 16 cores of a one-GPU node feed
-about 4,300 img/s, above the ~3,000 img/s an H100 explains ViT-B/16 at in bf16, and ``--decode gpu``
-(nvjpeg on the actor's GPU) removes CPU decoding from nodes with fewer cores per GPU. On 2 CPU cores
-the job's attribution phase runs at 0.95x a bare decode-and-explain loop (bench_job). A lost actor (killed, its
+about 4,300 img/s, above the ~3,000 img/s an H100 explains ViT-B/16 at in bf16, and
+``--decode gpu`` (nvjpeg on the actor's GPU) removes CPU decoding from nodes with fewer cores per
+GPU. On 2 CPU cores the job's attribution phase runs at 0.95x a bare decode-and-explain loop
+(bench_job). A lost actor (killed, its
 node gone) is replaced and its shard retried (the commit is idempotent); actors that cannot be
 placed yet (an autoscaling cluster) join as soon as a node for them appears. The driver streams the
 plan and keeps only in-flight shards in memory, so its footprint does not grow with the dataset.

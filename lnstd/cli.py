@@ -210,6 +210,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if counts["shards_failed"] or (args.fail_on_errors and counts["errors"]) else 0
 
 
+def _explainer(make: Any, *args: Any, **kwargs: Any) -> Any:
+    """Build an Explainer (or run anything that builds one); wrong methods or options are the
+    user's one-line error, naming the option."""
+    try:
+        return make(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--option: {exc}" if isinstance(exc, TypeError) else str(exc)) from None
+
+
 def _model_name(args: argparse.Namespace) -> str:
     """A folder name for a model's outputs: the timm name, or the checkpoint's stem."""
     if args.checkpoint:
@@ -239,7 +248,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
     methods = args.methods or applicable_methods(get_adapter(model))
-    explainer = Explainer(model, methods, precision=args.precision, capture=args.capture, **dict(args.option))
+    explainer = _explainer(Explainer, model, methods, precision=args.precision, capture=args.capture,
+                           **dict(args.option))  # fmt: skip
     prep = Preprocess.for_model(model, args.fit)
     target = None if args.target == "predicted" else int(args.target)
     out_dir = os.path.join(args.out, _model_name(args))  # outputs of different models stay apart
@@ -319,7 +329,7 @@ def _eval_one(args: argparse.Namespace, checkpoint: str | None) -> None:
     import torch
     from tqdm import tqdm
 
-    from . import load_model
+    from . import Explainer, load_model
     from .arch import get_adapter
     from .data.eval_sets import dataset_batches
     from .data.toy import toy_batch
@@ -332,6 +342,7 @@ def _eval_one(args: argparse.Namespace, checkpoint: str | None) -> None:
     model = load_model(args.model, checkpoint, args.pretrained, **dict(args.model_arg))
     methods = args.methods or applicable_methods(get_adapter(model))
     options = {"precision": args.precision, "capture": args.capture, **dict(args.option)}
+    _explainer(Explainer, model, methods, **options)  # a wrong method or option: one line, before work
     batches, n = dataset_batches(args.dataset, model, args.batch_size, args.n)
     name = args.model or os.path.splitext(os.path.basename(checkpoint or "model"))[0]
     with tqdm(total=n, unit="img", desc=f"eval {name}", file=sys.stderr, disable=args.no_progress) as bar:

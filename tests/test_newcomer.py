@@ -245,3 +245,18 @@ def test_the_wheel_installs_no_generic_top_level_name(tmp_path):
     assert {n.split("/")[0] for n in names} == {"lnstd", f"{wheel.name.split('-py3')[0]}.dist-info"}
     assert "lnstd/jobs/attribute.py" in names and "lnstd/jobs/specs/folder-local.yaml" in names
     assert "lnstd/checkpoints/toy_vit.safetensors" in names
+
+
+def test_explain_and_eval_name_a_wrong_option_in_one_line(no_ray, tmp_path):
+    from lnstd.train import toy_checkpoint
+
+    img = tmp_path / "a.png"
+    img.write_bytes(good_image(2))
+    ckpt = str(toy_checkpoint("vit"))
+    for args in (["explain", str(img), "--checkpoint", ckpt, "--out", str(tmp_path / "o"), "--option", "std=divide"],
+                 ["eval", "--dataset", "toy", "--checkpoint", ckpt, "--n", "2", "--out", str(tmp_path / "e"),
+                  "--option", "stdd=1"]):  # fmt: skip
+        code, err = cli_in_process(*args)
+        assert code == 2 and err.count("\n") == 1, err
+        assert "std must be one of" in err or "unknown option 'stdd'" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()

@@ -51,7 +51,7 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 class SegmentationMeter:
     """Accumulates pixel accuracy, mIoU (background + foreground) and mAP over batches.
 
-    ``higher_is_better`` is True for every figure it reports.
+    Directions and descriptions of its figures: :mod:`lnstd.metrics.registry`.
     """
 
     correct: float = 0.0
@@ -59,7 +59,6 @@ class SegmentationMeter:
     intersection: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
     union: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
     ap: list[torch.Tensor] = field(default_factory=list)
-    higher_is_better: bool = True
 
     def update(self, heat: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Add a batch: (B, h, w) heatmaps, (B, H, W) boolean masks.
