@@ -253,9 +253,19 @@ def test_explain_and_eval_name_a_wrong_option_in_one_line(no_ray, tmp_path):
     img = tmp_path / "a.png"
     img.write_bytes(good_image(2))
     ckpt = str(toy_checkpoint("vit"))
-    for args in (["explain", str(img), "--checkpoint", ckpt, "--out", str(tmp_path / "o"), "--option", "std=divide"],
-                 ["eval", "--dataset", "toy", "--checkpoint", ckpt, "--n", "2", "--out", str(tmp_path / "e"),
-                  "--option", "stdd=1"]):  # fmt: skip
+    explain = [
+        "explain",
+        str(img),
+        "--checkpoint",
+        ckpt,
+        "--out",
+        str(tmp_path / "o"),
+        "--option",
+        "std=divide",
+    ]
+    evaluate = ["eval", "--dataset", "toy", "--checkpoint", ckpt, "--n", "2", "--out", str(tmp_path / "e"),
+                "--option", "stdd=1"]  # fmt: skip
+    for args in (explain, evaluate):
         code, err = cli_in_process(*args)
         assert code == 2 and err.count("\n") == 1, err
         assert "std must be one of" in err or "unknown option 'stdd'" in err
