@@ -65,3 +65,27 @@ def images_for(model: torch.nn.Module, batch: int = 3, seed: int = 0) -> torch.T
     g = torch.Generator().manual_seed(seed)
     h, w = model.patch_embed.img_size
     return torch.randn(batch, 3, h, w, generator=g)
+
+
+def assert_window_map_exact(model: torch.nn.Module, grid: int = 11) -> None:
+    """Perturbing one input token of each of the first stage's real timm blocks (plain, then
+    shifted) changes exactly the outputs of that token's window as ``swin_window_index`` lays it out;
+    the two blocks partition the grid differently."""
+    from lnstd.arch import swin_window_index
+
+    torch.manual_seed(0)
+    maps = []
+    for blk in model.layers[0].blocks[:2]:
+        x = torch.randn(1, grid, grid, blk.norm1.normalized_shape[0])
+        index = swin_window_index(grid, grid, tuple(blk.window_size), tuple(blk.shift_size), x.device)
+        with torch.no_grad():
+            base = blk(x)
+            delta = torch.randn(x.shape[-1])  # not a constant: LayerNorm would erase that
+            for p in range(grid * grid):
+                x2 = x.clone()
+                x2.view(-1, x.shape[-1])[p] += delta
+                changed = set(((blk(x2) - base).abs().amax(-1) > 1e-6).flatten().nonzero().flatten().tolist())
+                window = index[(index == p).any(1)][0]
+                assert changed == set(window[window < grid * grid].tolist()), (p, blk.shift_size)
+        maps.append(index)
+    assert not torch.equal(maps[0], maps[1]) and any(model.layers[0].blocks[1].shift_size)
