@@ -244,7 +244,6 @@ class _Actors:
             _log(f"only {fit} of {want} actors fit on this machine ({largest}); starting {fit}")
             want = fit
         self.ready: list[Any] = []
-        self.info: dict[Any, dict[str, Any]] = {}
         self.pending: dict[Any, Any] = {}  # info ref -> actor
         self._actor_of: dict[Any, Any] = {}
         self.start_losses = 0
@@ -306,7 +305,6 @@ class _Actors:
             return
         actor = self._actor_of.pop(ref)
         self.ready.append(actor)
-        self.info[actor] = info
         self.load[actor] = 0
         _log(f"actor {len(self.ready) - 1} ready (pid {info['pid']}, {info['device']})")
 
@@ -426,12 +424,12 @@ def _schedule(
     from tqdm import tqdm
 
     committed = _committed(cfg, opts)
-    sizes = plan.shard_sizes()
-    prior = {"ok": 0, "errors": 0}
+    # What the committed shards hold, from their footers (the plan is read once, by iter_shards).
+    prior = {"images": 0, "ok": 0, "errors": 0}
     for s in committed:
-        c = _shard_counts(cfg.output, s, opts)
-        prior["ok"] += c.get("ok", 0)
-        prior["errors"] += c.get("errors", 0)
+        c = layout.shard_counts(cfg.output, s, opts)
+        for k in prior:
+            prior[k] += c.get(k, 0)
     extra: queue.Queue[tuple[int, list[Item]]] = queue.Queue()
     check = _InputCheck(plan, source, cfg.refresh_input, extra) if resumed else None
     if check:
@@ -449,7 +447,7 @@ def _schedule(
         return done_images / max(time.time() - t_ready, 1e-9)
 
     total = plan.inputs
-    bar = tqdm(total=total, initial=sum(sizes[s] for s in committed if s in sizes), unit="img",
+    bar = tqdm(total=total, initial=prior["images"], unit="img",
                disable=not progress, mininterval=1.0, file=sys.stderr,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")  # fmt: skip
     bar.set_postfix_str(f"{rate():.1f} img/s", refresh=False)
@@ -566,7 +564,7 @@ def _schedule(
             "shards": plan.shards,
             "shards_done": counts["shards_done"],
             "shards_skipped": len(committed),
-            "images_skipped": sum(sizes[s] for s in committed if s in sizes),
+            "images_skipped": prior["images"],
             "shards_failed": len(failed),
         },
         "input_check": check.summary() if check else None,
@@ -627,19 +625,6 @@ class _InputCheck(threading.Thread):
         if self.diff is None:
             return {"error": self.error} if self.error else None
         return {"added": self.diff.added, "removed": self.diff.removed, "refreshed": self.refresh}
-
-
-def _shard_counts(output: str, shard: int, opts: storage.StorageOptions) -> dict[str, int]:
-    """The counts a committed shard recorded in its Parquet footer (empty if unreadable)."""
-    import pyarrow.parquet as pq
-
-    fs, path = storage.resolve(layout.uri(output, layout.HEATMAPS, layout.part_name(shard)), opts)
-    try:
-        with fs.open_input_file(path) as f:
-            meta = pq.read_metadata(f).metadata or {}
-        return json.loads(meta.get(b"lnstd.shard_counts", b"{}"))
-    except (OSError, ValueError):
-        return {}
 
 
 def _versions() -> dict[str, str]:

@@ -135,15 +135,6 @@ class Plan:
         if items and current not in skip:
             yield current, items
 
-    def shard_sizes(self) -> dict[int, int]:
-        """Inputs per shard."""
-        sizes: dict[int, int] = {}
-        for batch in self._tables(["shard"]):
-            shards, counts = np.unique(batch.column(0).to_numpy(), return_counts=True)
-            for s, c in zip(shards.tolist(), counts.tolist(), strict=True):
-                sizes[s] = sizes.get(s, 0) + c
-        return sizes
-
     # --- write -----------------------------------------------------------------------------------
     @classmethod
     def create(

@@ -31,19 +31,15 @@ from lnstd import storage
 from lnstd.data import DecodeError, Item, decode_mask, read_mat_sample
 from lnstd.data.decode import jpeg_header
 from lnstd.data.preprocess import Geometry, Preprocess
-from lnstd.errors import ModelError
+from lnstd.errors import ModelError, one_line
 from lnstd.metrics.mask import MASK_METRICS, mask_metrics
 from lnstd.sysinfo import peak_rss_mb
 
 from .config import RunConfig
 
-__all__ = ["SCHEMA_FIELDS", "ShardWorker", "part_uri"]
+__all__ = ["SCHEMA_FIELDS", "ShardWorker"]
 
 MISSING = "missing at run time"
-
-
-def part_uri(output: str, shard: int) -> str:
-    return layout.uri(output, layout.HEATMAPS, layout.part_name(shard))
 
 
 @dataclass
@@ -193,7 +189,9 @@ class ShardWorker:
         except (PermissionError, IsADirectoryError) as exc:
             return Loaded(item, error="unreadable", detail=type(exc).__name__)
         except storage.StorageError as exc:
-            return Loaded(item, error="read failed", detail=" ".join(str(exc).split())[-200:])
+            return Loaded(
+                item, error="read failed", detail=one_line(exc, 10_000)[-200:]
+            )  # the reason ends it
 
     def _batches(self, items: list[Item]) -> Iterator[list[Loaded]]:
         """Decoded batches; the next batch decodes on threads while the caller computes."""
@@ -273,7 +271,7 @@ class ShardWorker:
                     raise
                 b.error, b.detail = (
                     "attribution failed",
-                    f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}",
+                    f"{type(exc).__name__}: {one_line(exc, 160)}",
                 )
         if not ok:  # every image fails alike: a fault of the model or the shard, not of one image
             raise first
@@ -362,11 +360,9 @@ class ShardWorker:
 
     def process(self, shard: int, items: list[Item]) -> dict[str, Any]:
         """Attribute one shard and commit ``heatmaps/part-<shard>.parquet``; idempotent."""
-        uri = part_uri(self.cfg.output, shard)
+        uri = layout.part_uri(self.cfg.output, shard)
         if storage.exists(uri, self.opts):  # a retried call after the commit: nothing to redo
-            fs, path = storage.resolve(uri, self.opts)
-            with fs.open_input_file(path) as f:
-                counts = json.loads((pq.read_metadata(f).metadata or {}).get(b"lnstd.shard_counts", b"{}"))
+            counts = layout.shard_counts(self.cfg.output, shard, self.opts)
             return {"shard": shard, "skipped": True, "images": len(items), "ok": 0, "errors": 0, **counts,
                     "node_id": self.node_id}  # fmt: skip
         tables: list[pa.Table] = []
@@ -379,7 +375,7 @@ class ShardWorker:
         counts = {"images": len(items), "ok": len(items) - errors, "errors": errors}
         meta = {
             **table.schema.metadata,
-            b"lnstd.shard_counts": json.dumps(counts).encode(),
+            layout.SHARD_COUNTS: json.dumps(counts).encode(),
             b"lnstd.node_id": self.node_id.encode(),
         }
         buf = io.BytesIO()

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import LnstdError, UsageError
+from .errors import LnstdError, UsageError, one_line
 
 __all__ = ["build_parser", "main"]
 
@@ -548,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LnstdError as exc:
         if show:
             traceback.print_exc()
-        print(f"lnstd: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"lnstd: error: {one_line(exc, 10_000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lnstd: interrupted (a rerun of the same command resumes)", file=sys.stderr)
@@ -557,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if show:
             traceback.print_exc()
         print(
-            f"lnstd: internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
+            f"lnstd: internal error ({type(exc).__name__}: {one_line(exc, 300)}); "
             "this is a bug: rerun with --traceback and report it",
             file=sys.stderr,
         )

@@ -11,6 +11,7 @@ __all__ = [
     "OutputLockedError",
     "ResourceError",
     "UsageError",
+    "one_line",
 ]
 
 
@@ -44,3 +45,8 @@ class ModelError(LnstdError, ValueError):
 
 class ResourceError(LnstdError, RuntimeError):
     """The cluster cannot place what the job asks for (CPUs, GPUs)."""
+
+
+def one_line(exc: BaseException | str, limit: int = 200) -> str:
+    """An error's message on one line (whitespace runs collapsed), at most ``limit`` characters."""
+    return " ".join(str(exc).split())[:limit]

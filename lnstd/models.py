@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ModelError
+from .errors import ModelError, one_line
 
 __all__ = ["check_model", "input_size", "load_checkpoint", "load_model", "transform_for"]
 
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+@contextlib.contextmanager
+def _safetensors(path: Path) -> Iterator[None]:
+    """A safetensors file that cannot be read is the user's one-line error."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{path}: not a readable safetensors file ({one_line(exc, 10_000)})") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -25,29 +38,21 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        try:
+        with _safetensors(path):
             state: Any = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise ModelError(
-                f"{path}: not a readable safetensors file ({' '.join(str(exc).split())})"
-            ) from None
     else:
         import pickle
 
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:  # the weights-only unpickler names the offending global
-            first = " ".join(str(exc).split())[:200]
             raise ModelError(
-                f"{path}: refused, it is not a weights-only torch checkpoint ({first})"
+                f"{path}: refused, it is not a weights-only torch checkpoint ({one_line(exc)})"
             ) from None
         except (RuntimeError, OSError, EOFError, ValueError) as exc:
-            raise ModelError(
-                f"{path}: cannot be read as a torch checkpoint ({' '.join(str(exc).split())[:200]})"
-            ) from None
+            raise ModelError(f"{path}: cannot be read as a torch checkpoint ({one_line(exc)})") from None
     for key in _NESTED_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -127,7 +132,7 @@ def _create(timm: Any, name: str, pretrained: bool, kwargs: dict[str, Any]) -> n
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as exc:  # an argument the model does not take
-        raise ModelError(f"{name}: {' '.join(str(exc).split())[:200]} (check --model-arg)") from None
+        raise ModelError(f"{name}: {one_line(exc)} (check --model-arg)") from None
 
 
 def _check_fit(
@@ -170,15 +175,10 @@ def check_model(
     if checkpoint is not None:
         path = Path(checkpoint)
         if path.suffix == ".safetensors":
-            from safetensors import SafetensorError, safe_open
+            from safetensors import safe_open
 
-            try:
-                with safe_open(str(path), "pt") as f:
-                    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-            except (SafetensorError, OSError) as exc:
-                raise ModelError(
-                    f"{path}: not a readable safetensors file ({' '.join(str(exc).split())})"
-                ) from None
+            with _safetensors(path), safe_open(str(path), "pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         else:
             shapes = {k: tuple(v.shape) for k, v in load_checkpoint(path).items()}
         _check_fit(model, {k.removeprefix("module."): v for k, v in shapes.items()}, checkpoint, name)

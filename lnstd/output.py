@@ -8,6 +8,8 @@ pointed at the output folder gets the heatmap rows and nothing else.
 
 from __future__ import annotations
 
+import json
+
 from . import storage
 
 __all__ = [
@@ -18,8 +20,11 @@ __all__ = [
     "PLAN",
     "REPORT",
     "RUN",
+    "SHARD_COUNTS",
     "SUCCESS",
     "part_name",
+    "part_uri",
+    "shard_counts",
     "shard_of",
 ]
 
@@ -31,11 +36,30 @@ AGGREGATE = "_aggregate"  # summary.csv, per_class.csv, counts.json
 RUN = "_lnstd/run.json"  # the configuration that decides the results (what a resume must match)
 LEASE = "_lnstd/lease.json"  # who holds the output while a run is active
 PLAN = "_lnstd/plan"  # the shard plan: plan.json (commit point) and part-NNNNN.arrow
+SHARD_COUNTS = b"lnstd.shard_counts"  # Parquet footer key: {"images", "ok", "errors"} of the shard
 
 
 def part_name(shard: int) -> str:
     """File name of a shard's heatmaps."""
     return f"part-{shard:05d}.parquet"
+
+
+def part_uri(output: str, shard: int) -> str:
+    """Where shard ``shard``'s heatmaps are committed."""
+    return uri(output, HEATMAPS, part_name(shard))
+
+
+def shard_counts(output: str, shard: int, opts: storage.StorageOptions) -> dict[str, int]:
+    """The counts a committed shard recorded in its Parquet footer (empty if unreadable)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(part_uri(output, shard), opts)
+    try:
+        with fs.open_input_file(path) as f:
+            meta = pq.read_metadata(f).metadata or {}
+        return json.loads(meta.get(SHARD_COUNTS, b"{}"))
+    except (OSError, ValueError):
+        return {}
 
 
 def shard_of(name: str) -> int | None:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import one_line
+
 __all__ = ["DecodeError", "decode_image", "decode_mask", "jpeg_header"]
 
 _ROTATING_ORIENTATIONS = {5, 6, 7, 8}
@@ -45,10 +47,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def _clean(exc: BaseException) -> str:
     """The decoder's message on one line, without object reprs."""
-    text = " ".join(str(exc).split())
-    if " at 0x" in text or "<_io." in text:
-        text = type(exc).__name__
-    return text[:200]
+    text = one_line(exc, 10_000)
+    return type(exc).__name__ if " at 0x" in text or "<_io." in text else text[:200]
 
 
 @contextlib.contextmanager

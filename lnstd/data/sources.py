@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import storage
-from ..errors import InputError
+from ..errors import InputError, one_line
 
 __all__ = ["IMAGE_EXTENSIONS", "Item", "Source", "open_source"]
 
@@ -96,9 +96,7 @@ class ManifestSource(Source):
         except (pa.ArrowInvalid, OSError) as exc:
             if isinstance(exc, storage.StorageError):
                 raise
-            raise InputError(
-                f"manifest {self.uri} cannot be read: {' '.join(str(exc).split())[:200]}"
-            ) from None
+            raise InputError(f"manifest {self.uri} cannot be read: {one_line(exc)}") from None
 
     def items(self) -> Iterator[Item]:
         base = self.uri.rsplit("/", 1)[0] if "/" in self.uri else "."
