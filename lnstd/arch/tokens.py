@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 
 from torch import nn
 
 from .base import BlockRef, LRPRef, UnsupportedModelError
-from .vit import lrp_mlp
+from .vit import lrp_block, lrp_fields
 
 __all__ = ["lrp_block", "token_blocks"]
 
@@ -41,38 +40,9 @@ def token_blocks(
                 f"{type(attn).__name__} attention; lnstd supports {family} blocks of type "
                 f"{', '.join(std_side)} with timm's attention"
             )
-        view = lrp(blk, side == "query")
-        ref = BlockRef(i, 0, blk, norm1, attn, drop, std_side=side)
-        refs.append(replace(ref, lrp=view) if isinstance(view, LRPRef) else replace(ref, lrp_problem=view))
+        refs.append(
+            BlockRef(i, 0, blk, norm1, attn, drop, std_side=side, **lrp_fields(lrp(blk, side == "query")))
+        )
     if not refs:
         raise UnsupportedModelError(f"{type(model).__name__} has no blocks")
     return refs
-
-
-def lrp_block(blk: nn.Module, post: bool, attention: str, out: nn.Module) -> LRPRef | str:
-    """The LRP view of a block ``x + drop_path1(...attn...)``, ``+ drop_path2(...mlp...)`` (pre- or
-    post-norm, layer-scale inside the branch) whose attention is of class ``attention``.
-
-    Args:
-        blk: the block (``norm1``, ``attn``, ``norm2``, ``mlp``, ``drop_path1``, ``drop_path2``).
-        post: whether its norms follow the branches (``x + norm1(attn(x))``).
-        attention: the attention class the LRP rules are written for; others are refused.
-        out: the module whose input is the attention output ``A V`` (heads merged).
-    """
-    attn, mlp = blk.attn, blk.mlp
-    if type(attn).__name__ != attention:
-        return f"its {type(attn).__name__} attention is not {attention}, for which the LRP rules are written"
-    if getattr(attn, "gate", None) is not None:
-        return "its attention output is gated (x * sigmoid(gate(x))), for which no LRP rule is implemented"
-    parts = lrp_mlp(mlp)
-    if parts is None:
-        return f"its MLP is a {type(mlp).__name__}; the LRP rules know Mlp, SwiGLU and GluMlp"
-    fc1, gates = parts
-    keep = (blk.norm1, getattr(attn, "q_norm", None), getattr(attn, "k_norm", None))
-    keep += (getattr(attn, "norm", None), blk.norm2, getattr(mlp, "norm", None))
-    return LRPRef(
-        proj=attn.proj, mid=mlp if post else blk.norm2, fc1=fc1, act=mlp.act, fc2=mlp.fc2,
-        branch1=blk.drop_path1, branch2=blk.drop_path2,
-        norms=tuple(m for m in keep if m is not None and not isinstance(m, nn.Identity)),
-        gate_inputs=gates, out=out,
-    )  # fmt: skip

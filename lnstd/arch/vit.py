@@ -7,7 +7,7 @@ from torch import nn
 
 from .base import Adapter, BlockRef, HeadRef, LRPRef, UnsupportedModelError, WindowMap
 
-__all__ = ["ViTAdapter", "lrp_mlp"]
+__all__ = ["ViTAdapter", "lrp_block", "lrp_fields", "lrp_mlp"]
 
 
 class ViTAdapter(Adapter):
@@ -59,7 +59,7 @@ class ViTAdapter(Adapter):
                     qkv=attn.qkv if fused else None,
                     qk_norm=(attn.q_norm, attn.k_norm) if fused else None,
                     out=attn.norm if fused else None,
-                    lrp=_lrp_ref(blk) if fused else None,
+                    **(lrp_fields(lrp_block(blk, False, "Attention", attn.norm)) if fused else {}),
                 )
             )  # fmt: skip
         if not refs:
@@ -140,16 +140,34 @@ def lrp_mlp(mlp: nn.Module) -> tuple[nn.Module | None, tuple[nn.Module, ...]] | 
     return None
 
 
-def _lrp_ref(blk: nn.Module) -> LRPRef | None:
-    """The LRP view of a timm ViT Block: standard Attention (no output gate), Mlp or a gated MLP."""
+def lrp_fields(view: LRPRef | str) -> dict[str, LRPRef | str]:
+    """``BlockRef`` fields for a block's LRP view, or for the reason it has none."""
+    return {"lrp": view} if isinstance(view, LRPRef) else {"lrp_problem": view}
+
+
+def lrp_block(blk: nn.Module, post: bool, attention: str, out: nn.Module) -> LRPRef | str:
+    """The LRP view of a block ``x + drop_path1(...attn...)``, ``+ drop_path2(...mlp...)`` (pre- or
+    post-norm, layer-scale inside the branch) whose attention is of class ``attention``.
+
+    Args:
+        blk: the block (``norm1``, ``attn``, ``norm2``, ``mlp``, ``drop_path1``, ``drop_path2``).
+        post: whether its norms follow the branches (``x + norm1(attn(x))``).
+        attention: the attention class the LRP rules are written for; others are refused.
+        out: the module whose input is the attention output ``A V`` (heads merged).
+    """
     attn, mlp = blk.attn, blk.mlp
+    if type(attn).__name__ != attention:
+        return f"its {type(attn).__name__} attention is not {attention}, for which the LRP rules are written"
+    if getattr(attn, "gate", None) is not None:
+        return "its attention output is gated (x * sigmoid(gate(x))), for which no LRP rule is implemented"
     parts = lrp_mlp(mlp)
-    if getattr(attn, "gate", None) is not None or parts is None:
-        return None
+    if parts is None:
+        return f"its MLP is a {type(mlp).__name__}; the LRP rules know Mlp, SwiGLU and GluMlp"
     fc1, gates = parts
+    keep = (blk.norm1, getattr(attn, "q_norm", None), getattr(attn, "k_norm", None))
+    keep += (getattr(attn, "norm", None), blk.norm2, getattr(mlp, "norm", None))
     return LRPRef(
-        proj=attn.proj, mid=blk.norm2, fc1=fc1, act=mlp.act, fc2=mlp.fc2,
+        proj=attn.proj, mid=mlp if post else blk.norm2, fc1=fc1, act=mlp.act, fc2=mlp.fc2,
         branch1=blk.drop_path1, branch2=blk.drop_path2,
-        norms=_norms(blk.norm1, attn.q_norm, attn.k_norm, attn.norm, blk.norm2, mlp.norm),
-        gate_inputs=gates,
+        norms=_norms(*(m for m in keep if m is not None)), gate_inputs=gates, out=out,
     )  # fmt: skip
