@@ -255,11 +255,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     out_dir = os.path.join(args.out, _model_name(args))  # outputs of different models stay apart
     failed = 0
     for k in range(0, len(files), args.batch_size):
-        chunk, pictures, geoms = [], [], []
+        chunk, pictures, geoms, originals = [], [], [], []
         for path, rel in files[k : k + args.batch_size]:
             try:
                 with open(path, "rb") as f:
-                    img, geom = prep.decode(f.read())
+                    data = f.read()
+                img, geom = prep.decode(data)
+                # the pictures are drawn on the full-size image; decode again only if the model's
+                # input came from a reduced-scale (JPEG draft) decode
+                full = img.size == (geom.width, geom.height)
+                originals.append(img if full else prep.decode_full(data))
                 pictures.append(img)
                 geoms.append(geom)
                 chunk.append((path, rel))
@@ -271,15 +276,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         out = explainer(
             torch.stack([prep.tensor(im, g) for im, g in zip(pictures, geoms, strict=True)]), target
         )
-        for i, (path, rel) in enumerate(chunk):
+        for i, (_, rel) in enumerate(chunk):
             stem = os.path.join(out_dir, os.path.splitext(rel)[0])
             os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-            with open(path, "rb") as f:
-                original = prep.decode_full(f.read())
             maps = {m: out.heatmaps[m][i] for m in methods}
             for m, heat in maps.items():
-                overlay(original, heat, geometry=geoms[i]).save(f"{stem}_{m}.png")
-            strip(original, maps, geometry=geoms[i]).save(f"{stem}_strip.png")
+                overlay(originals[i], heat, geometry=geoms[i]).save(f"{stem}_{m}.png")
+            strip(originals[i], maps, geometry=geoms[i]).save(f"{stem}_strip.png")
     print(f"lnstd: {len(files) - failed} images explained with {', '.join(methods)} -> {out_dir}"
           + (f"; {failed} skipped" if failed else ""), file=sys.stderr)  # fmt: skip
     return 1 if failed else 0
