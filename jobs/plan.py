@@ -165,22 +165,28 @@ class Plan:
         return cls(output, meta, opts)
 
     def diff(self, source: Source, keep_added: bool) -> PlanDiff:
-        """Compare the input as it is now with the plan, by image id."""
+        """Compare the input as it is now with the plan, by image id.
+
+        Digests are compared as NumPy arrays, never as elements read back into Python: reading one
+        element of a fixed-width bytes array drops its trailing zero bytes, so a digest ending in
+        one would not compare equal to itself.
+        """
         planned = []
         for batch in self._tables(["image_id"]):
             planned.extend(_digest(v) for v in batch.column(0).to_pylist())
-        plan_ids = np.array(sorted(planned), dtype="S16")
+        plan_ids = np.unique(np.array(planned, dtype="S16"))
         del planned
         listed, added_items = [], []
         for item in source.items():
-            d = _digest(item.image_id)
-            listed.append(d)
-            pos = np.searchsorted(plan_ids, np.array(d, dtype="S16"))
-            if keep_added and not (pos < len(plan_ids) and plan_ids[pos] == d):
-                added_items.append(item)
+            d = np.array([_digest(item.image_id)], dtype="S16")
+            listed.append(d[0])
+            if keep_added:
+                pos = np.searchsorted(plan_ids, d)
+                if not (pos[0] < len(plan_ids) and (plan_ids[pos] == d)[0]):
+                    added_items.append(item)
         now = np.unique(np.array(listed, dtype="S16"))
-        added = int((~np.isin(now, plan_ids)).sum())
-        removed = int((~np.isin(plan_ids, now)).sum())
+        added = int((~np.isin(now, plan_ids, assume_unique=True)).sum())
+        removed = int((~np.isin(plan_ids, now, assume_unique=True)).sum())
         return PlanDiff(added, removed, added_items)
 
     def extend(self, items: list[Item]) -> list[int]:
