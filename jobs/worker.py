@@ -37,7 +37,7 @@ from lnstd.sysinfo import peak_rss_mb
 
 from .config import RunConfig
 
-__all__ = ["SCHEMA_FIELDS", "ShardWorker"]
+__all__ = ["ShardWorker"]
 
 MISSING = "missing at run time"
 
@@ -57,33 +57,6 @@ class Loaded:
 
 class ImageFault(Exception):
     """A fault of one input found while attributing it (the model raised on that image alone)."""
-
-
-def SCHEMA_FIELDS(heat: pa.DataType) -> list[tuple[str, pa.DataType]]:
-    """The row layout of ``heatmaps/part-*.parquet`` (docs/architecture.md lists every column)."""
-    return [
-        ("image_id", pa.string()),
-        ("source", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("crop_box", pa.list_(pa.float32(), 4)),
-        ("model", pa.string()),
-        ("method", pa.string()),
-        ("target", pa.int64()),
-        ("predicted", pa.int64()),
-        ("probability", pa.float32()),
-        ("heatmap", heat),
-        ("grid_h", pa.int32()),
-        ("grid_w", pa.int32()),
-        ("label", pa.int64()),
-        ("correct", pa.bool_()),
-        *[(name, pa.float32()) for name in MASK_METRICS],
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("error_detail", pa.string()),
-        ("shard", pa.int32()),
-        ("elapsed_ms", pa.float32()),
-    ]
 
 
 class ShardWorker:
@@ -140,7 +113,7 @@ class ShardWorker:
         sizes = {h * w for h, w in self.grids.values()}
         # One fixed size when every method shares the grid (Swin lnstd's 7x7 vs 56x56 do not).
         heat = pa.list_(pa.float32(), sizes.pop()) if len(sizes) == 1 else pa.list_(pa.float32())
-        fields = SCHEMA_FIELDS(heat)
+        fields = layout.row_fields(heat)
         if self.cfg.save_png:
             fields.append(("heatmap_png", pa.binary()))
         meta = {

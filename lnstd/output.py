@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
+
 from . import storage
+from .metrics.mask import MASK_METRICS
 
 __all__ = [
     "AGGREGATE",
@@ -24,6 +27,7 @@ __all__ = [
     "SUCCESS",
     "part_name",
     "part_uri",
+    "row_fields",
     "shard_counts",
     "shard_of",
 ]
@@ -37,6 +41,34 @@ RUN = "_lnstd/run.json"  # the configuration that decides the results (what a re
 LEASE = "_lnstd/lease.json"  # who holds the output while a run is active
 PLAN = "_lnstd/plan"  # the shard plan: plan.json (commit point) and part-NNNNN.arrow
 SHARD_COUNTS = b"lnstd.shard_counts"  # Parquet footer key: {"images", "ok", "errors"} of the shard
+
+
+def row_fields(heat: pa.DataType) -> list[tuple[str, pa.DataType]]:
+    """The row layout of ``heatmaps/part-*.parquet`` (docs/architecture.md lists every column);
+    ``heat`` is the heatmap column's type (fixed-size when every method shares one grid)."""
+    return [
+        ("image_id", pa.string()),
+        ("source", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("crop_box", pa.list_(pa.float32(), 4)),
+        ("model", pa.string()),
+        ("method", pa.string()),
+        ("target", pa.int64()),
+        ("predicted", pa.int64()),
+        ("probability", pa.float32()),
+        ("heatmap", heat),
+        ("grid_h", pa.int32()),
+        ("grid_w", pa.int32()),
+        ("label", pa.int64()),
+        ("correct", pa.bool_()),
+        *[(name, pa.float32()) for name in MASK_METRICS],
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("error_detail", pa.string()),
+        ("shard", pa.int32()),
+        ("elapsed_ms", pa.float32()),
+    ]
 
 
 def part_name(shard: int) -> str:
