@@ -76,12 +76,8 @@ class RunConfig:
         self.output = _absolute(self.output)
         if self.checkpoint:
             self.checkpoint = os.path.abspath(self.checkpoint)
-        if self.checkpoint and not self.checkpoint_sha256 and os.path.isfile(self.checkpoint):
-            h = hashlib.sha256()
-            with open(self.checkpoint, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            self.checkpoint_sha256 = h.hexdigest()
+        if self.checkpoint and not self.checkpoint_sha256 and os.path.exists(self.checkpoint):
+            self.checkpoint_sha256 = _sha256(self.checkpoint)
         if self.target != "predicted" and self.target != "label" and not self.target.startswith("topk:"):
             raise UsageError(f"--target must be predicted, label or topk:K, got {self.target!r}")
         if self.target.startswith("topk:") and not (self.target[5:].isdigit() and int(self.target[5:]) > 0):
@@ -110,3 +106,19 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _sha256(path: str) -> str:
+    """Digest of a checkpoint file, or of a folder's files (a Hugging Face ``save_pretrained`` folder:
+    their relative names and contents, in name order)."""
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+    )  # fmt: skip
+    for name in files:
+        if name != path:
+            h.update(os.path.relpath(name, path).encode() + b"\0")
+        with open(name, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -85,7 +85,8 @@ class Explainer:
 
     Args:
         model: a timm model of a supported family (ViT, DeiT distilled, Swin, Swin V2, EVA, BEiT;
-            docs/families.md).
+            docs/families.md), or a Hugging Face ``ViTForImageClassification``,
+            ``DeiTForImageClassification[WithTeacher]`` or ``SwinForImageClassification`` (lnstd/hf.py).
         methods: names from :func:`lnstd.list_methods`.
         precision: "fp32", or "bf16"/"fp16" to run the model under autocast; the relevance
             arithmetic is float32 either way.
@@ -119,7 +120,11 @@ class Explainer:
         methods = list(dict.fromkeys(methods))
         for name in methods:
             get_method(name)  # unknown names fail before anything else
-        self.model = model
+        from .hf import view
+
+        # A Hugging Face classifier is explained as its timm copy (lnstd/hf.py); it is never changed.
+        self._hf = view(model)
+        self.model = model = self._hf.model if self._hf is not None else model
         self.adapter = get_adapter(model)
         if capture is None:
             capture = "fused" if self.adapter.supports_fused_capture() else "unfused"
@@ -155,6 +160,8 @@ class Explainer:
         """Explain a batch of normalised images (B, 3, H, W); ``target`` as in :func:`explain`."""
         if images.ndim != 4:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        if self._hf is not None:
+            self._hf.sync()  # the Hugging Face model's weights as they are now
         needs_grad = self._needs.grad_from is not None or len(self._shared) < len(self.methods)
         if torch.is_inference_mode_enabled() and needs_grad:
             raise RuntimeError("gradient methods cannot run inside torch.inference_mode()")

@@ -77,7 +77,8 @@ def load_model(
     device: str | torch.device | None = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
-    """A timm model by name, in eval mode.
+    """A timm model by name, in eval mode; ``hf:<name>`` converts a Hugging Face ViT, DeiT or Swin
+    classifier (``checkpoint``: its ``save_pretrained`` folder; without one, ``name`` is a hub id).
 
     A checkpoint may have a JSON file of the same stem beside it (as ``lnstd train-toy`` writes):
     its ``model``, ``model_args`` and ``normalize`` (mean, std) are used unless given here.
@@ -92,6 +93,10 @@ def load_model(
     """
     import timm
 
+    if _is_hf_name(name, timm_kwargs):
+        from .hf import load
+
+        return load(str(name), checkpoint, device)
     name, timm_kwargs, side = _resolve(name, checkpoint, timm_kwargs)
     model = _create(timm, name, pretrained and checkpoint is None, timm_kwargs)
     if checkpoint is not None:
@@ -103,6 +108,15 @@ def load_model(
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def _is_hf_name(name: str | None, timm_kwargs: dict[str, Any]) -> bool:
+    """Whether ``name`` is ``hf:<name>`` (a Hugging Face classifier, converted by lnstd/hf.py)."""
+    if name is None or not name.startswith("hf:"):
+        return False
+    if timm_kwargs:
+        raise ModelError(f"--model-arg does not apply to {name}: its config.json decides the architecture")
+    return True
 
 
 def _resolve(
@@ -167,6 +181,10 @@ def check_model(
     """
     import timm
 
+    if _is_hf_name(name, timm_kwargs):
+        from .hf import load
+
+        return str(name), load(str(name), checkpoint, meta=True)
     name, timm_kwargs, side = _resolve(name, checkpoint, timm_kwargs)
     with torch.device("meta"):
         model = _create(timm, name, False, timm_kwargs)
