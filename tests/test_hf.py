@@ -189,6 +189,7 @@ def test_unsupported_hf_classes_and_configs_say_why():
         lnstd.Explainer(ape, ["gae"])
 
 
+@pytest.mark.integration  # a subprocess
 def test_explaining_a_timm_model_does_not_import_transformers():
     import subprocess
     import sys
