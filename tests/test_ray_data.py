@@ -1,0 +1,128 @@
+"""lnstd.ray.Attributor in Ray Data pipelines on the local Ray cluster (in a subprocess): its rows equal
+``lnstd run``'s for the same images, bad images included, and the README's pipeline runs as written."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import lnstd
+
+from .jobhelpers import (
+    ROOT,
+    TINY_ARGS,
+    TINY_MODEL,
+    bad_files,
+    good_image,
+    model_flags,
+    run_cli,
+    tiny_checkpoint,
+)
+
+pytestmark = pytest.mark.integration  # Ray in a subprocess
+
+METHODS = ["gae", "gradcam", "attnlrp"]
+
+PIPELINE = """
+import json, sys
+import ray
+from ray.data import ActorPoolStrategy
+from lnstd.ray import Attributor
+
+folder, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+ray.init(address="local", num_cpus=2, include_dashboard=False)
+ds = ray.data.read_binary_files(folder, include_paths=True)
+rows = ds.map_batches(Attributor, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=2),
+                      num_cpus=0.5, batch_size=6)
+rows.write_parquet(out)
+"""
+
+
+def _python(code: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env_code = "import os; os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')\n" + code
+    return subprocess.run([sys.executable, "-c", env_code, *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)  # fmt: skip
+
+
+def test_pipeline_rows_equal_the_jobs_rows_bad_images_included(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(18):
+        (folder / f"{i:02d}.{'png' if i % 2 else 'jpg'}").write_bytes(good_image(i))
+    bad = bad_files()
+    for name in ("bad/truncated.jpg", "bad/text.png"):
+        (folder / Path(name).name).write_bytes(bad[name])
+    kwargs = {"model": TINY_MODEL, "checkpoint": str(ckpt), "model_args": TINY_ARGS, "methods": METHODS,
+              "column": "bytes"}  # fmt: skip
+    r = _python(PIPELINE, str(folder), str(tmp_path / "rows"), json.dumps(kwargs))
+    assert r.returncode == 0, r.stderr[-3000:]
+    job = run_cli("run", "--input", str(folder), "--output", str(tmp_path / "job"), *model_flags(ckpt),
+                  "--methods", ",".join(METHODS), "--no-progress", "--cpus-per-actor", "0.5")  # fmt: skip
+    assert job.returncode == 0, job.stderr[-2000:]
+
+    ours = pq.read_table(tmp_path / "rows").to_pylist()
+    theirs = {(r["source"], r["method"]): r for r in pq.read_table(tmp_path / "job" / "heatmaps").to_pylist()}
+    for m in METHODS:
+        rows = [r for r in ours if r["method"] == m]
+        assert len(rows) == 20, m
+        assert sorted(r["source"] for r in rows if r["status"] == "error") == sorted(
+            str(folder / n) for n in ("truncated.jpg", "text.png")
+        )
+    assert {(r["source"], r["method"]) for r in ours} == set(theirs)
+    for row in ours:
+        want = theirs[(row["source"], row["method"])]
+        for col in (
+            "status",
+            "error",
+            "width",
+            "height",
+            "crop_box",
+            "target",
+            "predicted",
+            "grid_h",
+            "model",
+        ):
+            assert row[col] == want[col], (col, row["source"])
+        assert row["shard"] == -1
+        if row["status"] == "ok":
+            assert row["probability"] == pytest.approx(want["probability"], rel=1e-5)
+            a, b = np.asarray(row["heatmap"]), np.asarray(want["heatmap"])
+            assert np.abs(a - b).max() <= 1e-5 * (b.max() - b.min()), (row["source"], row["method"])
+
+
+def test_readme_pipeline_runs_as_written(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"## In a Ray Data pipeline\n\n```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    sizes = [(40, 30), (30, 50), (64, 64), (90, 20)]
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"{i}.png"
+        )
+    r = _python(
+        "import ray; ray.init(address='local', num_cpus=4, include_dashboard=False)\n" + code, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "saliency-rows").to_pylist()
+    assert len(rows) == len(sizes) * 2 and {r["status"] for r in rows} == {"ok"}
+    # the same rows from the library on the same pictures (the replicas' seed-0 random weights)
+    torch.manual_seed(0)
+    model = lnstd.load_model("vit_tiny_patch16_224")
+    to_tensor = lnstd.transform_for(model)
+    for row in rows:
+        x = to_tensor(Image.open(tmp_path / row["source"]).convert("RGB"))[None]  # as Ray Data names it
+        want = lnstd.explain(model, x, method=row["method"])[0].flatten().numpy()
+        got = np.asarray(row["heatmap"])
+        assert np.abs(got - want).max() <= 1e-5 * (want.max() - want.min()), (row["source"], row["method"])
+        assert (row["width"], row["height"]) in sizes
