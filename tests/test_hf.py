@@ -254,3 +254,22 @@ def test_readme_hf_example_runs_as_written(capsys):
         m: (2, 4, 4) for m in ("lnstd", "attnlrp", "gradcam")
     }
     assert "torch.Size([2, 4, 4])" in capsys.readouterr().out
+
+
+def test_hf_model_flags_that_cannot_work_say_why_in_one_line(tmp_path):
+    from .jobhelpers import cli_in_process
+
+    (tmp_path / "in").mkdir()
+    base = ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress"]
+    code, err = cli_in_process(*base, "--model", "hf:tiny", "--checkpoint", str(tmp_path / "missing"))
+    assert code == 2 and "checkpoint not found" in err and len(err.strip().splitlines()) == 1
+    model = make_hf("vit")
+    model.save_pretrained(tmp_path / "vit")
+    code, err = cli_in_process(*base, "--model", "hf:tiny", "--checkpoint", str(tmp_path / "vit"),
+                               "--model-arg", "num_classes=3")  # fmt: skip
+    assert code == 2 and "--model-arg does not apply to hf:tiny" in err
+    tf.BeitForImageClassification(
+        tf.BeitConfig(**{k: VIT[k] for k in VIT if k != "layer_norm_eps"})
+    ).save_pretrained(tmp_path / "beit")
+    code, err = cli_in_process(*base, "--model", "hf:beit", "--checkpoint", str(tmp_path / "beit"))
+    assert code == 2 and "BeitForImageClassification checkpoint; lnstd supports ViTForImage" in err
