@@ -39,12 +39,13 @@ from ray.data import ActorPoolStrategy
 from lnstd.ray import Attributor
 
 folder, out, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-ray.init(address="local", num_cpus=2, include_dashboard=False)
+ray.init(address="local", num_cpus=4, include_dashboard=False)
 ds = ray.data.read_binary_files(folder, include_paths=True)
 rows = ds.map_batches(Attributor, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=2),
                       num_cpus=0.5, batch_size=6)
 rows.write_parquet(out)
 """
+SIZES = [(40, 30), (30, 50), (64, 64), (90, 20)]  # the README pipeline's pictures (PNG)
 
 
 def _python(code: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -53,7 +54,11 @@ def _python(code: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProc
                           timeout=300, cwd=cwd)  # fmt: skip
 
 
-def test_pipeline_rows_equal_the_jobs_rows_bad_images_included(tmp_path):
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory) -> Path:
+    """One Ray session running both pipelines: the README's (read_images) over ``images/``, and one
+    over the bytes of 18 good and 2 broken pictures in ``in/``."""
+    tmp_path = tmp_path_factory.mktemp("ray_data")
     ckpt = tiny_checkpoint(tmp_path)
     folder = tmp_path / "in"
     folder.mkdir()
@@ -62,10 +67,24 @@ def test_pipeline_rows_equal_the_jobs_rows_bad_images_included(tmp_path):
     bad = bad_files()
     for name in ("bad/truncated.jpg", "bad/text.png"):
         (folder / Path(name).name).write_bytes(bad[name])
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(SIZES):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"{i}.png"
+        )
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## In a Ray Data pipeline\n\n```python\n(.*?)```", readme, re.S).group(1)
     kwargs = {"model": TINY_MODEL, "checkpoint": str(ckpt), "model_args": TINY_ARGS, "methods": METHODS,
               "column": "bytes"}  # fmt: skip
-    r = _python(PIPELINE, str(folder), str(tmp_path / "rows"), json.dumps(kwargs))
+    r = _python(PIPELINE + code, str(folder), str(tmp_path / "rows"), json.dumps(kwargs), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    return tmp_path
+
+
+def test_pipeline_rows_equal_the_jobs_rows_bad_images_included(pipelines):
+    tmp_path, folder = pipelines, pipelines / "in"
+    ckpt = tiny_checkpoint(tmp_path)
     job = run_cli("run", "--input", str(folder), "--output", str(tmp_path / "job"), *model_flags(ckpt),
                   "--methods", ",".join(METHODS), "--no-progress", "--cpus-per-actor", "0.5")  # fmt: skip
     assert job.returncode == 0, job.stderr[-2000:]
@@ -100,29 +119,19 @@ def test_pipeline_rows_equal_the_jobs_rows_bad_images_included(tmp_path):
             assert np.abs(a - b).max() <= 1e-5 * (b.max() - b.min()), (row["source"], row["method"])
 
 
-def test_readme_pipeline_runs_as_written(tmp_path):
-    text = (ROOT / "README.md").read_text()
-    code = re.search(r"## In a Ray Data pipeline\n\n```python\n(.*?)```", text, re.S).group(1)
-    (tmp_path / "images").mkdir()
-    rng = np.random.default_rng(0)
-    sizes = [(40, 30), (30, 50), (64, 64), (90, 20)]
-    for i, (w, h) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
-            tmp_path / "images" / f"{i}.png"
-        )
-    r = _python(
-        "import ray; ray.init(address='local', num_cpus=4, include_dashboard=False)\n" + code, cwd=tmp_path
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_readme_pipeline_runs_as_written(pipelines):
+    tmp_path, sizes = pipelines, SIZES
     rows = pq.read_table(tmp_path / "saliency-rows").to_pylist()
     assert len(rows) == len(sizes) * 2 and {r["status"] for r in rows} == {"ok"}
     # the same rows from the library on the same pictures (the replicas' seed-0 random weights)
     torch.manual_seed(0)
     model = lnstd.load_model("vit_tiny_patch16_224")
     to_tensor = lnstd.transform_for(model)
-    for row in rows:
-        x = to_tensor(Image.open(tmp_path / row["source"]).convert("RGB"))[None]  # as Ray Data names it
-        want = lnstd.explain(model, x, method=row["method"])[0].flatten().numpy()
-        got = np.asarray(row["heatmap"])
-        assert np.abs(got - want).max() <= 1e-5 * (want.max() - want.min()), (row["source"], row["method"])
-        assert (row["width"], row["height"]) in sizes
+    explainer = lnstd.Explainer(model, ["lnstd", "gradcam"])
+    for source in {row["source"] for row in rows}:
+        x = to_tensor(Image.open(tmp_path / source).convert("RGB"))[None]  # as Ray Data names it
+        want = explainer(x).heatmaps
+        for row in (r for r in rows if r["source"] == source):
+            w, got = want[row["method"]][0].flatten().numpy(), np.asarray(row["heatmap"])
+            assert np.abs(got - w).max() <= 1e-5 * (w.max() - w.min()), (source, row["method"])
+            assert (row["width"], row["height"]) in sizes
