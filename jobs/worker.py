@@ -9,6 +9,7 @@ shard, which the driver then retries.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -36,6 +37,7 @@ from lnstd.metrics.mask import MASK_METRICS, mask_metrics
 from lnstd.sysinfo import peak_rss_mb
 
 from .config import RunConfig
+from .plan import Plan
 
 __all__ = ["ShardWorker"]
 
@@ -67,6 +69,7 @@ class ShardWorker:
         self.cfg = RunConfig(**cfg)
         self.run_id = run_id
         self.opts = storage.StorageOptions.from_env(self.cfg.s3_endpoint)
+        self.plan: Plan | None = None  # read when the first shard comes (the driver commits it first)
         cuda = torch.cuda.is_available() and self.cfg.gpus_per_actor > 0
         if self.cfg.decode == "gpu" and not cuda:
             raise ModelError("--decode gpu needs a CUDA GPU on the actor's node, and this one has none")
@@ -104,9 +107,32 @@ class ShardWorker:
         except Exception:  # not inside Ray (tests of the worker alone)
             self.node_id = ""
 
-    def info(self) -> dict[str, Any]:
-        """Where this replica runs (the driver logs it)."""
-        return {"pid": os.getpid(), "device": str(self.device), "grids": self.grids, "node_id": self.node_id}
+    def info(self, probe: str | None = None) -> dict[str, Any]:
+        """Where this replica runs (the driver logs it), and whether its node sees the run's storage:
+        ``cannot_see`` names what it cannot read (``probe``, a file the driver wrote under the
+        output, or the input), else None."""
+        import socket
+
+        cannot_see = None
+        if probe is not None:
+            if not storage.exists(probe, self.opts):
+                cannot_see = f"the output {self.cfg.output}"
+            elif not self._sees_input():
+                cannot_see = f"the input {self.cfg.input}"
+        ip = ""
+        with contextlib.suppress(Exception):
+            import ray
+
+            ip = ray.util.get_node_ip_address()
+        return {"pid": os.getpid(), "device": str(self.device), "grids": self.grids, "node_id": self.node_id,
+                "node_ip": ip or socket.gethostname(), "cannot_see": cannot_see}  # fmt: skip
+
+    def _sees_input(self) -> bool:
+        uri = self.cfg.input
+        if storage.is_s3(uri):
+            return True  # the same endpoint and credentials reach it from every node
+        path = storage.resolve(uri.split("#", 1)[0] if uri.lower().endswith(".mat") else uri, self.opts)[1]
+        return os.path.exists(path)
 
     # --- schema ----------------------------------------------------------------------------------
     def _schema(self) -> pa.Schema:
@@ -165,6 +191,8 @@ class ShardWorker:
             return Loaded(
                 item, error="read failed", detail=one_line(exc, 10_000)[-200:]
             )  # the reason ends it
+        except (OSError, KeyError, ValueError) as exc:  # h5py's and other readers' faults of this file
+            return Loaded(item, error="unreadable", detail=f"{type(exc).__name__}: {one_line(exc, 160)}")
 
     def _batches(self, items: list[Item]) -> Iterator[list[Loaded]]:
         """Decoded batches; the next batch decodes on threads while the caller computes."""
@@ -212,9 +240,9 @@ class ShardWorker:
         if good:
             x = self._stack(good)
             try:
-                outs = self._attribute(x, [b.item.label for b in good])
+                outs = self._fitting(x, [b.item.label for b in good])
             except Exception as exc:
-                if _device_fault(exc):
+                if _device_fault(exc) or _out_of_memory(exc):
                     raise
                 # One image may be at fault: explain them one by one and keep the fault with it.
                 good, outs = self._one_by_one(good, exc)
@@ -230,6 +258,20 @@ class ShardWorker:
             tables.extend(self._ok_tables(good, outs, shard, per_image_ms))
         return tables
 
+    def _fitting(self, x: torch.Tensor, labels: list[int | None]) -> list[lnstd.Explanation]:
+        """Explain ``x``; when the device runs out of memory, in halves (down to one image, whose
+        out-of-memory error then fails the shard with that reason)."""
+        try:
+            return self._attribute(x, labels)
+        except Exception as exc:
+            if not _out_of_memory(exc) or len(x) == 1:
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = (len(x) + 1) // 2
+        parts = [self._fitting(x[:half], labels[:half]), self._fitting(x[half:], labels[half:])]
+        return [_cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+
     def _one_by_one(
         self, good: list[Loaded], first: Exception
     ) -> tuple[list[Loaded], list[lnstd.Explanation]]:
@@ -240,14 +282,16 @@ class ShardWorker:
                 results.append(self._attribute(self._stack([b]), [b.item.label]))
                 ok.append(b)
             except Exception as exc:
-                if _device_fault(exc):
+                if _device_fault(exc) or _out_of_memory(exc):
                     raise
                 b.error, b.detail = (
                     "attribution failed",
                     f"{type(exc).__name__}: {one_line(exc, 160)}",
                 )
-        if not ok:  # every image fails alike: a fault of the model or the shard, not of one image
+        if not ok and len(good) > 1:  # every image fails alike: a fault of the model, not of one image
             raise first
+        if not ok:  # a batch of one image that the model fails on: that image's error row
+            return [], []
         outs = [_cat([r[k] for r in results]) for k in range(len(results[0]))]
         return ok, outs
 
@@ -331,13 +375,19 @@ class ShardWorker:
             "shard": shard,
         }
 
-    def process(self, shard: int, items: list[Item]) -> dict[str, Any]:
-        """Attribute one shard and commit ``heatmaps/part-<shard>.parquet``; idempotent."""
+    def process(self, shard: int) -> dict[str, Any]:
+        """Attribute one shard of the plan (its items read from the plan by this actor) and commit
+        ``heatmaps/part-<shard>.parquet``; idempotent. Returns counts only."""
         uri = layout.part_uri(self.cfg.output, shard)
         if storage.exists(uri, self.opts):  # a retried call after the commit: nothing to redo
             counts = layout.shard_counts(self.cfg.output, shard, self.opts)
-            return {"shard": shard, "skipped": True, "images": len(items), "ok": 0, "errors": 0, **counts,
+            return {"images": 0, "ok": 0, "errors": 0, **counts, "shard": shard, "skipped": True,
                     "node_id": self.node_id}  # fmt: skip
+        if self.plan is None:
+            self.plan = Plan.load(self.cfg.output, self.opts)
+            if self.plan is None:
+                raise ModelError(f"{self.cfg.output} has no committed plan")
+        items = self.plan.read_shard(shard)
         tables: list[pa.Table] = []
         for batch in self._batches(items):
             tables.extend(self._explain(batch, shard))
@@ -375,11 +425,17 @@ def _cat(parts: list[lnstd.Explanation]) -> lnstd.Explanation:
 
 
 def _device_fault(exc: BaseException) -> bool:
-    """Errors of the device or process, not of one image: the shard fails and is retried."""
-    text = str(exc)
-    return (
-        isinstance(exc, MemoryError) or "CUDA error" in text or "NCCL" in text or "device-side assert" in text
-    )
+    """Errors of the device or the process, not of one image: the shard fails and is retried."""
+    accel = getattr(torch, "AcceleratorError", None)  # CUDA errors (torch >= 2.8)
+    if isinstance(exc, MemoryError) or (accel is not None and isinstance(exc, accel)):
+        return True
+    text = str(exc)  # older torch raises a plain RuntimeError for these
+    return "CUDA error" in text or "NCCL" in text or "device-side assert" in text
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """The device ran out of memory (``torch.OutOfMemoryError``; CUDA, or another accelerator)."""
+    return isinstance(exc, torch.OutOfMemoryError)
 
 
 def _png(heat: np.ndarray, geom: Geometry) -> bytes:

@@ -13,7 +13,7 @@ import json
 import pyarrow as pa
 
 from . import storage
-from .metrics.mask import MASK_METRICS
+from .metrics.registry import MASK_METRICS
 
 __all__ = [
     "AGGREGATE",
