@@ -558,7 +558,9 @@ def _prepare(cfg: RunConfig, opts: storage.StorageOptions, run_id: str, source: 
             raise ConfigMismatchError(f"{cfg.output}: its shard plan is for another --input or --shard-size")
         plan = None  # a plan no run ever used: list again
     resumed = plan is not None
-    if plan is None:  # list once, into the output (ids checked here), before any actor waits for work
+    if plan is not None:
+        plan.clean()
+    else:  # list once, into the output (ids checked here), before any actor waits for work
         plan = Plan.create(cfg.output, source, cfg.shard_size, opts, dedupe=cfg.dedupe)
         _log(f"plan: {plan.inputs} inputs in {plan.shards} shards of up to {cfg.shard_size}")
     storage.write_bytes(

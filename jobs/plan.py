@@ -132,6 +132,15 @@ class Plan:
             raise InputError(f"{output}: plan version {meta.get('version')} is not {VERSION}")
         return cls(output, meta, opts)
 
+    def clean(self) -> int:
+        """Remove files of the plan's folder that the committed plan does not name (parts of a listing
+        or an extension that was interrupted); returns how many. Called under the lease."""
+        keep = {"plan.json", *(p["name"] for p in self.meta["parts"])}
+        stray = [n for n in storage.list_names(self._dir(self.output), self.opts) if n not in keep]
+        for name in stray:
+            storage.delete_file(layout.uri(self._dir(self.output), name), self.opts)
+        return len(stray)
+
     def reload(self) -> None:
         """Read ``plan.json`` again (another process may have extended the plan)."""
         fresh = Plan.load(self.output, self.opts)

@@ -94,6 +94,7 @@ def test_resume_after_inputs_were_added_and_removed_keeps_exactly_once(ckpt, tmp
     assert rows["img17.png"]["status"] == "error" and rows["img17.png"]["error"] == "missing at run time"
     assert rows["img02.png"]["status"] == "ok"  # committed before it was removed
     assert "20 images (19 ok, 1 errors)" in r.stderr
+    assert "resuming: 3 of 4 shards already committed" in r.stderr
 
     r = run_cli(*args, "--refresh-input")
     assert r.returncode == 0, r.stderr[-2000:]
