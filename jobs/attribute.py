@@ -506,13 +506,16 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         lease.me.run_id = run_id
         plan, resumed = _prepare(cfg, opts, run_id, source)
         committed = _committed(cfg, opts)
+        prior = _verify_parts(cfg, opts, plan, committed, run_id, heal=True)
         if not cfg.refresh_input and committed >= set(range(plan.shards)):
             done = _finished_before(cfg, opts, plan, committed, t_start)
             if done is not None:
                 return done
         if committed:
             _log(f"resuming: {len(committed)} of {plan.shards} shards already committed")
-        return _attribute(cfg, opts, run_id, plan, source, lease, committed, resumed, t_start, progress)
+        return _attribute(
+            cfg, opts, run_id, plan, source, lease, committed, prior, resumed, t_start, progress
+        )
     except BaseException:
         # A fresh output whose run failed before its first shard committed (a flag, the model, the
         # cluster's resources): nothing of it is worth keeping, so nothing is left behind.
@@ -578,14 +581,57 @@ def _committed(cfg: RunConfig, opts: storage.StorageOptions) -> set[int]:
     return {s for s in (layout.shard_of(n) for n in names) if s is not None}
 
 
-def _prior(cfg: RunConfig, opts: storage.StorageOptions, committed: set[int]) -> dict[str, int]:
-    """What the committed shards hold, from their footers (the plan is not read)."""
-    prior = {"images": 0, "ok": 0, "errors": 0}
-    for s in committed:
-        c = layout.shard_counts(cfg.output, s, opts)
-        for k in prior:
-            prior[k] += c.get(k, 0)
-    return prior
+def _verify_parts(
+    cfg: RunConfig,
+    opts: storage.StorageOptions,
+    plan: Plan,
+    committed: set[int],
+    run_id: str,
+    heal: bool,
+) -> dict[str, int]:
+    """Check every committed part this run relies on against the plan: its footer is readable,
+    it was written by this run, and it holds its shard's inputs and the rows they make. With
+    ``heal``, parts that fail are removed (their shards run again) and dropped from ``committed``;
+    without, they are only dropped. Returns the totals of the good parts (from their footers)."""
+    methods = len(cfg.methods)
+    totals = {"images": 0, "ok": 0, "errors": 0}
+    bad = []
+    for s in sorted(committed):
+        f = layout.part_footer(cfg.output, s, opts)
+        want = plan.shard_inputs(s)
+        good = (
+            f is not None
+            and f.run_id == run_id
+            and (want is None or f.counts.get("images") == want)
+            and _rows_match(f, methods, cfg.topk)
+        )
+        if not good:
+            bad.append(s)
+            continue
+        for k in totals:
+            totals[k] += int(f.counts.get(k, 0))
+    for s in bad:
+        committed.discard(s)
+        if heal:
+            storage.delete_file(layout.part_uri(cfg.output, s), opts)
+    if bad and heal:  # the output is not complete any more
+        storage.delete_file(layout.uri(cfg.output, layout.SUCCESS), opts)
+    if bad and heal:
+        shown = ", ".join(str(s) for s in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        _log(f"{len(bad)} committed part(s) unreadable, short or of another run: rewriting shard(s) {shown}")
+    return totals
+
+
+def _rows_match(f: layout.Footer, methods: int, topk: int | None) -> bool:
+    """A part's rows: one per method for an error image, one per method and target for the others
+    (top-k: k targets, or fewer when the model has fewer classes)."""
+    ok, errors = f.counts.get("ok", -1), f.counts.get("errors", -1)
+    if ok < 0 or errors < 0:
+        return False
+    rest = f.rows - methods * errors
+    if not topk or ok == 0:
+        return rest == methods * ok
+    return rest > 0 and rest % (methods * ok) == 0 and rest // (methods * ok) <= topk
 
 
 def _finished_before(
@@ -613,12 +659,12 @@ def _attribute(
     source: Source,
     lease: Lease,
     committed: set[int],
+    prior: dict[str, int],
     resumed: bool,
     t_start: float,
     progress: bool,
 ) -> dict[str, Any]:
     """Start Ray and the actors, run the uncommitted shards, write the manifest."""
-    prior = _prior(cfg, opts, committed)
     refresh: queue.Queue[int] | None = queue.Queue() if resumed else None
     check = _InputCheck(plan, source, cfg.refresh_input, refresh) if refresh is not None else None
     shards = ShardSource(plan.shards, committed, refresh)
@@ -655,7 +701,12 @@ def _attribute(
     attribution_s = time.time() - t_ready
     images_per_s = done["images"] / attribution_s if attribution_s > 0 else 0.0
     images = plan.inputs
-    ok, errors = prior["ok"] + done["ok"], prior["errors"] + done["errors"]
+    # What the output holds now, from the parts themselves (each checked against the plan and this
+    # run): _SUCCESS only if every shard of the plan is there and good.
+    present = _committed(cfg, opts)
+    final = _verify_parts(cfg, opts, plan, present, run_id, heal=False)
+    complete = not failed and present >= set(range(plan.shards)) and final["images"] == images
+    ok, errors = final["ok"], final["errors"]
     elapsed = time.time() - t_start
     manifest = {
         "run_id": run_id,
@@ -688,7 +739,7 @@ def _attribute(
     storage.write_bytes(
         layout.uri(cfg.output, layout.MANIFEST), json.dumps(manifest, indent=1).encode(), opts
     )
-    if not failed and ok + errors == images:
+    if complete:
         storage.write_bytes(layout.uri(cfg.output, layout.SUCCESS), b"", opts)
     _log(
         f"{'done' if not failed else 'FAILED'}: {images} images ({ok} ok, {errors} errors); this run wrote "
@@ -719,6 +770,10 @@ class _InputCheck(threading.Thread):
             if notice:
                 _log(notice)
             if self.refresh and self.diff.added_items:
+                # The output stops being complete before the plan grows: a run killed from here on
+                # leaves no _SUCCESS (nor a manifest) that claims the old plan's totals.
+                for name in (layout.SUCCESS, layout.MANIFEST):
+                    storage.delete_file(layout.uri(self.plan.output, name), self.plan.opts)
                 new = self.plan.extend(self.diff.added_items)
                 self.diff.added_items = []
                 for shard in new:

@@ -155,6 +155,15 @@ class Plan:
                 return part, shard - first
         raise KeyError(f"shard {shard} is not in the plan of {self.output}")
 
+    def shard_inputs(self, shard: int) -> int | None:
+        """How many inputs shard ``shard`` holds (None for a version-1 plan, which does not say)."""
+        if self.meta["version"] == 1:
+            return None
+        part, index = self._part_of(shard)
+        size = int(self.meta["shard_size"])
+        last = int(part["last_shard"]) - int(part["first_shard"])
+        return size if index < last else int(part["inputs"]) - last * size
+
     def read_shard(self, shard: int) -> list[Item]:
         """The items of one shard, read from its part file alone (random access: its footer and one
         record batch)."""

@@ -27,6 +27,8 @@ from lnstd.data import Item, Source
 from .jobhelpers import ROOT, cli_in_process, good_image, model_flags, read_rows, run_cli, tiny_checkpoint
 from .test_newcomer import no_ray  # noqa: F401  (a fixture)
 
+QUICK = ["--methods", "gae", "--shard-size", "4", "--no-progress", "--no-report", "--cpus-per-actor", "0.5"]
+
 
 # --- the shard source ------------------------------------------------------------------------------
 def test_a_shard_queued_at_the_moment_the_loop_drains_is_run():
@@ -160,3 +162,59 @@ def test_a_killed_run_leaves_nothing_in_the_temp_folder_and_the_rerun_cleans_the
     rows = read_rows(out, ["image_id", "status"])
     assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}
     assert not [p.name for p in scratch.iterdir() if p.name.startswith("lnstd-plan-")]
+
+
+# --- outputs that heal --------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_a_truncated_and_an_empty_part_are_rewritten_by_the_rerun(tmp_path):
+    import pyarrow.parquet as pq
+
+    ckpt = tiny_checkpoint(tmp_path)
+    (tmp_path / "in").mkdir()
+    for k in range(12):
+        (tmp_path / "in" / f"i{k:02d}.png").write_bytes(good_image(2 * k + 1))
+    out = tmp_path / "out"
+    args = ["run", "--input", str(tmp_path / "in"), "--output", str(out), *model_flags(ckpt),
+            *QUICK]  # fmt: skip
+    assert run_cli(*args).returncode == 0
+    part0, part2 = out / "heatmaps" / "part-00000.parquet", out / "heatmaps" / "part-00002.parquet"
+    part0.write_bytes(part0.read_bytes()[: part0.stat().st_size // 2])  # torn
+    part2.write_bytes(b"")  # empty
+    with pytest.raises(Exception):  # noqa: B017  (what a reader meets: any error of pyarrow's)
+        pq.read_table(out / "heatmaps")
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 committed part(s) unreadable, short or of another run: rewriting shard(s) 0, 2" in r.stderr
+    rows = pq.read_table(out / "heatmaps", columns=["image_id", "status"]).to_pylist()
+    assert sorted(r["image_id"] for r in rows) == [f"i{k:02d}.png" for k in range(12)]
+    assert {r["status"] for r in rows} == {"ok"} and (out / "_SUCCESS").exists()
+    assert "12 images (12 ok, 0 errors)" in r.stderr
+
+
+@pytest.mark.integration
+def test_a_refresh_killed_after_the_plan_grew_leaves_no_stale_success(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path)
+    (tmp_path / "in").mkdir()
+    for k in range(8):
+        (tmp_path / "in" / f"i{k:02d}.png").write_bytes(good_image(2 * k + 1))
+    out = tmp_path / "out"
+    args = ["run", "--input", str(tmp_path / "in"), "--output", str(out), *model_flags(ckpt),
+            *QUICK]  # fmt: skip
+    assert run_cli(*args).returncode == 0 and (out / "_SUCCESS").exists()
+    for k in range(8, 14):
+        (tmp_path / "in" / f"i{k:02d}.png").write_bytes(good_image(2 * k + 1))
+    proc = subprocess.Popen([sys.executable, "-m", "lnstd", *args, "--refresh-input"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    plan = out / "_lnstd" / "plan" / "plan.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and '"shards": 2,' in plan.read_text():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert '"shards": 4,' in plan.read_text()  # the plan grew before the kill
+    assert not (out / "_SUCCESS").exists() and not (out / "_manifest.json").exists()
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_rows(out, ["image_id"])
+    assert sorted(r["image_id"] for r in rows) == [f"i{k:02d}.png" for k in range(14)]
+    assert (out / "_SUCCESS").exists()
