@@ -25,24 +25,23 @@ Nothing is written to the output before the first shard can start.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
 import platform
 import queue
-import shutil
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
 from lnstd import output as layout
 from lnstd import storage
-from lnstd.data import Item, Source, open_source
+from lnstd.data import Source, open_source
 from lnstd.errors import ConfigMismatchError, ModelError, OutputError, ResourceError, UsageError
 from lnstd.sysinfo import peak_rss_mb
 
@@ -206,30 +205,20 @@ def _fits(cfg: RunConfig) -> tuple[int, str]:
     return total, f"{best[0]:g} CPUs and {best[1]:g} GPUs"
 
 
-class _NoActors:
-    """The pool of a run with nothing left to attribute (every shard of its plan is committed)."""
+class ActorPool:
+    """The model replicas: actors waiting for a node, ready ones with their load, replacements.
 
-    def __init__(self) -> None:
-        self.ready: list[Any] = []
-        self.pending: dict[Any, Any] = {}
-        self.load: dict[Any, int] = {}
+    Ray's submit / next-ready shape: :meth:`submit` hands a shard number to the least loaded ready
+    actor (two in flight each); the scheduler waits on :attr:`waiting` (in-flight calls and actors
+    still starting) and passes what is ready to :meth:`admit` or :meth:`finished`.
+    """
 
-    def pick(self) -> None:
-        return None
-
-    def spawn(self) -> None:
-        raise RuntimeError("a finished run has no actors")
-
-
-class _Actors:
-    """The actor pool: ready actors, actors waiting for a node, replacement of lost ones."""
-
-    def __init__(self, cfg: RunConfig, run_id: str, external: bool) -> None:
+    def __init__(self, cfg: RunConfig, run_id: str, probe: str, external: bool) -> None:
         import ray
 
         from .worker import ShardWorker
 
-        self.cfg, self.run_id = cfg, run_id
+        self.cfg, self.run_id, self.probe = cfg, run_id, probe
         self.remote = ray.remote(ShardWorker).options(
             num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=0, max_task_retries=0
         )
@@ -244,29 +233,32 @@ class _Actors:
             _log(f"only {fit} of {want} actors fit on this machine ({largest}); starting {fit}")
             want = fit
         self.ready: list[Any] = []
-        self.pending: dict[Any, Any] = {}  # info ref -> actor
-        self._actor_of: dict[Any, Any] = {}
-        self.start_losses = 0
+        self.starting: dict[Any, Any] = {}  # info ref -> actor
         self.load: dict[Any, int] = {}
+        self.calls: dict[Any, tuple[int, Any]] = {}  # process ref -> (shard, actor)
+        self.start_losses = 0
         for _ in range(want):
             self.spawn()
 
+    @property
+    def waiting(self) -> list[Any]:
+        """Every reference a result may come from: shard calls, then actors starting."""
+        return [*self.calls, *self.starting]
+
     def spawn(self) -> None:
         actor = self.remote.remote(self.cfg.to_dict(), self.run_id)
-        ref = actor.info.remote()
-        self.pending[ref] = actor
-        self._actor_of[ref] = actor
+        self.starting[actor.info.remote(self.probe)] = actor
 
-    def wait_first(self, timeout: float, external: bool) -> None:
+    def wait_first(self, timeout: float) -> None:
         """Block until one actor is ready; clear errors if none can start."""
         import ray
 
         deadline = time.time() + timeout
         warned = False
         while not self.ready:
-            if not self.pending:
+            if not self.starting:
                 raise ResourceError("no actor could be started")
-            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=5.0)
+            done, _ = ray.wait(list(self.starting), num_returns=1, timeout=5.0)
             if done:
                 self.admit(done[0])
                 continue
@@ -282,10 +274,11 @@ class _Actors:
                 )
 
     def admit(self, ref: Any) -> None:
-        """An actor's ``info`` call returned: it is ready, or it failed to start."""
+        """An actor's ``info`` call returned: it is ready, or it failed to start, or its node
+        cannot see the run's storage (then the run stops: its commits would be lost)."""
         import ray
 
-        self.pending.pop(ref)
+        actor = self.starting.pop(ref)
         try:
             info = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
@@ -303,15 +296,33 @@ class _Actors:
             _log(f"an actor was lost while starting ({msg}); starting another")
             self.spawn()
             return
-        actor = self._actor_of.pop(ref)
+        if info.get("cannot_see"):
+            ray.kill(actor)
+            raise OutputError(
+                f"the actor on node {info['node_ip'] or info['node_id'][:12]} cannot read "
+                f"{info['cannot_see']}: every node must see the input and the output; a multi-node "
+                "run needs s3:// (or a file system shared by every node) for --input and --output"
+            )
         self.ready.append(actor)
         self.load[actor] = 0
         _log(f"actor {len(self.ready) - 1} ready (pid {info['pid']}, {info['device']})")
 
-    def pick(self) -> Any | None:
-        """The least loaded ready actor with room for another shard (two in flight each)."""
+    def submit(self, shard: int) -> bool:
+        """Start ``shard`` on the least loaded ready actor with room; False if none has room."""
         free = [a for a in self.ready if self.load[a] < 2]
-        return min(free, key=self.load.__getitem__) if free else None
+        if not free:
+            return False
+        actor = min(free, key=self.load.__getitem__)
+        self.load[actor] += 1
+        self.calls[actor.process.remote(shard)] = (shard, actor)
+        return True
+
+    def finished(self, ref: Any) -> tuple[int, Any]:
+        """Forget a returned shard call: (shard, actor)."""
+        shard, actor = self.calls.pop(ref)
+        if actor in self.load:
+            self.load[actor] -= 1
+        return shard, actor
 
     def lost(self, actor: Any) -> None:
         """Forget a dead actor and start a replacement (placed wherever the cluster has room)."""
@@ -320,10 +331,163 @@ class _Actors:
             self.load.pop(actor, None)
             self.spawn()
 
+    def stop(self) -> None:
+        """Kill every actor now (in-flight shards are abandoned, never committed half)."""
+        import ray
+
+        for actor in [*self.ready, *self.starting.values()]:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+
+
+_CLOSED = -1  # the input check's sentinel: no more shards will come from it
+
+
+class ShardSource:
+    """The shard numbers left to attribute, in order: retries first, then the plan's uncommitted
+    shards (counted, never listed), then shards appended by ``--refresh-input`` (a queue that the
+    input check closes with a sentinel). Exhausted only once that sentinel has arrived, so a shard
+    queued at the moment the scheduler drains is still run."""
+
+    def __init__(self, shards: int, committed: set[int], refresh: queue.Queue[int] | None) -> None:
+        self._next = 0
+        self._end = shards
+        self._committed = committed
+        self._retries: collections.deque[int] = collections.deque()
+        self._refresh = refresh
+        self._open = refresh is not None
+
+    def retry(self, shard: int) -> None:
+        self._retries.append(shard)
+
+    def take(self) -> int | None:
+        """The next shard to start, or None if none is available now."""
+        if self._retries:
+            return self._retries.popleft()
+        while self._next < self._end:
+            shard, self._next = self._next, self._next + 1
+            if shard not in self._committed:
+                return shard
+        while self._open:
+            try:
+                shard = self._refresh.get_nowait()  # type: ignore[union-attr]
+            except queue.Empty:
+                return None
+            if shard == _CLOSED:
+                self._open = False
+            else:
+                return shard
+        return None
+
+    @property
+    def exhausted(self) -> bool:
+        """Nothing is left and nothing more can come."""
+        return not self._retries and self._next >= self._end and not self._open
+
+
+class Scheduler:
+    """One loop: start shards on free actors, collect results, retry failures, count progress."""
+
+    def __init__(
+        self, cfg: RunConfig, pool: ActorPool, source: ShardSource, lease: Lease, sizes: Plan, progress: bool
+    ) -> None:
+        from tqdm import tqdm
+
+        self.cfg, self.pool, self.source, self.lease, self.plan = cfg, pool, source, lease, sizes
+        self.tries: dict[int, int] = {}  # failures so far, per shard that failed at least once
+        self.counts = {"shards_done": 0, "ok": 0, "errors": 0, "images": 0}
+        self.failed: list[dict[str, Any]] = []
+        self.nodes: dict[str, int] = {}
+        self.actor_rss = 0.0
+        self.t_ready = time.time()
+        fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+        self.bar = tqdm(total=sizes.inputs, unit="img", disable=not progress, mininterval=1.0,
+                        file=sys.stderr, dynamic_ncols=True, bar_format=fmt)  # fmt: skip
+
+    def rate(self) -> float:
+        return self.counts["images"] / max(time.time() - self.t_ready, 1e-9)
+
+    def run(self, skipped_images: int) -> None:
+        import ray
+
+        self.bar.update(skipped_images)
+        idle_since: float | None = None
+        while True:
+            if self.lease.lost.is_set():
+                raise OutputError(
+                    f"{self.cfg.output}: this run lost the output's lease to another run; stopped"
+                )
+            while (shard := self.source.take()) is not None:
+                if not self.pool.submit(shard):
+                    self.source.retry(shard)  # no free actor: first in line next time
+                    break
+            if not self.pool.calls and self.source.exhausted:
+                break
+            if not self.pool.waiting:
+                if not self.pool.ready:
+                    self.pool.spawn()  # every actor was lost and none is starting: start one
+                else:
+                    time.sleep(0.2)  # only the input check can bring more
+                continue
+            if self.pool.ready:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.time()
+            elif time.time() - idle_since > self.cfg.startup_timeout:
+                raise ResourceError(
+                    f"no actor has been running for {self.cfg.startup_timeout:.0f} s: "
+                    "the cluster lost its nodes"
+                )
+            ready, _ = ray.wait(self.pool.waiting, num_returns=1, timeout=1.0)
+            if ready:
+                self._collect(ready[0])
+        self.bar.set_postfix_str(f"{self.rate():.1f} img/s", refresh=False)
+        self.bar.close()
+
+    def _collect(self, ref: Any) -> None:
+        import ray
+
+        if ref in self.pool.starting:
+            self.pool.admit(ref)
+            return
+        shard, actor = self.pool.finished(ref)
+        try:
+            res = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            _log(f"actor lost on shard {shard} ({type(exc).__name__}); replacing it")
+            self.pool.lost(actor)
+            self._retry(shard, _last_line(exc))
+            return
+        except ray.exceptions.RayTaskError as exc:
+            self._retry(shard, _last_line(exc))
+            return
+        self.counts["shards_done"] += 1
+        for k in ("ok", "errors", "images"):
+            self.counts[k] += res[k]
+        self.actor_rss = max(self.actor_rss, float(res.get("peak_rss_mb", 0.0)))
+        node = res.get("node_id") or "?"
+        self.nodes[node] = self.nodes.get(node, 0) + 1
+        self.bar.set_postfix_str(f"{self.rate():.1f} img/s", refresh=False)
+        self.bar.update(res["images"])
+
+    def _retry(self, shard: int, why: str) -> None:
+        tries = self.tries.get(shard, 0) + 1
+        self.tries[shard] = tries
+        if tries < SHARD_TRIES:
+            _log(f"shard {shard} failed ({why}); retrying")
+            self.source.retry(shard)
+        else:
+            self.failed.append({"shard": shard, "error": why})
+            _log(f"shard {shard} failed {SHARD_TRIES} times: {why}")
+
 
 # --- the run -------------------------------------------------------------------------------------
 def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run the job to completion (or resume it); returns the manifest written into the output.
+
+    Order: validate (no writes) -> claim the output's lease (a second run stops here, in seconds)
+    -> check the recorded run -> commit the plan (first run) -> start Ray and the actors -> shards
+    -> manifest. A run that fails before its first shard on a fresh output leaves nothing behind.
 
     Raises:
         LnstdError subclasses for everything a user can act on (bad flags, model, input, output,
@@ -332,75 +496,84 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     t_start = time.time()
     opts = storage.StorageOptions.from_env(cfg.s3_endpoint)
     source = validate(cfg, opts)
+    fresh = not _has_anything(cfg.output, opts)
     lease = Lease(cfg.output, opts, ttl=cfg.lease_ttl)
-    lease.check()
-    previous = _previous(cfg, opts)
-    run_id = previous["run_id"] if previous and not cfg.overwrite else uuid.uuid4().hex[:12]
-    lease.me.run_id = run_id
-    plan = None if cfg.overwrite else Plan.load(cfg.output, opts)
-    if plan is not None and (plan.meta["input"] != cfg.input or plan.meta["shard_size"] != cfg.shard_size):
-        if previous is not None:
-            raise ConfigMismatchError(f"{cfg.output}: its shard plan is for another --input or --shard-size")
-        plan = None  # a plan no run ever used: list again
-    staging = None
-    if plan is None:  # list once, before any actor waits for work (ids checked here)
-        staging = tempfile.mkdtemp(prefix="lnstd-plan-")
-        staged = Plan.create(staging, source, cfg.shard_size, storage.StorageOptions(), dedupe=cfg.dedupe)
-        _log(f"plan: {staged.inputs} inputs in {staged.shards} shards of up to {cfg.shard_size}")
-    finished = plan is not None and not cfg.refresh_input and _committed(cfg, opts) >= set(range(plan.shards))
+    lease.acquire()
+    keep = True
     try:
-        if finished:  # every shard is committed: no actor is needed to check and record that
-            actors: _Actors | _NoActors = _NoActors()
-        else:
-            external = _ray_init(cfg)
-            actors = _Actors(cfg, run_id, external)
-            actors.wait_first(cfg.startup_timeout, external)
-        lease.acquire()
-        try:
-            # The checks above only fail fast; under the lease they are made again, for real: a
-            # run that finished between our check and our claim may have recorded its own
-            # configuration and plan.
-            previous = _previous(cfg, opts)
-            run_id = previous["run_id"] if previous and not cfg.overwrite else run_id
-            publish = staging
-            committed_plan = None if cfg.overwrite else Plan.load(cfg.output, opts)
-            if committed_plan is not None and publish is not None:
-                plan, publish = committed_plan, None  # use the plan another run committed
-            plan = _prepare(cfg, opts, run_id, plan, publish)
-            return _schedule(
-                cfg, opts, run_id, plan, source, actors, lease, t_start, progress, resumed=publish is None
-            )
-        finally:
-            lease.release()
+        previous = _previous(cfg, opts)
+        run_id = previous["run_id"] if previous and not cfg.overwrite else uuid.uuid4().hex[:12]
+        lease.me.run_id = run_id
+        plan, resumed = _prepare(cfg, opts, run_id, source)
+        committed = _committed(cfg, opts)
+        prior = _verify_parts(cfg, opts, plan, committed, run_id, heal=True)
+        if not cfg.refresh_input and committed >= set(range(plan.shards)):
+            done = _finished_before(cfg, opts, plan, committed, t_start)
+            if done is not None:
+                return done
+        if committed:
+            _log(f"resuming: {len(committed)} of {plan.shards} shards already committed")
+        return _attribute(
+            cfg, opts, run_id, plan, source, lease, committed, prior, resumed, t_start, progress
+        )
+    except BaseException:
+        # A fresh output whose run failed before its first shard committed (a flag, the model, the
+        # cluster's resources): nothing of it is worth keeping, so nothing is left behind.
+        with contextlib.suppress(Exception):
+            keep = not fresh or bool(_committed(cfg, opts))
+        if not keep:
+            with contextlib.suppress(Exception):
+                storage.delete_tree(layout.uri(cfg.output, "_lnstd"), opts)
+        raise
     finally:
-        if staging:
-            shutil.rmtree(staging, ignore_errors=True)
+        lease.release()
+        if not keep:
+            _remove_if_empty(cfg.output, opts)
 
 
-def _prepare(
-    cfg: RunConfig, opts: storage.StorageOptions, run_id: str, plan: Plan | None, staging: str | None
-) -> Plan:
-    """Under the lease: clear an overwritten output, record the run, commit the plan."""
+def _has_anything(output: str, opts: storage.StorageOptions) -> bool:
+    if storage.is_s3(output):
+        return bool(storage.list_names(output, opts))
+    path = storage.resolve(output, opts)[1]
+    return os.path.isdir(path) and bool(os.listdir(path))
+
+
+def _remove_if_empty(output: str, opts: storage.StorageOptions) -> None:
+    if storage.is_s3(output):
+        return
+    path = storage.resolve(output, opts)[1]
+    for folder in (os.path.join(path, "_lnstd"), path):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def _prepare(cfg: RunConfig, opts: storage.StorageOptions, run_id: str, source: Source) -> tuple[Plan, bool]:
+    """Under the lease: clear an overwritten output, commit the plan (listing the input once) or
+    read the committed one, record the run. Returns (plan, whether it was committed before)."""
     if cfg.overwrite:
         for sub in (layout.HEATMAPS, layout.AGGREGATE, layout.PLAN):
             storage.delete_tree(layout.uri(cfg.output, sub), opts)
         for name in (layout.MANIFEST, layout.SUCCESS, layout.REPORT, layout.RUN):
             storage.delete_file(layout.uri(cfg.output, name), opts)
+    plan = Plan.load(cfg.output, opts)
+    if plan is not None and (plan.meta["input"] != cfg.input or plan.meta["shard_size"] != cfg.shard_size):
+        if storage.exists(layout.uri(cfg.output, layout.RUN), opts):
+            raise ConfigMismatchError(f"{cfg.output}: its shard plan is for another --input or --shard-size")
+        plan = None  # a plan no run ever used: list again
+    resumed = plan is not None
+    if plan is not None:
+        plan.clean()
+    else:  # list once, into the output (ids checked here), before any actor waits for work
+        plan = Plan.create(cfg.output, source, cfg.shard_size, opts, dedupe=cfg.dedupe)
+        _log(f"plan: {plan.inputs} inputs in {plan.shards} shards of up to {cfg.shard_size}")
     storage.write_bytes(
         layout.uri(cfg.output, layout.RUN),
         json.dumps({"run_id": run_id, "identity": cfg.identity()}, indent=1).encode(),
         opts,
     )
-    if staging is not None:  # publish the staged plan: its parts, then plan.json (the commit)
-        local = os.path.join(staging, layout.PLAN)
-        for name in sorted(os.listdir(local), key=lambda n: n == "plan.json"):
-            with open(os.path.join(local, name), "rb") as f:
-                storage.write_bytes(layout.uri(cfg.output, layout.PLAN, name), f.read(), opts)
-        plan = Plan.load(cfg.output, opts)
-    assert plan is not None
     for folder in ("", layout.HEATMAPS):  # temporaries of writers killed in an earlier run
         storage.remove_temporaries(layout.uri(cfg.output, folder) if folder else cfg.output, opts)
-    return plan
+    return plan, resumed
 
 
 def _committed(cfg: RunConfig, opts: storage.StorageOptions) -> set[int]:
@@ -408,149 +581,132 @@ def _committed(cfg: RunConfig, opts: storage.StorageOptions) -> set[int]:
     return {s for s in (layout.shard_of(n) for n in names) if s is not None}
 
 
-def _schedule(
+def _verify_parts(
+    cfg: RunConfig,
+    opts: storage.StorageOptions,
+    plan: Plan,
+    committed: set[int],
+    run_id: str,
+    heal: bool,
+) -> dict[str, int]:
+    """Check every committed part this run relies on against the plan: its footer is readable,
+    it was written by this run, and it holds its shard's inputs and the rows they make. With
+    ``heal``, parts that fail are removed (their shards run again) and dropped from ``committed``;
+    without, they are only dropped. Returns the totals of the good parts (from their footers)."""
+    methods = len(cfg.methods)
+    totals = {"images": 0, "ok": 0, "errors": 0}
+    bad = []
+    for s in sorted(committed):
+        f = layout.part_footer(cfg.output, s, opts)
+        want = plan.shard_inputs(s)
+        good = (
+            f is not None
+            and f.run_id == run_id
+            and (want is None or f.counts.get("images") == want)
+            and _rows_match(f, methods, cfg.topk)
+        )
+        if not good:
+            bad.append(s)
+            continue
+        for k in totals:
+            totals[k] += int(f.counts.get(k, 0))
+    for s in bad:
+        committed.discard(s)
+        if heal:
+            storage.delete_file(layout.part_uri(cfg.output, s), opts)
+    if bad and heal:  # the output is not complete any more
+        storage.delete_file(layout.uri(cfg.output, layout.SUCCESS), opts)
+    if bad and heal:
+        shown = ", ".join(str(s) for s in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        _log(f"{len(bad)} committed part(s) unreadable, short or of another run: rewriting shard(s) {shown}")
+    return totals
+
+
+def _rows_match(f: layout.Footer, methods: int, topk: int | None) -> bool:
+    """A part's rows: one per method for an error image, one per method and target for the others
+    (top-k: k targets, or fewer when the model has fewer classes)."""
+    ok, errors = f.counts.get("ok", -1), f.counts.get("errors", -1)
+    if ok < 0 or errors < 0:
+        return False
+    rest = f.rows - methods * errors
+    if not topk or ok == 0:
+        return rest == methods * ok
+    return rest > 0 and rest % (methods * ok) == 0 and rest // (methods * ok) <= topk
+
+
+def _finished_before(
+    cfg: RunConfig, opts: storage.StorageOptions, plan: Plan, committed: set[int], t_start: float
+) -> dict[str, Any] | None:
+    """A rerun of a finished job: its manifest and report stay the real run's; returns the manifest
+    (None if the earlier run died before it wrote one: then this run writes it)."""
+    uri = layout.uri(cfg.output, layout.MANIFEST)
+    if not (storage.exists(layout.uri(cfg.output, layout.SUCCESS), opts) and storage.exists(uri, opts)):
+        return None
+    manifest = json.loads(storage.read_bytes(uri, opts))
+    c = manifest["counts"]
+    _log(
+        f"done already: {c['images']} images ({c['ok']} ok, {c['errors']} errors) in "
+        f"{c['shards']} shards -> {cfg.output}; nothing to do ({time.time() - t_start:.1f} s)"
+    )
+    return {**manifest, "noop": True}
+
+
+def _attribute(
     cfg: RunConfig,
     opts: storage.StorageOptions,
     run_id: str,
     plan: Plan,
     source: Source,
-    actors: _Actors | _NoActors,
     lease: Lease,
+    committed: set[int],
+    prior: dict[str, int],
+    resumed: bool,
     t_start: float,
     progress: bool,
-    resumed: bool,
 ) -> dict[str, Any]:
-    import ray
-    from tqdm import tqdm
-
-    committed = _committed(cfg, opts)
-    # What the committed shards hold, from their footers (the plan is read once, by iter_shards).
-    prior = {"images": 0, "ok": 0, "errors": 0}
-    for s in committed:
-        c = layout.shard_counts(cfg.output, s, opts)
-        for k in prior:
-            prior[k] += c.get(k, 0)
-    extra: queue.Queue[tuple[int, list[Item]]] = queue.Queue()
-    check = _InputCheck(plan, source, cfg.refresh_input, extra) if resumed else None
-    if check:
-        check.start()
-    shards: Iterator[tuple[int, list[Item]]] = plan.iter_shards(skip=committed)
-    t_ready = time.time()
-    done_images = 0
-    counts = {"shards_done": 0, "ok": 0, "errors": 0}
-    failed: list[dict[str, Any]] = []
-    nodes: dict[str, int] = {}
-    in_flight: dict[Any, tuple[int, list[Item], Any, int]] = {}  # ref -> shard, items, actor, tries
-    backlog: list[tuple[int, list[Item], int]] = []  # shards waiting for a free actor
-
-    def rate() -> float:
-        return done_images / max(time.time() - t_ready, 1e-9)
-
-    total = plan.inputs
-    bar = tqdm(total=total, initial=prior["images"], unit="img",
-               disable=not progress, mininterval=1.0, file=sys.stderr,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")  # fmt: skip
-    bar.set_postfix_str(f"{rate():.1f} img/s", refresh=False)
-
-    state = {"exhausted": committed >= set(range(plan.shards))}
-
-    def next_shard() -> tuple[int, list[Item], int] | None:
-        if backlog:
-            return backlog.pop(0)
-        with contextlib.suppress(queue.Empty):
-            s, items = extra.get_nowait()
-            return s, items, 0
-        nxt = next(shards, None)
-        if nxt is None:
-            state["exhausted"] = True
-            return None
-        return nxt[0], nxt[1], 0
-
-    def fill() -> None:
-        while True:
-            actor = actors.pick()
-            if actor is None:
-                return
-            job = next_shard()
-            if job is None:
-                return
-            shard, items, tries = job
-            actors.load[actor] += 1
-            in_flight[actor.process.remote(shard, items)] = (shard, items, actor, tries)
-
-    def retry(shard: int, items: list[Item], tries: int, why: str) -> None:
-        if tries + 1 < SHARD_TRIES:
-            backlog.append((shard, items, tries + 1))
-        else:
-            failed.append({"shard": shard, "error": why})
-            _log(f"shard {shard} failed {SHARD_TRIES} times: {why}")
-
-    idle_since: float | None = None
-    actor_rss = 0.0
-    while True:
-        if lease.lost.is_set():
-            raise OutputError(f"{cfg.output}: this run lost the output's lease to another run; stopped")
-        fill()
-        idle = not in_flight and not backlog and extra.empty() and state["exhausted"]
-        if idle and (check is None or not check.is_alive()):
-            break
-        waiting = list(in_flight) + list(actors.pending)
-        if not waiting:
-            if not actors.ready and isinstance(actors, _Actors):
-                actors.spawn()  # every actor was lost and none is starting: start one
-            else:
-                time.sleep(0.2)  # only the input check is still running
-            continue
-        if actors.ready:
-            idle_since = None
-        elif idle_since is None:
-            idle_since = time.time()
-        elif time.time() - idle_since > cfg.startup_timeout:
-            raise ResourceError(
-                f"no actor has been running for {cfg.startup_timeout:.0f} s: the cluster lost its nodes"
-            )
-        ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
-        if not ready:
-            continue
-        ref = ready[0]
-        if ref in actors.pending:
-            actors.admit(ref)
-            continue
-        shard, items, actor, tries = in_flight.pop(ref)
-        if actor in actors.load:
-            actors.load[actor] -= 1
-        try:
-            res = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
-            _log(f"actor lost on shard {shard} ({type(exc).__name__}); replacing it")
-            actors.lost(actor)
-            retry(shard, items, tries, _last_line(exc))
-            continue
-        except ray.exceptions.RayTaskError as exc:
-            msg = _last_line(exc)
-            _log(f"shard {shard} failed ({msg}); {'retrying' if tries + 1 < SHARD_TRIES else 'giving up'}")
-            retry(shard, items, tries, msg)
-            continue
-        counts["shards_done"] += 1
-        counts["ok"] += res["ok"]
-        counts["errors"] += res["errors"]
-        actor_rss = max(actor_rss, float(res.get("peak_rss_mb", 0.0)))
-        node = res.get("node_id") or "?"
-        nodes[node] = nodes.get(node, 0) + 1
-        done_images += len(items)
-        bar.set_postfix_str(f"{rate():.1f} img/s", refresh=False)
-        bar.update(len(items))
-    attribution_s = time.time() - t_ready
-    images_per_s = done_images / attribution_s if attribution_s > 0 else 0.0
-    bar.set_postfix_str(f"{images_per_s:.1f} img/s", refresh=False)  # the summary's figure
-    bar.close()
+    """Start Ray and the actors, run the uncommitted shards, write the manifest."""
+    refresh: queue.Queue[int] | None = queue.Queue() if resumed else None
+    check = _InputCheck(plan, source, cfg.refresh_input, refresh) if refresh is not None else None
+    shards = ShardSource(plan.shards, committed, refresh)
+    pool: ActorPool | None = None
+    sched: Scheduler | None = None
+    probe = layout.uri(cfg.output, "_lnstd", f"probe-{lease.me.token}")
+    storage.write_bytes(probe, run_id.encode(), opts)
+    try:
+        if not shards.exhausted or check is not None:
+            external = _ray_init(cfg)
+            pool = ActorPool(cfg, run_id, probe, external)
+            pool.wait_first(cfg.startup_timeout)
+        if check is not None:
+            check.start()
+        if pool is not None:
+            sched = Scheduler(cfg, pool, shards, lease, plan, progress)
+            sched.run(prior["images"])
+    except BaseException:
+        if pool is not None:
+            pool.stop()  # no actor of this run starts or commits another shard after it ends
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            storage.delete_file(probe, opts)
     if check is not None:
         check.join()
         if check.error:
             _log(f"warning: the input check failed ({check.error}); the plan was finished as recorded")
+    plan.reload()
     storage.remove_temporaries(layout.uri(cfg.output, layout.HEATMAPS), opts)
+    done = sched.counts if sched else {"shards_done": 0, "ok": 0, "errors": 0, "images": 0}
+    failed = sched.failed if sched else []
+    t_ready = sched.t_ready if sched else time.time()
+    attribution_s = time.time() - t_ready
+    images_per_s = done["images"] / attribution_s if attribution_s > 0 else 0.0
     images = plan.inputs
-    ok, errors = prior["ok"] + counts["ok"], prior["errors"] + counts["errors"]
+    # What the output holds now, from the parts themselves (each checked against the plan and this
+    # run): _SUCCESS only if every shard of the plan is there and good.
+    present = _committed(cfg, opts)
+    final = _verify_parts(cfg, opts, plan, present, run_id, heal=False)
+    complete = not failed and present >= set(range(plan.shards)) and final["images"] == images
+    ok, errors = final["ok"], final["errors"]
     elapsed = time.time() - t_start
     manifest = {
         "run_id": run_id,
@@ -562,14 +718,14 @@ def _schedule(
             "ok": ok,
             "errors": errors,
             "shards": plan.shards,
-            "shards_done": counts["shards_done"],
+            "shards_done": done["shards_done"],
             "shards_skipped": len(committed),
             "images_skipped": prior["images"],
             "shards_failed": len(failed),
         },
         "input_check": check.summary() if check else None,
         "failed_shards": failed,
-        "nodes": nodes,
+        "nodes": sched.nodes if sched else {},
         "timings": {
             "started": t_start,
             "elapsed_s": elapsed,
@@ -578,16 +734,16 @@ def _schedule(
             "images_per_s": images_per_s,
         },
         "driver_peak_rss_mb": peak_rss_mb(),
-        "actor_peak_rss_mb": actor_rss,
+        "actor_peak_rss_mb": sched.actor_rss if sched else 0.0,
     }
     storage.write_bytes(
         layout.uri(cfg.output, layout.MANIFEST), json.dumps(manifest, indent=1).encode(), opts
     )
-    if not failed and ok + errors == images:
+    if complete:
         storage.write_bytes(layout.uri(cfg.output, layout.SUCCESS), b"", opts)
     _log(
         f"{'done' if not failed else 'FAILED'}: {images} images ({ok} ok, {errors} errors); this run wrote "
-        f"{counts['shards_done']} shards at {images_per_s:.1f} img/s, "
+        f"{done['shards_done']} shards at {images_per_s:.1f} img/s, "
         f"{len(committed)} shards were already committed, {len(failed)} failed; "
         f"{elapsed:.1f} s in all (start-up {t_ready - t_start:.1f} s) -> {cfg.output}"
     )
@@ -597,9 +753,11 @@ def _schedule(
 class _InputCheck(threading.Thread):
     """On a resume: list the input again and compare it with the plan, while the shards run.
 
-    With ``refresh`` the added inputs become new shards (appended to the plan, then queued)."""
+    With ``refresh`` the added inputs become new shards (appended to the plan, then their numbers
+    queued). The queue is closed with a sentinel whatever happens, so the scheduler never waits for
+    a check that is over, nor finishes before it is."""
 
-    def __init__(self, plan: Plan, source: Source, refresh: bool, out: queue.Queue) -> None:
+    def __init__(self, plan: Plan, source: Source, refresh: bool, out: queue.Queue[int]) -> None:
         super().__init__(name="lnstd-input-check", daemon=True)
         self.plan, self.source, self.refresh, self.out = plan, source, refresh, out
         self.diff = None
@@ -612,14 +770,19 @@ class _InputCheck(threading.Thread):
             if notice:
                 _log(notice)
             if self.refresh and self.diff.added_items:
-                first = self.plan.shards
+                # The output stops being complete before the plan grows: a run killed from here on
+                # leaves no _SUCCESS (nor a manifest) that claims the old plan's totals.
+                for name in (layout.SUCCESS, layout.MANIFEST):
+                    storage.delete_file(layout.uri(self.plan.output, name), self.plan.opts)
                 new = self.plan.extend(self.diff.added_items)
-                size = int(self.plan.meta["shard_size"])
-                for k, shard in enumerate(new):
-                    self.out.put((shard, self.diff.added_items[k * size : (k + 1) * size]))
-                _log(f"plan: {len(new)} new shards ({first}..{first + len(new) - 1})")
+                self.diff.added_items = []
+                for shard in new:
+                    self.out.put(shard)
+                _log(f"plan: {len(new)} new shards ({new[0]}..{new[-1]})")
         except Exception as exc:  # the plan is finished as recorded either way
             self.error = _last_line(exc)
+        finally:
+            self.out.put(_CLOSED)
 
     def summary(self) -> dict[str, Any] | None:
         if self.diff is None:

@@ -1,15 +1,23 @@
 """The shard plan: which inputs a run covers, in which shard, with their ids; written once, then read.
 
-The first run lists the input and writes the plan into the output (``_lnstd/plan/``) before any
-shard starts: Arrow IPC part files (``part-NNNNN.arrow``, up to a million inputs each) written while
-the listing streams, then ``plan.json``, whose atomic write is the commit point (part files without
-it are the leftovers of an interrupted listing and are rewritten). A resume reads the plan instead
-of listing again, so shards never shift when the input changes. Inputs added later join only on
-request (``--refresh-input``), as new shards after the last one; committed shards are never
-reshuffled. Inputs that disappeared stay in the plan and get an error row ("missing at run time").
+The first run lists the input and writes the plan into the output (``_lnstd/plan/``), under the
+output's lease, before any shard starts: zstd-compressed Arrow IPC part files
+(``part-NNNNN.arrow``, whole shards, up to about a million inputs each) written while the listing
+streams, one record batch per shard, then ``plan.json``, whose atomic write is the commit point
+(part files without it are the leftovers of an interrupted listing; the next run removes them and
+lists again). Nothing is staged outside the output.
 
-Memory: the listing streams; the duplicate check of a manifest keeps a 16-byte digest per input, and
-the input check of a resume 16 bytes per input on each side (plan and listing).
+An actor reads the items of its shard itself (:meth:`Plan.read_shard`: the part's footer and one
+record batch, by random access, from a local folder or S3), so the driver deals in shard numbers
+only. A resume reads the plan instead of listing again, so shards never shift when the input
+changes. Inputs added later join only on request (``--refresh-input``), as new shards after the
+last one; committed shards are never reshuffled. Inputs that disappeared stay in the plan and get
+an error row ("missing at run time") unless their shard was already committed.
+
+Memory (what the driver holds, per input): the listing streams, one shard at a time. The duplicate
+check of a manifest keeps two 8-byte hashes per input (id and uri; a hash collision is verified
+against the strings, so it never refuses a valid input) and the input check of a resume a 16-byte
+digest per input on each side (plan and listing). Nothing else grows with the number of inputs.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ import io
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +43,10 @@ from lnstd.errors import InputError
 
 __all__ = ["Plan", "PlanDiff"]
 
-VERSION = 1
+VERSION = 2
 PART_ROWS = 1_000_000
 SCHEMA = pa.schema(
     [
-        ("shard", pa.int32()),
         ("image_id", pa.string()),
         ("uri", pa.string()),
         ("label", pa.int64()),
@@ -46,10 +54,17 @@ SCHEMA = pa.schema(
         ("problem", pa.string()),
     ]
 )
+_WRITE = ipc.IpcWriteOptions(compression="zstd")
 
 
 def _digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little"
+    )
 
 
 @dataclass
@@ -72,7 +87,10 @@ class PlanDiff:
                 else f"{self.added} added (not in this run's plan: rerun with --refresh-input to add them)"
             )
         if self.removed:
-            parts.append(f"{self.removed} removed (their rows become errors: missing at run time)")
+            parts.append(
+                f"{self.removed} removed (rows already committed stay; the others become error rows: "
+                "missing at run time)"
+            )
         return "the input changed since the plan was made: " + ", ".join(parts)
 
 
@@ -97,6 +115,11 @@ class Plan:
     def inputs(self) -> int:
         return int(self.meta["inputs"])
 
+    @property
+    def bytes(self) -> int:
+        """The plan's size in the output (its part files)."""
+        return sum(int(p.get("bytes", 0)) for p in self.meta["parts"])
+
     # --- read ------------------------------------------------------------------------------------
     @classmethod
     def load(cls, output: str, opts: storage.StorageOptions) -> Plan | None:
@@ -105,35 +128,72 @@ class Plan:
         if not storage.exists(uri, opts):
             return None
         meta = json.loads(storage.read_bytes(uri, opts))
-        if meta.get("version") != VERSION:
+        if meta.get("version") not in (1, VERSION):
             raise InputError(f"{output}: plan version {meta.get('version')} is not {VERSION}")
         return cls(output, meta, opts)
 
-    def _tables(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        for part in self.meta["parts"]:
-            data = storage.read_bytes(layout.uri(self._dir(self.output), part["name"]), self.opts)
-            reader = ipc.open_file(pa.BufferReader(data))
-            for k in range(reader.num_record_batches):
-                batch = reader.get_batch(k)
-                yield batch.select(columns) if columns else batch
+    def clean(self) -> int:
+        """Remove files of the plan's folder that the committed plan does not name (parts of a listing
+        or an extension that was interrupted); returns how many. Called under the lease."""
+        keep = {"plan.json", *(p["name"] for p in self.meta["parts"])}
+        stray = [n for n in storage.list_names(self._dir(self.output), self.opts) if n not in keep]
+        for name in stray:
+            storage.delete_file(layout.uri(self._dir(self.output), name), self.opts)
+        return len(stray)
 
-    def iter_shards(self, skip: set[int] | frozenset[int] = frozenset()) -> Iterator[tuple[int, list[Item]]]:
-        """(shard, items) in shard order, streaming; shards in ``skip`` are passed over unread."""
-        current, items = -1, []
-        for batch in self._tables():
-            cols = batch.to_pydict()
-            for i in range(batch.num_rows):
-                shard = cols["shard"][i]
-                if shard != current:
-                    if items and current not in skip:
-                        yield current, items
-                    current, items = shard, []
-                if shard in skip:
-                    continue
-                items.append(Item(cols["image_id"][i], cols["uri"][i], cols["label"][i], cols["mask_uri"][i],
-                                  cols["problem"][i]))  # fmt: skip
-        if items and current not in skip:
-            yield current, items
+    def reload(self) -> None:
+        """Read ``plan.json`` again (another process may have extended the plan)."""
+        fresh = Plan.load(self.output, self.opts)
+        if fresh is not None:
+            self.meta = fresh.meta
+
+    def _part_of(self, shard: int) -> tuple[dict[str, Any], int]:
+        for part in self.meta["parts"]:
+            first = int(part["first_shard"])
+            last = int(part.get("last_shard", first + int(part.get("shards", 1)) - 1))
+            if first <= shard <= last:
+                return part, shard - first
+        raise KeyError(f"shard {shard} is not in the plan of {self.output}")
+
+    def shard_inputs(self, shard: int) -> int | None:
+        """How many inputs shard ``shard`` holds (None for a version-1 plan, which does not say)."""
+        if self.meta["version"] == 1:
+            return None
+        part, index = self._part_of(shard)
+        size = int(self.meta["shard_size"])
+        last = int(part["last_shard"]) - int(part["first_shard"])
+        return size if index < last else int(part["inputs"]) - last * size
+
+    def read_shard(self, shard: int) -> list[Item]:
+        """The items of one shard, read from its part file alone (random access: its footer and one
+        record batch)."""
+        if shard >= self.shards:
+            self.reload()
+        part, index = self._part_of(shard)
+        fs, path = storage.resolve(layout.uri(self._dir(self.output), part["name"]), self.opts)
+        with fs.open_input_file(path) as f:
+            reader = ipc.open_file(f)
+            if self.meta["version"] == 1:  # batches not aligned to shards: filter the whole part
+                table = reader.read_all()
+                table = table.filter(pa.compute.equal(table["shard"], shard))
+                return _items(table.to_batches())
+            return _items([reader.get_batch(index)])
+
+    def _batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        for part in self.meta["parts"]:
+            fs, path = storage.resolve(layout.uri(self._dir(self.output), part["name"]), self.opts)
+            with fs.open_input_file(path) as f:
+                reader = ipc.open_file(f)
+                for k in range(reader.num_record_batches):
+                    batch = reader.get_batch(k)
+                    yield batch.select(columns) if columns else batch
+
+    def iter_shards(self, skip: Iterable[int] = ()) -> Iterator[tuple[int, list[Item]]]:
+        """(shard, items) in shard order, one shard in memory at a time; ``skip`` is passed over."""
+        skip = set(skip)
+        for shard in range(self.shards):
+            if shard not in skip:
+                yield shard, self.read_shard(shard)
 
     # --- write -----------------------------------------------------------------------------------
     @classmethod
@@ -153,16 +213,35 @@ class Plan:
                 ``dedupe``; the message names the rows).
         """
         storage.delete_tree(cls._dir(output), opts)  # an earlier, uncommitted listing's parts
-        items = source.items() if source.unique_ids else _unique(source, dedupe)
-        meta = {"version": VERSION, "input": source.uri, "shard_size": shard_size, "created": time.time()}
+        check = None if source.unique_ids else _Repeats()
+        items = source.items() if check is None else check.watch(source.items())
         parts, inputs, shards = _write_parts(output, items, 0, 0, shard_size, part_rows, opts)
+        if check is not None:
+            repeats = check.verify(source)
+            if repeats and not dedupe:
+                storage.delete_tree(cls._dir(output), opts)
+                raise InputError(_repeats_message(source, repeats))
+            if repeats:  # list again, without the later repeats
+                storage.delete_tree(cls._dir(output), opts)
+                drop = {row for row, _, _ in repeats}
+                kept = (it for row, it in enumerate(source.items(), start=1) if row not in drop)
+                parts, inputs, shards = _write_parts(output, kept, 0, 0, shard_size, part_rows, opts)
         if inputs == 0:
             raise InputError(f"no images found in {source.uri}")
+        meta = {"version": VERSION, "input": source.uri, "shard_size": shard_size, "created": time.time()}
         meta.update(inputs=inputs, shards=shards, parts=parts)
         storage.write_bytes(
             layout.uri(cls._dir(output), "plan.json"), json.dumps(meta, indent=1).encode(), opts
         )
         return cls(output, meta, opts)
+
+    def digests(self) -> np.ndarray:
+        """The sorted, unique 16-byte digests of the plan's image ids (16 bytes per input)."""
+        out = bytearray()
+        for batch in self._batches(["image_id"]):
+            for v in batch.column(0).to_pylist():
+                out += _digest(v)
+        return np.unique(np.frombuffer(bytes(out), dtype="S16"))
 
     def diff(self, source: Source, keep_added: bool) -> PlanDiff:
         """Compare the input as it is now with the plan, by image id.
@@ -171,20 +250,19 @@ class Plan:
         element of a fixed-width bytes array drops its trailing zero bytes, so a digest ending in
         one would not compare equal to itself.
         """
-        planned = []
-        for batch in self._tables(["image_id"]):
-            planned.extend(_digest(v) for v in batch.column(0).to_pylist())
-        plan_ids = np.unique(np.array(planned, dtype="S16"))
-        del planned
-        listed, added_items = [], []
+        plan_ids = self.digests()
+        listed = bytearray()
+        added_items = []
         for item in source.items():
-            d = np.array([_digest(item.image_id)], dtype="S16")
-            listed.append(d[0])
+            raw = _digest(item.image_id)
+            listed += raw
             if keep_added:
+                d = np.frombuffer(raw, dtype="S16")
                 pos = np.searchsorted(plan_ids, d)
                 if not (pos[0] < len(plan_ids) and (plan_ids[pos] == d)[0]):
                     added_items.append(item)
-        now = np.unique(np.array(listed, dtype="S16"))
+        now = np.unique(np.frombuffer(bytes(listed), dtype="S16"))
+        del listed
         added = int((~np.isin(now, plan_ids, assume_unique=True)).sum())
         removed = int((~np.isin(plan_ids, now, assume_unique=True)).sum())
         return PlanDiff(added, removed, added_items)
@@ -209,6 +287,17 @@ class Plan:
         return list(range(first, first + shards))
 
 
+def _items(batches: list[pa.RecordBatch]) -> list[Item]:
+    out = []
+    for batch in batches:
+        c = batch.to_pydict()
+        out.extend(
+            Item(c["image_id"][i], c["uri"][i], c["label"][i], c["mask_uri"][i], c["problem"][i])
+            for i in range(batch.num_rows)
+        )
+    return out
+
+
 def _write_parts(
     output: str,
     items: Iterator[Item],
@@ -218,55 +307,108 @@ def _write_parts(
     part_rows: int,
     opts: storage.StorageOptions,
 ) -> tuple[list[dict[str, Any]], int, int]:
-    """Stream items into Arrow part files; returns (parts, inputs, shards)."""
+    """Stream items into compressed Arrow part files, one record batch per shard and whole shards
+    per part; returns (parts, inputs, shards). Memory: one shard's items and one part's bytes."""
+    shards_per_part = max(1, part_rows // shard_size)
     parts: list[dict[str, Any]] = []
-    inputs = 0
-    for k in itertools.count(first_part):
-        chunk = list(itertools.islice(items, part_rows))
+    inputs = shards = 0
+    buf: io.BytesIO | None = None
+    writer = None
+    in_part = 0
+
+    def close() -> None:
+        nonlocal buf, writer, in_part
+        if writer is None:
+            return
+        writer.close()
+        name = f"part-{first_part + len(parts):05d}.arrow"
+        data = buf.getvalue()
+        storage.write_bytes(layout.uri(Plan._dir(output), name), data, opts)
+        first = first_shard + shards - in_part
+        parts.append({"name": name, "inputs": part_inputs[0], "first_shard": first,
+                      "last_shard": first + in_part - 1, "bytes": len(data)})  # fmt: skip
+        buf, writer, in_part = None, None, 0
+        part_inputs[0] = 0
+
+    part_inputs = [0]
+    while True:
+        chunk = list(itertools.islice(items, shard_size))
         if not chunk:
             break
-        shard = [first_shard + (inputs + i) // shard_size for i in range(len(chunk))]
-        table = pa.table(
-            {
-                "shard": pa.array(shard, pa.int32()),
-                "image_id": [it.image_id for it in chunk],
-                "uri": [it.uri for it in chunk],
-                "label": pa.array([it.label for it in chunk], pa.int64()),
-                "mask_uri": pa.array([it.mask_uri for it in chunk], pa.string()),
-                "problem": pa.array([it.problem for it in chunk], pa.string()),
-            },
-            schema=SCHEMA,
+        if writer is None:
+            buf = io.BytesIO()
+            writer = ipc.new_file(buf, SCHEMA, options=_WRITE)
+        writer.write_batch(
+            pa.record_batch(
+                [
+                    pa.array([it.image_id for it in chunk], pa.string()),
+                    pa.array([it.uri for it in chunk], pa.string()),
+                    pa.array([it.label for it in chunk], pa.int64()),
+                    pa.array([it.mask_uri for it in chunk], pa.string()),
+                    pa.array([it.problem for it in chunk], pa.string()),
+                ],
+                schema=SCHEMA,
+            )
         )
-        buf = io.BytesIO()
-        with ipc.new_file(buf, SCHEMA) as writer:
-            writer.write_table(table, max_chunksize=65536)
-        name = f"part-{k:05d}.arrow"
-        storage.write_bytes(layout.uri(Plan._dir(output), name), buf.getvalue(), opts)
-        parts.append({"name": name, "inputs": len(chunk), "first_shard": shard[0], "last_shard": shard[-1]})
         inputs += len(chunk)
-    shards = (inputs + shard_size - 1) // shard_size
+        part_inputs[0] += len(chunk)
+        shards += 1
+        in_part += 1
+        if in_part == shards_per_part:
+            close()
+        if len(chunk) < shard_size:
+            break
+    close()
     return parts, inputs, shards
 
 
-def _unique(source: Source, dedupe: bool) -> Iterator[Item]:
-    """The items of ``source`` with unique ids and uris: later repeats are dropped (``dedupe``) or
-    refused, naming the rows (after the whole listing, so that every repeat is named at once)."""
-    ids: set[bytes] = set()
-    uris: set[bytes] = set()
-    repeats: list[tuple[int, str, str]] = []  # (row, what, value)
-    for row, item in enumerate(source.items(), start=1):
-        di, du = _digest(item.image_id), _digest(item.uri)
-        if di in ids or du in uris:
-            if not dedupe:
-                what, value = ("image_id", item.image_id) if di in ids else ("uri", item.uri)
-                repeats.append((row, what, value))
-            continue
-        ids.add(di)
-        uris.add(du)
-        if not repeats:
+class _Repeats:
+    """The duplicate check of a listing whose ids are not unique by construction (a manifest).
+
+    While the listing streams, two 8-byte hashes per input (id and uri) go into compact arrays;
+    :meth:`verify` then finds the rows whose hash repeats and confirms them against the strings, in
+    a second pass that keeps only those candidates. Memory: 16 bytes per input."""
+
+    def __init__(self) -> None:
+        self.ids = array("Q")
+        self.uris = array("Q")
+
+    def watch(self, items: Iterator[Item]) -> Iterator[Item]:
+        for item in items:
+            self.ids.append(_hash64(item.image_id))
+            self.uris.append(_hash64(item.uri))
             yield item
-    if repeats:
-        raise InputError(_repeats_message(source, repeats))
+
+    def verify(self, source: Source) -> list[tuple[int, str, str]]:
+        """The true repeats as (row, "image_id" | "uri", value), rows counted from 1, in order."""
+        suspects = [_repeated(np.frombuffer(a, dtype=np.uint64)) for a in (self.ids, self.uris)]
+        self.ids, self.uris = array("Q"), array("Q")
+        if not any(len(s) for s in suspects):
+            return []
+        suspect = [set(s.tolist()) for s in suspects]
+        seen: set[tuple[str, str]] = set()
+        repeats = []
+        for row, item in enumerate(source.items(), start=1):
+            keys = [
+                (what, value)
+                for what, value, hashes in (
+                    ("image_id", item.image_id, suspect[0]),
+                    ("uri", item.uri, suspect[1]),
+                )
+                if hashes and _hash64(value) in hashes
+            ]
+            hit = next((k for k in keys if k in seen), None)
+            if hit:  # a repeat: its keys are not recorded (as if the row were not there)
+                repeats.append((row, *hit))
+            else:
+                seen.update(keys)
+        return repeats
+
+
+def _repeated(hashes: np.ndarray) -> np.ndarray:
+    """The hash values that occur more than once."""
+    values, counts = np.unique(hashes, return_counts=True)
+    return values[counts > 1]
 
 
 def _repeats_message(source: Source, repeats: list[tuple[int, str, str]]) -> str:

@@ -9,6 +9,7 @@ shard, which the driver then retries.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -23,10 +24,12 @@ import pyarrow.parquet as pq
 from lnstd import output as layout
 from lnstd import storage
 from lnstd.data import Item
+from lnstd.errors import ModelError
 from lnstd.rows import Loaded, RowBuilder
 from lnstd.sysinfo import peak_rss_mb
 
 from .config import RunConfig
+from .plan import Plan
 
 __all__ = ["ShardWorker"]
 
@@ -38,6 +41,7 @@ class ShardWorker(RowBuilder):
     def __init__(self, cfg: dict[str, Any], run_id: str) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         super().__init__(RunConfig(**cfg), run_id)
+        self.plan: Plan | None = None  # read when the first shard comes (the driver commits it first)
         # Decoding threads sized to the actor's CPUs (PIL releases the GIL while it decodes/resizes).
         self.decoders = ThreadPoolExecutor(max(2, self.threads))
         try:
@@ -47,9 +51,32 @@ class ShardWorker(RowBuilder):
         except Exception:  # not inside Ray (tests of the worker alone)
             self.node_id = ""
 
-    def info(self) -> dict[str, Any]:
-        """Where this replica runs (the driver logs it)."""
-        return {"pid": os.getpid(), "device": str(self.device), "grids": self.grids, "node_id": self.node_id}
+    def info(self, probe: str | None = None) -> dict[str, Any]:
+        """Where this replica runs (the driver logs it), and whether its node sees the run's storage:
+        ``cannot_see`` names what it cannot read (``probe``, a file the driver wrote under the
+        output, or the input), else None."""
+        import socket
+
+        cannot_see = None
+        if probe is not None:
+            if not storage.exists(probe, self.opts):
+                cannot_see = f"the output {self.cfg.output}"
+            elif not self._sees_input():
+                cannot_see = f"the input {self.cfg.input}"
+        ip = ""
+        with contextlib.suppress(Exception):
+            import ray
+
+            ip = ray.util.get_node_ip_address()
+        return {"pid": os.getpid(), "device": str(self.device), "grids": self.grids, "node_id": self.node_id,
+                "node_ip": ip or socket.gethostname(), "cannot_see": cannot_see}  # fmt: skip
+
+    def _sees_input(self) -> bool:
+        uri = self.cfg.input
+        if storage.is_s3(uri):
+            return True  # the same endpoint and credentials reach it from every node
+        path = storage.resolve(uri.split("#", 1)[0] if uri.lower().endswith(".mat") else uri, self.opts)[1]
+        return os.path.exists(path)
 
     def _batches(self, items: list[Item]) -> Iterator[list[Loaded]]:
         """Decoded batches; the next batch decodes on threads while the caller computes."""
@@ -63,13 +90,19 @@ class ShardWorker(RowBuilder):
             yield [f.result() for f in pending]
             pending = nxt
 
-    def process(self, shard: int, items: list[Item]) -> dict[str, Any]:
-        """Attribute one shard and commit ``heatmaps/part-<shard>.parquet``; idempotent."""
+    def process(self, shard: int) -> dict[str, Any]:
+        """Attribute one shard of the plan (its items read from the plan by this actor) and commit
+        ``heatmaps/part-<shard>.parquet``; idempotent. Returns counts only."""
         uri = layout.part_uri(self.cfg.output, shard)
         if storage.exists(uri, self.opts):  # a retried call after the commit: nothing to redo
             counts = layout.shard_counts(self.cfg.output, shard, self.opts)
-            return {"shard": shard, "skipped": True, "images": len(items), "ok": 0, "errors": 0, **counts,
+            return {"images": 0, "ok": 0, "errors": 0, **counts, "shard": shard, "skipped": True,
                     "node_id": self.node_id}  # fmt: skip
+        if self.plan is None:
+            self.plan = Plan.load(self.cfg.output, self.opts)
+            if self.plan is None:
+                raise ModelError(f"{self.cfg.output} has no committed plan")
+        items = self.plan.read_shard(shard)
         tables: list[pa.Table] = []
         for batch in self._batches(items):
             tables.extend(self._explain(batch, shard))

@@ -1,14 +1,31 @@
-"""lnstd: explain Vision Transformers (timm ViT, DeiT, Swin, Swin V2, EVA, BEiT) at dataset scale."""
+"""lnstd: explain Vision Transformers (timm ViT, DeiT, Swin, Swin V2, EVA, BEiT) at dataset scale.
 
-from . import viz
-from .arch import UnsupportedModelError
-from .explain import Explainer, Explanation, explain
-from .methods import list_methods, register
-from .models import load_model, transform_for
-from .ops import minmax, upsample
-from .saliency import SaliencyDataset, read_heatmaps, to_pixels
+The names below load on first use (PEP 562), so the parts that need no model (``lnstd aggregate``,
+``lnstd report``'s tables, the output layout) never import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Explainer": ".explain",
+    "Explanation": ".explain",
+    "explain": ".explain",
+    "UnsupportedModelError": ".arch",
+    "list_methods": ".methods",
+    "register": ".methods",
+    "load_model": ".models",
+    "transform_for": ".models",
+    "minmax": ".ops",
+    "upsample": ".ops",
+    "SaliencyDataset": ".saliency",
+    "read_heatmaps": ".saliency",
+    "to_pixels": ".saliency",
+}
 
 __all__ = [
     "Explainer",
@@ -27,3 +44,17 @@ __all__ = [
     "upsample",
     "viz",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "viz":
+        return importlib.import_module(".viz", __name__)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -9,11 +9,12 @@ pointed at the output folder gets the heatmap rows and nothing else.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from . import storage
-from .metrics.mask import MASK_METRICS
+from .metrics.registry import MASK_METRICS
 
 __all__ = [
     "AGGREGATE",
@@ -25,6 +26,8 @@ __all__ = [
     "RUN",
     "SHARD_COUNTS",
     "SUCCESS",
+    "Footer",
+    "part_footer",
     "part_name",
     "part_uri",
     "row_fields",
@@ -81,17 +84,35 @@ def part_uri(output: str, shard: int) -> str:
     return uri(output, HEATMAPS, part_name(shard))
 
 
-def shard_counts(output: str, shard: int, opts: storage.StorageOptions) -> dict[str, int]:
-    """The counts a committed shard recorded in its Parquet footer (empty if unreadable)."""
+@dataclass(frozen=True)
+class Footer:
+    """What a committed part says of itself: its shard's counts, its rows and the run that wrote it."""
+
+    counts: dict[str, int]
+    rows: int
+    run_id: str
+
+
+def part_footer(output: str, shard: int, opts: storage.StorageOptions) -> Footer | None:
+    """The footer of shard ``shard``'s part, or None if the part is missing or unreadable
+    (truncated, empty, not Parquet)."""
     import pyarrow.parquet as pq
 
     fs, path = storage.resolve(part_uri(output, shard), opts)
     try:
         with fs.open_input_file(path) as f:
-            meta = pq.read_metadata(f).metadata or {}
-        return json.loads(meta.get(SHARD_COUNTS, b"{}"))
+            meta = pq.read_metadata(f)
+        kv = meta.metadata or {}
+        counts = json.loads(kv.get(SHARD_COUNTS, b"{}"))
+        return Footer(counts, meta.num_rows, kv.get(b"lnstd.run_id", b"").decode())
     except (OSError, ValueError):
-        return {}
+        return None
+
+
+def shard_counts(output: str, shard: int, opts: storage.StorageOptions) -> dict[str, int]:
+    """The counts a committed shard recorded in its Parquet footer (empty if unreadable)."""
+    footer = part_footer(output, shard, opts)
+    return footer.counts if footer else {}
 
 
 def shard_of(name: str) -> int | None:

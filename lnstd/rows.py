@@ -156,6 +156,8 @@ class RowBuilder:
             return Loaded(
                 item, error="read failed", detail=one_line(exc, 10_000)[-200:]
             )  # the reason ends it
+        except (OSError, KeyError, ValueError) as exc:  # h5py's and other readers' faults of this file
+            return Loaded(item, error="unreadable", detail=f"{type(exc).__name__}: {one_line(exc, 160)}")
 
     def _stack(self, good: list[Loaded]) -> torch.Tensor:
         """The batch's inputs on the model's device; CPU-decoded ones cross once, via pinned memory."""
@@ -191,9 +193,9 @@ class RowBuilder:
         if good:
             x = self._stack(good)
             try:
-                outs = self._attribute(x, [b.item.label for b in good])
+                outs = self._fitting(x, [b.item.label for b in good])
             except Exception as exc:
-                if _device_fault(exc):
+                if _device_fault(exc) or _out_of_memory(exc):
                     raise
                 # One image may be at fault: explain them one by one and keep the fault with it.
                 good, outs = self._one_by_one(good, exc)
@@ -209,6 +211,20 @@ class RowBuilder:
             tables.extend(self._ok_tables(good, outs, shard, per_image_ms))
         return tables
 
+    def _fitting(self, x: torch.Tensor, labels: list[int | None]) -> list[lnstd.Explanation]:
+        """Explain ``x``; when the device runs out of memory, in halves (down to one image, whose
+        out-of-memory error then fails the shard with that reason)."""
+        try:
+            return self._attribute(x, labels)
+        except Exception as exc:
+            if not _out_of_memory(exc) or len(x) == 1:
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = (len(x) + 1) // 2
+        parts = [self._fitting(x[:half], labels[:half]), self._fitting(x[half:], labels[half:])]
+        return [_cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+
     def _one_by_one(
         self, good: list[Loaded], first: Exception
     ) -> tuple[list[Loaded], list[lnstd.Explanation]]:
@@ -219,14 +235,16 @@ class RowBuilder:
                 results.append(self._attribute(self._stack([b]), [b.item.label]))
                 ok.append(b)
             except Exception as exc:
-                if _device_fault(exc):
+                if _device_fault(exc) or _out_of_memory(exc):
                     raise
                 b.error, b.detail = (
                     "attribution failed",
                     f"{type(exc).__name__}: {one_line(exc, 160)}",
                 )
-        if not ok:  # every image fails alike: a fault of the model or the shard, not of one image
+        if not ok and len(good) > 1:  # every image fails alike: a fault of the model, not of one image
             raise first
+        if not ok:  # a batch of one image that the model fails on: that image's error row
+            return [], []
         outs = [_cat([r[k] for r in results]) for k in range(len(results[0]))]
         return ok, outs
 
@@ -322,11 +340,17 @@ def _cat(parts: list[lnstd.Explanation]) -> lnstd.Explanation:
 
 
 def _device_fault(exc: BaseException) -> bool:
-    """Errors of the device or process, not of one image: the shard fails and is retried."""
-    text = str(exc)
-    return (
-        isinstance(exc, MemoryError) or "CUDA error" in text or "NCCL" in text or "device-side assert" in text
-    )
+    """Errors of the device or the process, not of one image: the shard fails and is retried."""
+    accel = getattr(torch, "AcceleratorError", None)  # CUDA errors (torch >= 2.8)
+    if isinstance(exc, MemoryError) or (accel is not None and isinstance(exc, accel)):
+        return True
+    text = str(exc)  # older torch raises a plain RuntimeError for these
+    return "CUDA error" in text or "NCCL" in text or "device-side assert" in text
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """The device ran out of memory (``torch.OutOfMemoryError``; CUDA, or another accelerator)."""
+    return isinstance(exc, torch.OutOfMemoryError)
 
 
 def _png(heat: np.ndarray, geom: Geometry) -> bytes:

@@ -94,6 +94,7 @@ def test_resume_after_inputs_were_added_and_removed_keeps_exactly_once(ckpt, tmp
     assert rows["img17.png"]["status"] == "error" and rows["img17.png"]["error"] == "missing at run time"
     assert rows["img02.png"]["status"] == "ok"  # committed before it was removed
     assert "20 images (19 ok, 1 errors)" in r.stderr
+    assert "resuming: 3 of 4 shards already committed" in r.stderr
 
     r = run_cli(*args, "--refresh-input")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -161,9 +162,11 @@ def test_a_bad_label_is_one_error_row_and_the_shard_is_explained(ckpt, tmp_path)
         assert rows[ok]["status"] == "ok" and rows[ok]["target"] == rows[ok]["label"]
     assert "6 images (3 ok, 3 errors)" in r.stderr
     # the same command again finds every shard committed (no Ray needed) and, asked to, fails on errors
+    manifest = (tmp_path / "out" / "_manifest.json").read_text()
     strict = run_cli(*base, "--output", str(tmp_path / "out"), "--fail-on-errors")
     assert strict.returncode == 1 and "6 images (3 ok, 3 errors)" in strict.stderr
-    assert "1 shards were already committed" in strict.stderr and "actor 0 ready" not in strict.stderr
+    assert "done already" in strict.stderr and "actor 0 ready" not in strict.stderr
+    assert (tmp_path / "out" / "_manifest.json").read_text() == manifest  # the real run's record stays
 
 
 # --- 3. the output lease ------------------------------------------------------------------------------

@@ -1,9 +1,24 @@
-"""Explanation-quality metrics, batched on tensors; each knows whether higher is better."""
+"""Explanation-quality metrics, batched on tensors; each knows whether higher is better.
 
-from .mask import MASK_METRICS, mask_metrics
-from .perturbation import FRACTIONS, PERTURBATION_METRICS, auc, perturbation_curves
-from .registry import METRICS, Metric, higher_is_better
-from .segmentation import SegmentationMeter, average_precision
+The registry (:mod:`lnstd.metrics.registry`) needs no torch; the tensor metrics load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .registry import MASK_METRICS, METRICS, Metric, higher_is_better
+
+_LAZY = {
+    "mask_metrics": ".mask",
+    "FRACTIONS": ".perturbation",
+    "PERTURBATION_METRICS": ".perturbation",
+    "auc": ".perturbation",
+    "perturbation_curves": ".perturbation",
+    "SegmentationMeter": ".segmentation",
+    "average_precision": ".segmentation",
+}
 
 __all__ = [
     "FRACTIONS",
@@ -18,3 +33,9 @@ __all__ = [
     "mask_metrics",
     "perturbation_curves",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

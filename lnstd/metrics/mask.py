@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..ops import minmax, upsample
+from .registry import MASK_METRICS
 
 __all__ = ["MASK_METRICS", "mask_metrics"]
-
-# Per-image columns against a mask (directions and descriptions: metrics/registry.py).
-MASK_METRICS = ("foreground_iou", "pointing_game", "mass_in_mask")
 
 
 def mask_metrics(heat: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["METRICS", "Metric", "column_metrics", "eval_metrics", "higher_is_better"]
+__all__ = ["MASK_METRICS", "METRICS", "Metric", "column_metrics", "eval_metrics", "higher_is_better"]
+
+# Per-image columns against a mask (lnstd.metrics.mask computes them).
+MASK_METRICS = ("foreground_iou", "pointing_game", "mass_in_mask")
 
 
 @dataclass(frozen=True)
