@@ -7,6 +7,8 @@ The names below load on first use (PEP 562), so the parts that need no model (``
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -44,6 +46,19 @@ __all__ = [
     "upsample",
     "viz",
 ]
+
+
+class _Package(types.ModuleType):
+    """The package's module type: importing the submodule ``lnstd.explain`` (which the import system
+    binds as the package attribute ``explain``) must not hide the function ``lnstd.explain``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

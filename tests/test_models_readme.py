@@ -100,3 +100,15 @@ def test_cli_entry_points():
     assert any(ln.strip().startswith("blocks='all' (swin: 2") for ln in lines)  # and its per-family default
     bad = subprocess.run([sys.executable, "-m", "lnstd", "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--bogus" in bad.stderr
+
+
+@pytest.mark.integration  # a fresh interpreter: which of lnstd's names is loaded first matters
+def test_lnstd_explain_stays_the_function_whatever_loads_first():
+    code = (
+        "import lnstd\n"
+        "lnstd.Explainer  # imports the submodule lnstd.explain, which the import system binds on lnstd\n"
+        "import lnstd.explain\n"
+        "assert callable(lnstd.explain), lnstd.explain\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-1000:]
