@@ -16,6 +16,7 @@ __all__ = [
     "AGGREGATE",
     "HEATMAPS",
     "LEASE",
+    "LEASE_LOCK",
     "MANIFEST",
     "PLAN",
     "REPORT",
@@ -35,6 +36,7 @@ REPORT = "_report.html"  # the report page
 AGGREGATE = "_aggregate"  # summary.csv, per_class.csv, counts.json
 RUN = "_lnstd/run.json"  # the configuration that decides the results (what a resume must match)
 LEASE = "_lnstd/lease.json"  # who holds the output while a run is active
+LEASE_LOCK = "_lnstd/lease.lock"  # local outputs: flock'ed around every change and check of the lease
 PLAN = "_lnstd/plan"  # the shard plan: plan.json (commit point) and part-NNNNN.arrow
 SHARD_COUNTS = b"lnstd.shard_counts"  # Parquet footer key: {"images", "ok", "errors"} of the shard
 
