@@ -125,9 +125,13 @@ def check_output(output: str, opts: storage.StorageOptions) -> None:
 
 def _previous(cfg: RunConfig, opts: storage.StorageOptions) -> dict[str, Any] | None:
     """The run recorded in the output (None: a fresh output). Raises on a different configuration."""
-    run_uri = layout.uri(cfg.output, layout.RUN)
-    if storage.exists(run_uri, opts):
-        previous = json.loads(storage.read_bytes(run_uri, opts))
+    try:
+        previous = layout.read_state(cfg.output, layout.RUN, opts, {"run_id": str, "identity": dict})
+    except OutputError:
+        if not cfg.overwrite:
+            raise
+        previous = None  # --overwrite replaces a damaged record
+    if previous is not None:
         ident = cfg.identity()
         if previous["identity"] != ident and not cfg.overwrite:
             diff = sorted(k for k in ident if previous["identity"].get(k) != ident[k])

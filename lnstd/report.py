@@ -136,9 +136,9 @@ def build_report(
     counts, per_method = agg["counts"], agg["per_method"].to_pylist()
     manifest: dict[str, Any] = {}
     for name in (layout.MANIFEST, layout.RUN):
-        uri = layout.uri(output, name)
-        if storage.exists(uri, opts):
-            manifest = json.loads(storage.read_bytes(uri, opts))
+        state = layout.read_state(output, name, opts)
+        if state is not None:
+            manifest = state
             break
     config = manifest.get("config") or manifest.get("identity") or {}
 
