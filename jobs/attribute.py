@@ -350,7 +350,9 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     if plan is None:  # list once, before any actor waits for work (ids checked here)
         staging = tempfile.mkdtemp(prefix="lnstd-plan-")
         staged = Plan.create(staging, source, cfg.shard_size, storage.StorageOptions(), dedupe=cfg.dedupe)
-        _log(f"plan: {staged.inputs} inputs in {staged.shards} shards of up to {cfg.shard_size}")
+        skipped = source.notice()
+        _log(f"plan: {staged.inputs} inputs in {staged.shards} shards of up to {cfg.shard_size}"
+             + (f"; {skipped}" if skipped else ""))  # fmt: skip
     finished = plan is not None and not cfg.refresh_input and _committed(cfg, opts) >= set(range(plan.shards))
     try:
         if finished:  # every shard is committed: no actor is needed to check and record that

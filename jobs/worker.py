@@ -28,7 +28,7 @@ from PIL import Image
 import lnstd
 from lnstd import output as layout
 from lnstd import storage
-from lnstd.data import DecodeError, Item, decode_mask, read_mat_sample
+from lnstd.data import DecodeError, Item, decode_mask, mat_ref, read_mat_sample
 from lnstd.data.decode import jpeg_header
 from lnstd.data.preprocess import Geometry, Preprocess
 from lnstd.errors import ModelError, one_line
@@ -166,7 +166,7 @@ class ShardWorker:
                         error="label out of range",
                         detail=f"{item.label} (model: {self.num_classes} classes)",
                     )
-            if ".mat#" in item.uri:
+            if mat_ref(item.uri):
                 arr, mask_arr = read_mat_sample(item.uri)
                 tensor, geom = self.prep.from_array(arr)
                 return Loaded(item, tensor, self.prep.mask(mask_arr, geom), geom)
@@ -188,6 +188,8 @@ class ShardWorker:
             return Loaded(item, error=MISSING)
         except (PermissionError, IsADirectoryError) as exc:
             return Loaded(item, error="unreadable", detail=type(exc).__name__)
+        except storage.NotRegularFileError:
+            return Loaded(item, error=storage.NotRegularFileError.reason)
         except storage.StorageError as exc:
             return Loaded(
                 item, error="read failed", detail=one_line(exc, 10_000)[-200:]
