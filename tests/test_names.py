@@ -40,6 +40,20 @@ def test_a_local_name_in_any_bytes_round_trips_through_its_utf8_form(tmp_path):
     assert storage.local_uri(os.fsdecode(b"/d/bad\xffname.png")) == "file:///d/bad%FFname.png"
 
 
+def test_ids_stay_as_written_under_a_root_whose_name_is_not_utf8(tmp_path):
+    root = os.path.join(os.fsdecode(bytes(tmp_path)), os.fsdecode(b"in\xff"))
+    os.mkdir(root)
+    for raw in (b"a b.png", b"x\xfe.png"):
+        with open(os.path.join(os.fsencode(root), raw), "wb") as f:
+            f.write(good_image(1))
+    items = {it.image_id: it.uri for it in open_source(root).items()}
+    assert items == {
+        "a b.png": f"file://{tmp_path}/in%FF/a%20b.png",
+        "x%FE.png": f"file://{tmp_path}/in%FF/x%FE.png",
+    }
+    assert all(storage.read_bytes(uri) == good_image(1) for uri in items.values())
+
+
 def test_mat_references_exist_only_for_mat_files():
     assert mat_ref("/data/gtsegs_ijcv.mat#12") == ("/data/gtsegs_ijcv.mat", 12)
     assert mat_ref("/data/X.MAT#0") == ("/data/X.MAT", 0)

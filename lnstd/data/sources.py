@@ -85,10 +85,9 @@ class FolderSource(Source):
         root = storage.resolve(root, self.opts)[1]
         self.unreadable = []
         for path, regular in storage.walk_local(root, IMAGE_EXTENSIONS, self.unreadable):
-            uri = storage.local_uri(path)
             rel = path[len(root) + 1 :]
-            image_id = rel if uri == path else urllib.parse.quote(os.fsencode(rel), safe="/")
-            yield Item(image_id, uri, problem=None if regular else storage.NotRegularFileError.reason)
+            yield Item(_id_text(rel), storage.local_uri(path),
+                       problem=None if regular else storage.NotRegularFileError.reason)  # fmt: skip
 
     def notice(self) -> str:
         if not self.unreadable:
@@ -99,6 +98,15 @@ class FolderSource(Source):
             f"{n} subfolder{'s' if n > 1 else ''} could not be read, their images are not in the plan "
             f"(first: {storage.local_uri(first)!r}; fix the permissions and rerun with --overwrite)"
         )
+
+
+def _id_text(rel: str) -> str:
+    """A relative path as an id: itself when UTF-8, else its bytes percent-escaped (lossless)."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return urllib.parse.quote(os.fsencode(rel), safe="/")
 
 
 class ManifestSource(Source):
