@@ -305,7 +305,8 @@ class Lease:
     def fenced(self) -> Iterator[None]:
         """Run the body (a commit) only while this run holds the lease, else raise
         :class:`LeaseLostError`. Local: the lease's lock is held throughout, so no takeover can
-        interleave (keep the body short: the rename that publishes, not the work). S3: verified just
+        interleave (keep the body short: the rename that publishes, not the work; and call no other
+        method of a lease of this output in it: they wait for the same lock). S3: verified just
         before (see the module's notes for what that leaves open)."""
         if not self._s3:
             with self._locked():
