@@ -219,8 +219,13 @@ def native_output_to_log(verbose: bool) -> Iterator[str | None]:
     Arrow's and the AWS SDK's retry messages) to a log file, ``$TMPDIR/lnstd-native-*.log``, kept
     when the body raises and removed otherwise; Python's ``sys.stderr`` (our one-line messages, the
     progress bar, ``--traceback``) still reaches the user. With ``verbose`` nothing is redirected.
-    Yields the log's path (None when verbose). Ray is shut down inside, so its teardown is logged too.
+
+    A small keeper process (:mod:`lnstd._native_log`) writes the log; if native code ends this
+    process (so no Python runs to say why), the keeper shows its last line in one line. Ray is shut
+    down inside, so its teardown is logged too. Yields the log's path (None when verbose).
     """
+    import subprocess
+
     if verbose:
         yield None
         return
@@ -230,11 +235,22 @@ def native_output_to_log(verbose: bool) -> Iterator[str | None]:
         user_is_fd2 = False
     sys.stderr.flush()
     log_fd, path = tempfile.mkstemp(prefix="lnstd-native-", suffix=".log")
+    os.close(log_fd)
+    out_r, out_w = os.pipe()
+    life_r, life_w = os.pipe()  # not inheritable: only this process holds the write end
+    keeper = subprocess.Popen(
+        [sys.executable, "-I", "-S", os.path.join(os.path.dirname(__file__), "_native_log.py"),
+         path, str(out_r), str(life_r)],
+        pass_fds=(out_r, life_r), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(out_r)
+    os.close(life_r)
     saved = os.dup(2)
     before = sys.stderr
     if user_is_fd2:  # the user's stderr through another descriptor (left open: handlers may hold it)
         sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
-    os.dup2(log_fd, 2)
+    os.dup2(out_w, 2)
+    os.close(out_w)
     failed = True
     try:
         yield path
@@ -244,9 +260,12 @@ def native_output_to_log(verbose: bool) -> Iterator[str | None]:
             if "ray" in sys.modules and sys.modules["ray"].is_initialized():
                 sys.modules["ray"].shutdown()
         sys.stderr.flush()
+        os.write(life_w, b"done")  # we finish by ourselves: the keeper need not speak
         os.dup2(saved, 2)
         os.close(saved)
-        os.close(log_fd)
+        os.close(life_w)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            keeper.wait(timeout=10)
         if user_is_fd2:
             sys.stderr.flush()
             sys.stderr = before

@@ -19,6 +19,12 @@ import ctypes, os, sys
 from lnstd.cli import native_output_to_log
 libc = ctypes.CDLL(None)
 dump = b"[raylet] state dump line 1\n[raylet] state dump line 2\n"
+if sys.argv[1] == "fatal":  # Ray's core worker when the GCS is gone: a message, then exit(1)
+    with native_output_to_log(verbose=False):
+        print("lnstd: plan: 2 inputs", file=sys.stderr)
+        gone = b"[E rpc_client.h:204] Failed to connect to GCS within 60 s. The program will terminate.\n"
+        libc.write(2, gone, len(gone))
+        libc._exit(1)
 for outcome in ("ok", "fail"):
     log = None
     try:
@@ -54,3 +60,15 @@ def test_verbose_shows_the_native_diagnostics():
     r = _script("v")
     assert r.returncode == 0 and r.stdout.split() == ["None", "None"]
     assert r.stderr.count("[raylet] state dump line 1\n") == 2 and "lnstd: fail\n" in r.stderr
+
+
+def test_when_native_code_ends_the_run_its_last_line_is_shown_in_one_line():
+    r = _script("fatal")
+    assert r.returncode == 1
+    first, second = r.stderr.splitlines()  # our own line, and the keeper's one line
+    assert first == "lnstd: plan: 2 inputs"
+    assert second.startswith("lnstd: error: the run was ended by native code: [E rpc_client.h:204] Failed to")
+    log = second.split("(its output: ")[1].rstrip(")")
+    with open(log) as f:
+        assert "Failed to connect to GCS" in f.read()
+    os.remove(log)
