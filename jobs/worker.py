@@ -29,7 +29,7 @@ from PIL import Image
 import lnstd
 from lnstd import output as layout
 from lnstd import storage
-from lnstd.data import DecodeError, Item, decode_mask, read_mat_sample
+from lnstd.data import DecodeError, Item, decode_mask, mat_ref, read_mat_sample
 from lnstd.data.decode import jpeg_header
 from lnstd.data.preprocess import Geometry, Preprocess
 from lnstd.errors import ModelError, one_line
@@ -37,6 +37,7 @@ from lnstd.metrics.mask import MASK_METRICS, mask_metrics
 from lnstd.sysinfo import peak_rss_mb
 
 from .config import RunConfig
+from .lease import Lease
 from .plan import Plan
 
 __all__ = ["ShardWorker"]
@@ -64,11 +65,18 @@ class ImageFault(Exception):
 class ShardWorker:
     """Attributes whole shards and commits each as one Parquet file (complete or absent)."""
 
-    def __init__(self, cfg: dict[str, Any], run_id: str) -> None:
+    def __init__(self, cfg: dict[str, Any], run_id: str, fence: tuple[str, int] | None = None) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         self.cfg = RunConfig(**cfg)
         self.run_id = run_id
         self.opts = storage.StorageOptions.from_env(self.cfg.s3_endpoint)
+        # The driver's lease, seen from here: a commit happens only while the driver's run holds it
+        # (``fence``: its token and generation; None only for tests of the worker alone).
+        self.lease = (
+            Lease.follow(self.cfg.output, self.opts, fence[0], fence[1], ttl=self.cfg.lease_ttl)
+            if fence
+            else None
+        )
         self.plan: Plan | None = None  # read when the first shard comes (the driver commits it first)
         cuda = torch.cuda.is_available() and self.cfg.gpus_per_actor > 0
         if self.cfg.decode == "gpu" and not cuda:
@@ -165,7 +173,7 @@ class ShardWorker:
                         error="label out of range",
                         detail=f"{item.label} (model: {self.num_classes} classes)",
                     )
-            if ".mat#" in item.uri:
+            if mat_ref(item.uri):
                 arr, mask_arr = read_mat_sample(item.uri)
                 tensor, geom = self.prep.from_array(arr)
                 return Loaded(item, tensor, self.prep.mask(mask_arr, geom), geom)
@@ -187,6 +195,8 @@ class ShardWorker:
             return Loaded(item, error=MISSING)
         except (PermissionError, IsADirectoryError) as exc:
             return Loaded(item, error="unreadable", detail=type(exc).__name__)
+        except storage.NotRegularFileError:
+            return Loaded(item, error=storage.NotRegularFileError.reason)
         except storage.StorageError as exc:
             return Loaded(
                 item, error="read failed", detail=one_line(exc, 10_000)[-200:]
@@ -403,7 +413,11 @@ class ShardWorker:
         }
         buf = io.BytesIO()
         pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd")
-        storage.write_bytes(uri, buf.getvalue(), self.opts)
+        with self.lease.fenced() if self.lease else contextlib.nullcontext():
+            # Under the fence: no takeover can interleave (local), or the lease was verified just
+            # before (S3); a part that another attempt committed meanwhile is kept, not replaced.
+            if not storage.exists(uri, self.opts):
+                storage.write_bytes(uri, buf.getvalue(), self.opts)
         return {
             "shard": shard,
             "skipped": False,

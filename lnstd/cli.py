@@ -9,11 +9,13 @@ that imports the job layer (:mod:`lnstd.jobs`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,20 +196,81 @@ def _cmd_run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         fail_on_errors=args.fail_on_errors,
     )
-    manifest = run(cfg, progress=args.progress)
-    if args.report:
-        from .report import write_report
-        from .storage import StorageOptions
+    with native_output_to_log(args.verbose):
+        manifest = run(cfg, progress=args.progress)
+        if args.report:
+            from .report import write_report
+            from .storage import StorageOptions
 
-        try:
-            uri = write_report(cfg.output, opts=StorageOptions.from_env(cfg.s3_endpoint))
-            print(f"lnstd: report -> {uri}", file=sys.stderr)
-        except Exception as exc:  # the heatmaps are written: a report failure must not hide that
-            print(f"lnstd: warning: no report ({type(exc).__name__}: {exc})", file=sys.stderr)
-            if args.traceback or args.verbose:
-                traceback.print_exc()
+            try:
+                uri = write_report(cfg.output, opts=StorageOptions.from_env(cfg.s3_endpoint))
+                print(f"lnstd: report -> {uri}", file=sys.stderr)
+            except Exception as exc:  # the heatmaps are written: a report failure must not hide that
+                print(f"lnstd: warning: no report ({type(exc).__name__}: {one_line(exc)})", file=sys.stderr)
+                if args.traceback or args.verbose:
+                    traceback.print_exc()
     counts = manifest["counts"]
     return 1 if counts["shards_failed"] or (args.fail_on_errors and counts["errors"]) else 0
+
+
+@contextlib.contextmanager
+def native_output_to_log(verbose: bool) -> Iterator[str | None]:
+    """Send what native code writes to file descriptor 2 (Ray's core worker and raylet state dumps,
+    Arrow's and the AWS SDK's retry messages) to a log file, ``$TMPDIR/lnstd-native-*.log``, kept
+    when the body raises and removed otherwise; Python's ``sys.stderr`` (our one-line messages, the
+    progress bar, ``--traceback``) still reaches the user. With ``verbose`` nothing is redirected.
+
+    A small keeper process (:mod:`lnstd._native_log`) writes the log; if native code ends this
+    process (so no Python runs to say why), the keeper shows its last line in one line. Ray is shut
+    down inside, so its teardown is logged too. Yields the log's path (None when verbose).
+    """
+    import subprocess
+
+    if verbose:
+        yield None
+        return
+    try:
+        user_is_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a captured stream (tests): fd 2 is not the user
+        user_is_fd2 = False
+    sys.stderr.flush()
+    log_fd, path = tempfile.mkstemp(prefix="lnstd-native-", suffix=".log")
+    os.close(log_fd)
+    out_r, out_w = os.pipe()
+    life_r, life_w = os.pipe()  # not inheritable: only this process holds the write end
+    keeper = subprocess.Popen(
+        [sys.executable, "-I", "-S", os.path.join(os.path.dirname(__file__), "_native_log.py"),
+         path, str(out_r), str(life_r)],
+        pass_fds=(out_r, life_r), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(out_r)
+    os.close(life_r)
+    saved = os.dup(2)
+    before = sys.stderr
+    if user_is_fd2:  # the user's stderr through another descriptor (left open: handlers may hold it)
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
+    os.dup2(out_w, 2)
+    os.close(out_w)
+    failed = True
+    try:
+        yield path
+        failed = False
+    finally:
+        with contextlib.suppress(Exception):
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()
+        sys.stderr.flush()
+        os.write(life_w, b"done")  # we finish by ourselves: the keeper need not speak
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(life_w)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            keeper.wait(timeout=10)
+        if user_is_fd2:
+            sys.stderr.flush()
+            sys.stderr = before
+        if not failed or os.path.getsize(path) == 0:
+            os.remove(path)
 
 
 def _explainer(make: Any, *args: Any, **kwargs: Any) -> Any:

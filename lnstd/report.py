@@ -22,7 +22,7 @@ from PIL import Image
 from . import output as layout
 from . import storage
 from .aggregate import aggregate, heatmap_dataset
-from .data import read_mat_sample
+from .data import mat_ref, read_mat_sample
 from .data.decode import decode_image
 from .data.preprocess import Geometry
 from .errors import OutputError
@@ -118,7 +118,7 @@ def _thumb_size(width: int, height: int) -> tuple[int, int]:
 def _load_thumb(source: str, opts: storage.StorageOptions) -> Image.Image | None:
     """The source image at thumbnail size (the same decoder as the job), or None if unreadable."""
     try:
-        if ".mat#" in source:
+        if mat_ref(source):
             img = Image.fromarray(read_mat_sample(source)[0], "RGB")
         else:
             img = decode_image(storage.read_bytes(source, opts), draft=lambda w, h: _thumb_size(w, h))[0]
@@ -136,9 +136,9 @@ def build_report(
     counts, per_method = agg["counts"], agg["per_method"].to_pylist()
     manifest: dict[str, Any] = {}
     for name in (layout.MANIFEST, layout.RUN):
-        uri = layout.uri(output, name)
-        if storage.exists(uri, opts):
-            manifest = json.loads(storage.read_bytes(uri, opts))
+        state = layout.read_state(output, name, opts)
+        if state is not None:
+            manifest = state
             break
     config = manifest.get("config") or manifest.get("identity") or {}
 

@@ -191,7 +191,8 @@ def test_a_held_output_is_refused_in_one_line_and_an_abandoned_lease_is_taken_ov
     _lease(out, pid=2**22 + 17)  # its process is gone: a killed run (other hosts: test_lease_unit)
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert not (out / "_lnstd" / "lease.json").exists()  # released at the end
+    lease = json.loads((out / "_lnstd" / "lease.json").read_text())
+    assert lease["released"] and lease["generation"] == 1  # released at the end; the generation stays
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
