@@ -111,7 +111,8 @@ class ShardWorker:
         try:
             import ray
 
-            self.node_id = ray.get_runtime_context().get_node_id()
+            # never start or join a cluster from here: outside an actor there is no node
+            self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         except Exception:  # not inside Ray (tests of the worker alone)
             self.node_id = ""
 

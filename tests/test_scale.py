@@ -130,7 +130,7 @@ def test_a_second_run_is_refused_before_listing_or_ray(tmp_path, monkeypatch, no
                                *model_flags(ckpt), "--methods", "gae", "--no-progress")  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "is being written by another run" in err, err
     assert time.time() - t0 < 30
-    assert sorted(p.name for p in (tmp_path / "out" / "_lnstd").iterdir()) == ["lease.json"]
+    assert sorted(p.name for p in (tmp_path / "out" / "_lnstd").iterdir()) == ["lease.json", "lease.lock"]
 
 
 # --- nothing in the temp folder; the output's own leftovers are cleaned ------------------------------
