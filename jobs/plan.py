@@ -72,7 +72,10 @@ class PlanDiff:
                 else f"{self.added} added (not in this run's plan: rerun with --refresh-input to add them)"
             )
         if self.removed:
-            parts.append(f"{self.removed} removed (their rows become errors: missing at run time)")
+            parts.append(
+                f"{self.removed} removed (those in committed shards keep their rows; the others get an "
+                "error row: missing at run time)"
+            )
         return "the input changed since the plan was made: " + ", ".join(parts)
 
 

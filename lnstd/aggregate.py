@@ -20,7 +20,7 @@ from . import storage
 from .errors import OutputError
 from .metrics.registry import column_metrics, higher_is_better
 
-__all__ = ["aggregate", "format_table", "heatmap_dataset"]
+__all__ = ["aggregate", "format_table", "heatmap_dataset", "plural"]
 
 STATS = ("count", "mean", "stddev", "min", "approximate_median", "max")
 
@@ -74,8 +74,9 @@ def _stats(table: pa.Table, keys: list[str]) -> pa.Table:
     return pa.concat_tables(parts).sort_by([(k, "ascending") for k in [*keys, "metric"]])
 
 
-def aggregate(output: str, opts: storage.StorageOptions | None = None) -> dict[str, Any]:
-    """Summarise a run's output and write ``_aggregate/`` next to it (CSV tables + counts.json).
+def aggregate(output: str, opts: storage.StorageOptions | None = None, write: bool = True) -> dict[str, Any]:
+    """Summarise a run's output and write ``_aggregate/`` next to it (CSV tables + counts.json);
+    ``write=False`` only reads (the report of a read-only output).
 
     Returns a dict with ``counts`` (dict), ``per_method`` and ``per_class`` (Arrow tables).
     """
@@ -109,6 +110,8 @@ def aggregate(output: str, opts: storage.StorageOptions | None = None) -> dict[s
     class_col = "label" if table["label"].null_count < table.num_rows else "target"
     by_class = table.append_column("class", pc.cast(table[class_col], pa.int64()))
     per_class = _stats(by_class.filter(pc.is_valid(by_class["class"])), ["method", "class"])
+    if not write:
+        return {"counts": counts, "per_method": per_method, "per_class": per_class}
     # CSV, not Parquet: the output's only *.parquet files are the heatmap rows (see lnstd.output).
     for name, t in (("summary", per_method), ("per_class", per_class)):
         buf = io.BytesIO()
@@ -120,13 +123,21 @@ def aggregate(output: str, opts: storage.StorageOptions | None = None) -> dict[s
     return {"counts": counts, "per_method": per_method, "per_class": per_class}
 
 
+def plural(n: int, word: str) -> str:
+    """``1 shard``, ``2 shards``, ``0 errors``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def format_table(per_method: pa.Table) -> str:
-    """The per-method summary as a fixed-width text table."""
-    head = f"{'method':10s} {'metric':14s} {'count':>7s} {'mean':>10s} {'std':>10s} {'median':>10s}"
+    """The per-method summary as a fixed-width text table (columns as wide as their longest value)."""
+    rows = per_method.to_pylist()
+    wm = max([len("method"), *(len(r["method"]) for r in rows)])
+    wk = max([len("metric"), *(len(r["metric"]) for r in rows)])
+    head = f"{'method':{wm}s} {'metric':{wk}s} {'count':>7s} {'mean':>10s} {'std':>10s} {'median':>10s}"
     lines = [head, "-" * len(head)]
-    for r in per_method.to_pylist():
+    for r in rows:
         lines.append(
-            f"{r['method']:10s} {r['metric']:14s} {r['count']:7.0f} {r['mean']:10.4f} "
+            f"{r['method']:{wm}s} {r['metric']:{wk}s} {r['count']:7.0f} {r['mean']:10.4f} "
             f"{(r['std'] or 0):10.4f} {r['median']:10.4f}"
         )
     return "\n".join(lines)

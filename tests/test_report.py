@@ -105,7 +105,7 @@ def test_report_tables_are_the_means_of_the_rows(run_output, tmp_path):
         assert float(mean) == pytest.approx(np.mean(values), rel=1e-6)
         row = next(s for s in summary if s["method"] == method and s["metric"] == metric)
         assert row["mean"] == pytest.approx(np.mean(values), rel=1e-6) and row["count"] == len(values)
-    assert "30 images (29 ok, 1 errors)" in agg.stdout
+    assert "30 images (29 ok, 1 error), 90 rows, 1 shard, 3 methods: attention, gae, lnstd" in agg.stdout
     assert re.search(r"error images</td><td[^>]*>1<", page)
     assert "not an image (unrecognised format)" in page
 
