@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from .browser import visit
 from .jobhelpers import ROOT, cli_in_process, good_image, model_flags, read_rows, run_cli, tiny_checkpoint
 
 CLEAN_ENV = {"RAY_ADDRESS": None}
@@ -75,6 +76,10 @@ def test_demo_output_is_a_dataset_readers_can_point_at(tmp_path):
     assert r.returncode == 0, r.stderr
     page = (out / "_report.html").read_text()
     assert "source unreadable" not in page and page.count("<img class='g'") == 12 * (1 + len(methods))
+    # in a browser at 1280 px: no sideways overflow, no random-weights banner, the agreement matrix
+    seen = visit(out / "_report.html", tmp_path / "demo.png", width=1280)
+    assert seen.scroll_width <= seen.viewport_width == 1280 and seen.banner is None
+    assert seen.agreement_cells == len(methods) ** 2 and seen.console_errors == []
 
 
 # --- fail early, in one line ------------------------------------------------------------------------
