@@ -58,12 +58,26 @@ class _Clock:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def charge(self, method: str | None) -> None:
-        """Charge the time since the last mark to ``method`` (None: the shared pass)."""
+    def charge(self, method: str | Sequence[str] | None) -> None:
+        """Charge the time since the last mark to ``method`` (several: in equal parts; None: the
+        shared pass)."""
         now = self._now()
-        if method is not None:
-            self.own[method] = self.own.get(method, 0.0) + (now - self.mark) * 1000
+        names = [method] if isinstance(method, str) else list(method or [])
+        for name in names:
+            self.own[name] = self.own.get(name, 0.0) + (now - self.mark) * 1000 / len(names)
         self.mark = now
+
+    def timed(self, fn: Callable[..., Any], methods: Sequence[str]) -> Callable[..., Any]:
+        """``fn``, its time charged to ``methods``."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.charge(None)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.charge(methods)
+
+        return call
 
     def split(self, methods: Sequence[str], sharers: Sequence[str]) -> dict[str, float]:
         """Every method's own time plus an equal share of the rest among ``sharers``."""
@@ -197,6 +211,9 @@ class Explainer:
         if self._shared:
             with Session(self.model, self.adapter, self._needs, self.capture) as session:
                 session.batch = images.shape[0]
+                if session.walk is not None:  # the LRP relevance walk serves only the methods that need it
+                    users = [n for n, m in self._shared.items() if m.needs().relevance]
+                    session.walk.step = clock.timed(session.walk.step, users)  # type: ignore[method-assign]
                 with torch.set_grad_enabled(self._needs.grad_from is not None), autocast():
                     logits = self.model(images)
                 logits = logits.float()

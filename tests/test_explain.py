@@ -261,9 +261,9 @@ def test_explainer_times_each_method_on_its_own(vit_token, monkeypatch):
     blocks = []
     real_block, real_compute = LNStd.block_matrix, GradCAM.compute
     monkeypatch.setattr(
-        LNStd, "block_matrix", lambda self, view: blocks.append(time.sleep(0.05)) or real_block(self, view)
+        LNStd, "block_matrix", lambda self, view: blocks.append(time.sleep(0.1)) or real_block(self, view)
     )
-    monkeypatch.setattr(GradCAM, "compute", lambda self, ctx: time.sleep(0.2) or real_compute(self, ctx))
+    monkeypatch.setattr(GradCAM, "compute", lambda self, ctx: time.sleep(0.4) or real_compute(self, ctx))
     x = images_for(vit_token)
     explainer = lnstd.Explainer(vit_token, ["gae", "lnstd", "gradcam"])
     t0 = time.perf_counter()
@@ -272,5 +272,21 @@ def test_explainer_times_each_method_on_its_own(vit_token, monkeypatch):
     ms = out.elapsed_ms
     assert list(ms) == ["gae", "lnstd", "gradcam"] and blocks
     # gae gets the same share of the shared pass as the others: the differences are the delays
-    assert ms["lnstd"] - ms["gae"] >= 0.9 * 50 * len(blocks) and ms["gradcam"] - ms["gae"] >= 0.9 * 200
+    # (the margin: a busy machine may pause the process while it does gae's own small share)
+    assert ms["lnstd"] - ms["gae"] >= 0.8 * 100 * len(blocks) and ms["gradcam"] - ms["gae"] >= 0.8 * 400
     assert wall * 0.9 <= sum(ms.values()) <= wall
+
+
+def test_explainer_charges_the_relevance_walk_to_the_methods_that_need_it(vit_token, monkeypatch):
+    import time
+
+    from lnstd.lrp import AttentionRelevance
+
+    steps = []
+    real = AttentionRelevance.step
+    monkeypatch.setattr(
+        AttentionRelevance, "step", lambda self, *a: steps.append(time.sleep(0.1)) or real(self, *a)
+    )
+    explainer = lnstd.Explainer(vit_token, ["gae", "transformer_attribution"])
+    ms = explainer(images_for(vit_token)).elapsed_ms
+    assert steps and ms["transformer_attribution"] - ms["gae"] >= 0.8 * 100 * len(steps)
