@@ -4,7 +4,7 @@ set -euo pipefail
 out=$(mktemp -d)
 .venv/bin/lnstd run --output "$out/run" --no-progress
 .venv/bin/lnstd explain "$out/run/_demo-input/images/0003.png" --checkpoint lnstd/checkpoints/toy_vit.safetensors \
-  --methods attention,gae,gradcam,lnstd,rollout --out "$out/png"
+  --methods all --out "$out/png"
 .venv/bin/python - "$out/png/toy_vit/0003_strip.png" <<'PY'
 import sys
 
