@@ -66,7 +66,7 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px soli
 th{background:#f4f4f4}td.k,th.k{text-align:left}.muted{color:#777}.err{color:#b00}
 .banner{background:#fef3c7;border:1px solid #d97706;color:#78350f;padding:10px 14px;font-weight:600;margin:12px 0}
 .plots{display:flex;flex-wrap:wrap;gap:12px}.plot{border:1px solid #eee;padding:4px}
-table.agreement td{width:64px;text-align:center}
+table.agreement td{width:64px;text-align:center}table.failures th{text-align:left}
 table.gallery{table-layout:fixed;width:100%}.gallery td,.gallery th{text-align:center;vertical-align:top;font-size:12px}
 .gallery th.label,.gallery td.label{width:110px}.gallery img{display:block;margin:auto;width:100%;max-width:160px;height:auto}
 """
@@ -160,8 +160,10 @@ def _load_thumb(source: str, opts: storage.StorageOptions) -> Image.Image | None
 
 
 def random_weights(config: dict[str, Any]) -> bool:
-    """True when a run's configuration loaded no weights: neither a checkpoint nor pretrained ones."""
-    return "pretrained" in config and not config.get("pretrained") and not config.get("checkpoint")
+    """True when a run's configuration (``_manifest.json``'s ``config``, or ``run.json``'s identity,
+    which holds the checkpoint's digest) loaded no weights: neither a checkpoint nor pretrained ones."""
+    known = "pretrained" in config and ("checkpoint" in config or "checkpoint_sha256" in config)
+    return known and not any(config.get(k) for k in ("pretrained", "checkpoint", "checkpoint_sha256"))
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
