@@ -55,7 +55,10 @@ SHARD_TRIES = 3  # attempts per shard: actor losses and shard-level faults toget
 
 
 def _log(msg: str) -> None:
-    print(f"lnstd: {msg}", file=sys.stderr, flush=True)
+    from tqdm import tqdm
+
+    tqdm.write(f"lnstd: {msg}", file=sys.stderr)  # on a line of its own, never the progress bar's
+    sys.stderr.flush()
 
 
 def _last_line(exc: BaseException) -> str:

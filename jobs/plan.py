@@ -88,8 +88,8 @@ class PlanDiff:
             )
         if self.removed:
             parts.append(
-                f"{self.removed} removed (rows already committed stay; the others become error rows: "
-                "missing at run time)"
+                f"{self.removed} removed (those in committed shards keep their rows; the others get an "
+                "error row: missing at run time)"
             )
         return "the input changed since the plan was made: " + ", ".join(parts)
 
