@@ -54,9 +54,20 @@ def test_native_diagnostics_go_to_a_log_and_the_user_sees_lnstds_lines():
     os.remove(fail)
     # native code ended the process: its last line, in one line, with where the rest is
     assert lines[5:6] == ["lnstd: plan: 2 inputs"] and len(lines) == 7
-    prefix = "lnstd: error: the run was ended by native code: [E rpc_client.h:204] Failed to connect to GCS"
+    prefix = "lnstd: error: the run ended abruptly; native code's last words: [E rpc_client.h:204] Failed to"
     assert lines[6].startswith(prefix)
-    log = lines[6].split("(its output: ")[1].rstrip(")")
+    log = lines[6].split("(all: ")[1].rstrip(")")
     with open(log) as f:
         assert "The program will terminate." in f.read()
     os.remove(log)
+
+
+def test_a_killed_run_with_nothing_native_to_say_leaves_no_log_and_no_line():
+    script = (
+        "import os, signal\nfrom lnstd.cli import native_output_to_log\n"
+        "with native_output_to_log(verbose=False) as log:\n"
+        "    print(log, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == -9 and r.stderr == ""
+    assert "lnstd-native-" in r.stdout and not os.path.exists(r.stdout.strip())
