@@ -3,9 +3,10 @@
 Usage: ``python _native_log.py LOG OUTPUT_FD LIFELINE_FD``. It copies what arrives on OUTPUT_FD
 (the driver's file descriptor 2: Ray's and Arrow's native diagnostics) into LOG. The driver writes
 a word on LIFELINE_FD when it finishes by itself, then closes it. When the lifeline ends without
-that word, native code ended the driver (Ray's core worker exits when the GCS is gone): the last
-native line is then the only explanation there is, so it is shown on this process's stderr (the
-user's) in one line, with the log's path. Standard library only, so it starts in milliseconds.
+that word, the driver ended abruptly (Ray's core worker exits when the GCS is gone; or a signal):
+the last native line, if any, is then the only explanation there is, so it is shown on this
+process's stderr (the user's) in one line, with the log's path; an empty log is removed.
+Standard library only, so it starts in milliseconds.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ def main(log_path: str, out_fd: int, life_fd: int) -> None:
     if status:
         return  # the driver finished by itself and reports for itself
     lines = [" ".join(line.split()) for line in tail.decode("utf-8", "replace").splitlines()]
-    last = next((line for line in reversed(lines) if line), "no message")
-    msg = f"lnstd: error: the run was ended by native code: {last[:300]} (its output: {log_path})\n"
+    last = next((line for line in reversed(lines) if line), None)
+    if last is None:  # killed from outside (a signal), with nothing native to show
+        os.remove(log_path)
+        return
+    msg = f"lnstd: error: the run ended abruptly; native code's last words: {last[:300]} (all: {log_path})\n"
     os.write(2, msg.encode())
 
 

@@ -261,8 +261,8 @@ def native_output_to_log(verbose: bool) -> Iterator[str | None]:
     when the body raises and removed otherwise; Python's ``sys.stderr`` (our one-line messages, the
     progress bar, ``--traceback``) still reaches the user. With ``verbose`` nothing is redirected.
 
-    A small keeper process (:mod:`lnstd._native_log`) writes the log; if native code ends this
-    process (so no Python runs to say why), the keeper shows its last line in one line. Ray is shut
+    A small keeper process (:mod:`lnstd._native_log`) writes the log; if this process ends abruptly
+    (native code exits it, so no Python runs to say why), the keeper shows the last native line. Ray is shut
     down inside, so its teardown is logged too. Yields the log's path (None when verbose).
     """
     import subprocess

@@ -1,6 +1,7 @@
 """Noise: what native code (Ray's core, Arrow, the AWS SDK) writes to file descriptor 2 goes to a
-log file, and the user sees lnstd's own lines; ``-v`` shows everything. (The end-to-end check, a
-real run whose Ray logger writes natively, is in test_names.py.)"""
+log file, and the user sees lnstd's own lines; ``-v`` shows everything; when native code ends the
+run, its last line is shown in one line. (The end-to-end check, a real run whose Ray logger writes
+natively, is in test_names.py.)"""
 
 from __future__ import annotations
 
@@ -19,56 +20,54 @@ import ctypes, os, sys
 from lnstd.cli import native_output_to_log
 libc = ctypes.CDLL(None)
 dump = b"[raylet] state dump line 1\n[raylet] state dump line 2\n"
-if sys.argv[1] == "fatal":  # Ray's core worker when the GCS is gone: a message, then exit(1)
-    with native_output_to_log(verbose=False):
-        print("lnstd: plan: 2 inputs", file=sys.stderr)
-        gone = b"[E rpc_client.h:204] Failed to connect to GCS within 60 s. The program will terminate.\n"
-        libc.write(2, gone, len(gone))
-        libc._exit(1)
-for outcome in ("ok", "fail"):
+for mode in ("ok", "fail", "verbose"):
     log = None
     try:
-        with native_output_to_log(verbose=sys.argv[1] == "v") as log:
+        with native_output_to_log(verbose=mode == "verbose") as log:
             libc.write(2, dump, len(dump))  # C code's write(2, ...), as Ray's and Arrow's loggers do
-            print(f"lnstd: {outcome}", file=sys.stderr)
-            if outcome == "fail":
+            print(f"lnstd: {mode}", file=sys.stderr)
+            if mode == "fail":
                 raise RuntimeError
     except RuntimeError:
         pass
-    print(log)
-print("lnstd: after", file=sys.stderr)
+    print(log, flush=True)
+# Ray's core worker when the GCS is gone: a message, then exit(1), with no Python to say why
+with native_output_to_log(verbose=False):
+    print("lnstd: plan: 2 inputs", file=sys.stderr)
+    gone = b"[E rpc_client.h:204] Failed to connect to GCS within 60 s. The program will terminate.\n"
+    libc.write(2, gone, len(gone))
+    libc._exit(1)
 """
 
 
-def _script(mode: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)  # fmt: skip
-
-
-def test_native_diagnostics_go_to_the_log_and_the_user_sees_one_line():
-    r = _script("quiet")
-    assert r.returncode == 0, r.stderr
-    assert r.stderr == "lnstd: ok\nlnstd: fail\nlnstd: after\n"
-    ok, fail = r.stdout.split()
+def test_native_diagnostics_go_to_a_log_and_the_user_sees_lnstds_lines():
+    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1
+    ok, fail, verbose = r.stdout.split()
+    lines = r.stderr.splitlines()
+    assert lines[:2] == ["lnstd: ok", "lnstd: fail"]  # quiet: the native lines went to the log
+    assert lines[2:5] == ["[raylet] state dump line 1", "[raylet] state dump line 2", "lnstd: verbose"]
+    assert verbose == "None"
     assert "lnstd-native-" in ok and not os.path.exists(ok)  # removed after a body that went well
     with open(fail) as f:  # kept after one that failed, for whoever looks into it
         assert f.read() == "[raylet] state dump line 1\n[raylet] state dump line 2\n"
     os.remove(fail)
-
-
-def test_verbose_shows_the_native_diagnostics():
-    r = _script("v")
-    assert r.returncode == 0 and r.stdout.split() == ["None", "None"]
-    assert r.stderr.count("[raylet] state dump line 1\n") == 2 and "lnstd: fail\n" in r.stderr
-
-
-def test_when_native_code_ends_the_run_its_last_line_is_shown_in_one_line():
-    r = _script("fatal")
-    assert r.returncode == 1
-    first, second = r.stderr.splitlines()  # our own line, and the keeper's one line
-    assert first == "lnstd: plan: 2 inputs"
-    assert second.startswith("lnstd: error: the run was ended by native code: [E rpc_client.h:204] Failed to")
-    log = second.split("(its output: ")[1].rstrip(")")
+    # native code ended the process: its last line, in one line, with where the rest is
+    assert lines[5:6] == ["lnstd: plan: 2 inputs"] and len(lines) == 7
+    prefix = "lnstd: error: the run ended abruptly; native code's last words: [E rpc_client.h:204] Failed to"
+    assert lines[6].startswith(prefix)
+    log = lines[6].split("(all: ")[1].rstrip(")")
     with open(log) as f:
-        assert "Failed to connect to GCS" in f.read()
+        assert "The program will terminate." in f.read()
     os.remove(log)
+
+
+def test_a_killed_run_with_nothing_native_to_say_leaves_no_log_and_no_line():
+    script = (
+        "import os, signal\nfrom lnstd.cli import native_output_to_log\n"
+        "with native_output_to_log(verbose=False) as log:\n"
+        "    print(log, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == -9 and r.stderr == ""
+    assert "lnstd-native-" in r.stdout and not os.path.exists(r.stdout.strip())

@@ -96,7 +96,7 @@ class FolderSource(Source):
         n = len(self.unreadable)
         return (
             f"{n} subfolder{'s' if n > 1 else ''} could not be read, their images are not in the plan "
-            f"(first: {storage.local_uri(first)!r}; fix the permissions and rerun with --overwrite)"
+            f"(first: {storage.local_uri(first)!r}; once readable, a rerun with --refresh-input adds them)"
         )
 
 
