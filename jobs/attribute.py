@@ -42,7 +42,13 @@ from typing import Any
 from lnstd import output as layout
 from lnstd import storage
 from lnstd.data import Source, open_source
-from lnstd.errors import ConfigMismatchError, ModelError, OutputError, ResourceError, UsageError
+from lnstd.errors import (
+    ConfigMismatchError,
+    ModelError,
+    OutputError,
+    ResourceError,
+    UsageError,
+)
 from lnstd.sysinfo import peak_rss_mb
 
 from .config import RunConfig
