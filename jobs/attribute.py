@@ -44,6 +44,7 @@ from lnstd import storage
 from lnstd.data import Source, open_source
 from lnstd.errors import (
     ConfigMismatchError,
+    LeaseLostError,
     ModelError,
     OutputError,
     ResourceError,
@@ -429,7 +430,7 @@ class Scheduler:
         idle_since: float | None = None
         while True:
             if self.lease.lost.is_set():
-                raise OutputError(
+                raise LeaseLostError(
                     f"{self.cfg.output}: this run lost the output's lease to another run; stopped"
                 )
             while (shard := self.source.take()) is not None:
