@@ -411,8 +411,7 @@ class ShardWorker:
         with self.lease.fenced() if self.lease else contextlib.nullcontext():
             # Under the fence: no takeover can interleave (local), or the lease was verified just
             # before (S3); a part that another attempt committed meanwhile is kept, not replaced.
-            if not storage.exists(uri, self.opts):
-                storage.write_bytes(uri, buf.getvalue(), self.opts)
+            storage.write_new(uri, buf.getvalue(), self.opts)
         return {
             "shard": shard,
             "skipped": False,

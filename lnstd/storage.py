@@ -41,6 +41,7 @@ __all__ = [
     "s3_client",
     "walk_local",
     "write_bytes",
+    "write_new",
 ]
 
 T = TypeVar("T")
@@ -194,6 +195,42 @@ def read_bytes(uri: str, opts: StorageOptions | None = None) -> bytes:
             return f.read()
 
     return retry(read, f"reading {uri}")
+
+
+def write_new(uri: str, data: bytes, opts: StorageOptions | None = None) -> bool:
+    """Create ``uri`` with ``data``, complete or not at all, only if nothing is there yet; False if
+    something is (it is left as it is). Local: a temporary, then a hard link to the name (which
+    fails if the name exists). S3: ``PutObject`` with ``If-None-Match: *`` (a conditional create)."""
+    fs, path = resolve(uri, opts)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    client = s3_client(opts)
+    bucket, _, key = uri[len("s3://") :].partition("/")
+
+    def put() -> bool:
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except client.exceptions.ClientError as exc:
+            code = (getattr(exc, "response", {}) or {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise OSError(f"{code}: {exc}") from exc
+
+    return retry(put, f"writing {uri}")
 
 
 def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> None:
