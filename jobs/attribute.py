@@ -82,11 +82,13 @@ def validate(cfg: RunConfig, opts: storage.StorageOptions) -> Source:
         ModelError, UsageError, InputError, OutputError, StorageError: in one line, naming the flag.
     """
     from lnstd import Explainer
-    from lnstd.models import check_model
+    from lnstd.models import check_model, check_pretrained
 
     if cfg.checkpoint_sha256 is None and cfg.checkpoint:
         raise ModelError(f"checkpoint not found: {cfg.checkpoint}")
-    _, model = check_model(cfg.model, cfg.checkpoint, **cfg.model_args)
+    name, model = check_model(cfg.model, cfg.checkpoint, **cfg.model_args)
+    if cfg.pretrained and not cfg.checkpoint:
+        check_pretrained(name)  # cached or reachable, in seconds (the hub client retries a minute)
     if not cfg.methods:  # the default: every method that applies to this model
         from lnstd.arch import get_adapter
         from lnstd.methods import applicable_methods
