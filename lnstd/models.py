@@ -94,6 +94,8 @@ def load_model(
     import timm
 
     name, timm_kwargs, side = _resolve(name, checkpoint, timm_kwargs)
+    if pretrained and checkpoint is None:
+        check_pretrained(name)
     model = _create(timm, name, pretrained and checkpoint is None, timm_kwargs)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
