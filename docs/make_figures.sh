@@ -4,7 +4,7 @@ set -euo pipefail
 out=$(mktemp -d)
 .venv/bin/lnstd run --output "$out/run" --no-progress
 .venv/bin/lnstd explain "$out/run/_demo-input/images/0003.png" --checkpoint lnstd/checkpoints/toy_vit.safetensors \
-  --out "$out/png"
+  --methods all --out "$out/png"
 .venv/bin/python - "$out/png/toy_vit/0003_strip.png" <<'PY'
 import sys
 
@@ -13,7 +13,24 @@ from PIL import Image
 img = Image.open(sys.argv[1])  # the 64 px toy image: show it larger
 img.resize((img.width * 2, img.height * 2), Image.NEAREST).save("docs/img/strip.png", optimize=True)
 PY
-.venv/bin/python - "$out/run/_report.html" <<'PY'
+# A user's own photos: 40 unlabelled photo-like JPEGs and 3 broken files, a ViT-S with random weights.
+.venv/bin/python - "$out/photos" <<'PY'
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "benchmarks")
+from photos import write_photos
+
+folder = Path(sys.argv[1])
+folder.mkdir()
+payloads = write_photos(folder, 40)
+(folder / "truncated.jpg").write_bytes(payloads[0][: len(payloads[0]) // 3])
+(folder / "notes.jpg").write_bytes(b"not a picture\n")
+(folder / "empty.png").write_bytes(b"")
+PY
+.venv/bin/lnstd run --input "$out/photos" --output "$out/photos-run" --model vit_small_patch16_224 --no-progress
+.venv/bin/python - "$out/run/_report.html" docs/img/report.png "$out/photos-run/_report.html" \
+  docs/img/report_photos.png <<'PY'
 import sys
 from pathlib import Path
 
@@ -22,11 +39,13 @@ from PIL import Image
 sys.path.insert(0, ".")
 from tests.browser import visit  # the same headless Chromium visit the report test makes
 
-shot = Path(sys.argv[1]).with_suffix(".png")
-visit(Path(sys.argv[1]), shot)
-img = Image.open(shot)
-img = img.resize((900, round(img.height * 900 / img.width)), Image.LANCZOS)
-img.crop((0, 0, 900, min(img.height, 1500))).save("docs/img/report.png", optimize=True)
+for page, dest in zip(sys.argv[1::2], sys.argv[2::2]):
+    shot = Path(page).with_suffix(".png")
+    seen = visit(Path(page), shot, width=1280)  # the whole page, 1280 px wide
+    assert seen.scroll_width <= 1280, f"{page} overflows: {seen.scroll_width} px"
+    img = Image.open(shot).convert("RGB")
+    img.quantize(256, method=Image.Quantize.MEDIANCUT).save(dest, optimize=True)
+    print(dest, img.size)
 PY
-echo "docs/img/strip.png docs/img/report.png written"
+echo "docs/img/strip.png docs/img/report.png docs/img/report_photos.png written"
 .venv/bin/python docs/toy_figures.py

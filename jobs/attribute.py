@@ -42,7 +42,14 @@ from typing import Any
 from lnstd import output as layout
 from lnstd import storage
 from lnstd.data import Source, open_source
-from lnstd.errors import ConfigMismatchError, ModelError, OutputError, ResourceError, UsageError
+from lnstd.errors import (
+    ConfigMismatchError,
+    LeaseLostError,
+    ModelError,
+    OutputError,
+    ResourceError,
+    UsageError,
+)
 from lnstd.sysinfo import peak_rss_mb
 
 from .config import RunConfig
@@ -55,7 +62,10 @@ SHARD_TRIES = 3  # attempts per shard: actor losses and shard-level faults toget
 
 
 def _log(msg: str) -> None:
-    print(f"lnstd: {msg}", file=sys.stderr, flush=True)
+    from tqdm import tqdm
+
+    tqdm.write(f"lnstd: {msg}", file=sys.stderr)  # on a line of its own, never the progress bar's
+    sys.stderr.flush()
 
 
 def _last_line(exc: BaseException) -> str:
@@ -72,11 +82,13 @@ def validate(cfg: RunConfig, opts: storage.StorageOptions) -> Source:
         ModelError, UsageError, InputError, OutputError, StorageError: in one line, naming the flag.
     """
     from lnstd import Explainer
-    from lnstd.models import check_model
+    from lnstd.models import check_model, check_pretrained
 
     if cfg.checkpoint_sha256 is None and cfg.checkpoint:
         raise ModelError(f"checkpoint not found: {cfg.checkpoint}")
-    _, model = check_model(cfg.model, cfg.checkpoint, **cfg.model_args)
+    name, model = check_model(cfg.model, cfg.checkpoint, **cfg.model_args)
+    if cfg.pretrained and not cfg.checkpoint:
+        check_pretrained(name)  # cached or reachable, in seconds (the hub client retries a minute)
     if not cfg.methods:  # the default: every method that applies to this model
         from lnstd.arch import get_adapter
         from lnstd.methods import applicable_methods
@@ -124,9 +136,13 @@ def check_output(output: str, opts: storage.StorageOptions) -> None:
 
 def _previous(cfg: RunConfig, opts: storage.StorageOptions) -> dict[str, Any] | None:
     """The run recorded in the output (None: a fresh output). Raises on a different configuration."""
-    run_uri = layout.uri(cfg.output, layout.RUN)
-    if storage.exists(run_uri, opts):
-        previous = json.loads(storage.read_bytes(run_uri, opts))
+    try:
+        previous = layout.read_state(cfg.output, layout.RUN, opts, {"run_id": str, "identity": dict})
+    except OutputError:
+        if not cfg.overwrite:
+            raise
+        previous = None  # --overwrite replaces a damaged record
+    if previous is not None:
         ident = cfg.identity()
         if previous["identity"] != ident and not cfg.overwrite:
             diff = sorted(k for k in ident if previous["identity"].get(k) != ident[k])
@@ -213,12 +229,14 @@ class ActorPool:
     still starting) and passes what is ready to :meth:`admit` or :meth:`finished`.
     """
 
-    def __init__(self, cfg: RunConfig, run_id: str, probe: str, external: bool) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_id: str, probe: str, fence: tuple[str, int], external: bool
+    ) -> None:
         import ray
 
         from .worker import ShardWorker
 
-        self.cfg, self.run_id, self.probe = cfg, run_id, probe
+        self.cfg, self.run_id, self.probe, self.fence = cfg, run_id, probe, fence
         self.remote = ray.remote(ShardWorker).options(
             num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=0, max_task_retries=0
         )
@@ -246,7 +264,7 @@ class ActorPool:
         return [*self.calls, *self.starting]
 
     def spawn(self) -> None:
-        actor = self.remote.remote(self.cfg.to_dict(), self.run_id)
+        actor = self.remote.remote(self.cfg.to_dict(), self.run_id, self.fence)
         self.starting[actor.info.remote(self.probe)] = actor
 
     def wait_first(self, timeout: float) -> None:
@@ -414,7 +432,7 @@ class Scheduler:
         idle_since: float | None = None
         while True:
             if self.lease.lost.is_set():
-                raise OutputError(
+                raise LeaseLostError(
                     f"{self.cfg.output}: this run lost the output's lease to another run; stopped"
                 )
             while (shard := self.source.take()) is not None:
@@ -504,9 +522,9 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         previous = _previous(cfg, opts)
         run_id = previous["run_id"] if previous and not cfg.overwrite else uuid.uuid4().hex[:12]
         lease.me.run_id = run_id
-        plan, resumed = _prepare(cfg, opts, run_id, source)
+        plan, resumed = _prepare(cfg, opts, run_id, source, lease)
         committed = _committed(cfg, opts)
-        prior = _verify_parts(cfg, opts, plan, committed, run_id, heal=True)
+        prior = _verify_parts(cfg, opts, plan, committed, run_id, heal=lease)
         if not cfg.refresh_input and committed >= set(range(plan.shards)):
             done = _finished_before(cfg, opts, plan, committed, t_start)
             if done is not None:
@@ -522,13 +540,14 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             keep = not fresh or bool(_committed(cfg, opts))
         if not keep:
+            lease.release()
             with contextlib.suppress(Exception):
                 storage.delete_tree(layout.uri(cfg.output, "_lnstd"), opts)
+            _remove_if_empty(cfg.output, opts)
         raise
     finally:
-        lease.release()
-        if not keep:
-            _remove_if_empty(cfg.output, opts)
+        if keep:
+            lease.release()
 
 
 def _has_anything(output: str, opts: storage.StorageOptions) -> bool:
@@ -547,14 +566,17 @@ def _remove_if_empty(output: str, opts: storage.StorageOptions) -> None:
             os.rmdir(folder)
 
 
-def _prepare(cfg: RunConfig, opts: storage.StorageOptions, run_id: str, source: Source) -> tuple[Plan, bool]:
+def _prepare(
+    cfg: RunConfig, opts: storage.StorageOptions, run_id: str, source: Source, lease: Lease
+) -> tuple[Plan, bool]:
     """Under the lease: clear an overwritten output, commit the plan (listing the input once) or
     read the committed one, record the run. Returns (plan, whether it was committed before)."""
     if cfg.overwrite:
-        for sub in (layout.HEATMAPS, layout.AGGREGATE, layout.PLAN):
-            storage.delete_tree(layout.uri(cfg.output, sub), opts)
-        for name in (layout.MANIFEST, layout.SUCCESS, layout.REPORT, layout.RUN):
-            storage.delete_file(layout.uri(cfg.output, name), opts)
+        with lease.fenced():  # only the holder of the output deletes what is in it
+            for sub in (layout.HEATMAPS, layout.AGGREGATE, layout.PLAN):
+                storage.delete_tree(layout.uri(cfg.output, sub), opts)
+            for name in (layout.MANIFEST, layout.SUCCESS, layout.REPORT, layout.RUN):
+                storage.delete_file(layout.uri(cfg.output, name), opts)
     plan = Plan.load(cfg.output, opts)
     if plan is not None and (plan.meta["input"] != cfg.input or plan.meta["shard_size"] != cfg.shard_size):
         if storage.exists(layout.uri(cfg.output, layout.RUN), opts):
@@ -565,7 +587,9 @@ def _prepare(cfg: RunConfig, opts: storage.StorageOptions, run_id: str, source: 
         plan.clean()
     else:  # list once, into the output (ids checked here), before any actor waits for work
         plan = Plan.create(cfg.output, source, cfg.shard_size, opts, dedupe=cfg.dedupe)
-        _log(f"plan: {plan.inputs} inputs in {plan.shards} shards of up to {cfg.shard_size}")
+        skipped = source.notice()
+        _log(f"plan: {plan.inputs} inputs in {plan.shards} shards of up to {cfg.shard_size}"
+             + (f"; {skipped}" if skipped else ""))  # fmt: skip
     storage.write_bytes(
         layout.uri(cfg.output, layout.RUN),
         json.dumps({"run_id": run_id, "identity": cfg.identity()}, indent=1).encode(),
@@ -587,12 +611,13 @@ def _verify_parts(
     plan: Plan,
     committed: set[int],
     run_id: str,
-    heal: bool,
+    heal: Lease | None,
 ) -> dict[str, int]:
     """Check every committed part this run relies on against the plan: its footer is readable,
     it was written by this run, and it holds its shard's inputs and the rows they make. With
-    ``heal``, parts that fail are removed (their shards run again) and dropped from ``committed``;
-    without, they are only dropped. Returns the totals of the good parts (from their footers)."""
+    ``heal`` (the run's lease), parts that fail are removed under it (their shards run again) and
+    dropped from ``committed``; without, they are only dropped. Returns the totals of the good
+    parts (from their footers)."""
     methods = len(cfg.methods)
     totals = {"images": 0, "ok": 0, "errors": 0}
     bad = []
@@ -612,10 +637,11 @@ def _verify_parts(
             totals[k] += int(f.counts.get(k, 0))
     for s in bad:
         committed.discard(s)
-        if heal:
-            storage.delete_file(layout.part_uri(cfg.output, s), opts)
-    if bad and heal:  # the output is not complete any more
-        storage.delete_file(layout.uri(cfg.output, layout.SUCCESS), opts)
+    if bad and heal is not None:
+        with heal.fenced():
+            storage.delete_file(layout.uri(cfg.output, layout.SUCCESS), opts)  # not complete any more
+            for s in bad:
+                storage.delete_file(layout.part_uri(cfg.output, s), opts)
     if bad and heal:
         shown = ", ".join(str(s) for s in bad[:5]) + (" ..." if len(bad) > 5 else "")
         _log(f"{len(bad)} committed part(s) unreadable, short or of another run: rewriting shard(s) {shown}")
@@ -642,7 +668,12 @@ def _finished_before(
     uri = layout.uri(cfg.output, layout.MANIFEST)
     if not (storage.exists(layout.uri(cfg.output, layout.SUCCESS), opts) and storage.exists(uri, opts)):
         return None
-    manifest = json.loads(storage.read_bytes(uri, opts))
+    try:
+        manifest = layout.read_state(cfg.output, layout.MANIFEST, opts, {"counts": dict})
+    except OutputError:
+        return None  # a damaged record: this run writes it again
+    if manifest is None:
+        return None
     c = manifest["counts"]
     _log(
         f"done already: {c['images']} images ({c['ok']} ok, {c['errors']} errors) in "
@@ -666,7 +697,7 @@ def _attribute(
 ) -> dict[str, Any]:
     """Start Ray and the actors, run the uncommitted shards, write the manifest."""
     refresh: queue.Queue[int] | None = queue.Queue() if resumed else None
-    check = _InputCheck(plan, source, cfg.refresh_input, refresh) if refresh is not None else None
+    check = _InputCheck(plan, source, cfg.refresh_input, refresh, lease) if refresh is not None else None
     shards = ShardSource(plan.shards, committed, refresh)
     pool: ActorPool | None = None
     sched: Scheduler | None = None
@@ -675,7 +706,7 @@ def _attribute(
     try:
         if not shards.exhausted or check is not None:
             external = _ray_init(cfg)
-            pool = ActorPool(cfg, run_id, probe, external)
+            pool = ActorPool(cfg, run_id, probe, (lease.token, lease.generation), external)
             pool.wait_first(cfg.startup_timeout)
         if check is not None:
             check.start()
@@ -704,7 +735,7 @@ def _attribute(
     # What the output holds now, from the parts themselves (each checked against the plan and this
     # run): _SUCCESS only if every shard of the plan is there and good.
     present = _committed(cfg, opts)
-    final = _verify_parts(cfg, opts, plan, present, run_id, heal=False)
+    final = _verify_parts(cfg, opts, plan, present, run_id, heal=None)
     complete = not failed and present >= set(range(plan.shards)) and final["images"] == images
     ok, errors = final["ok"], final["errors"]
     elapsed = time.time() - t_start
@@ -736,11 +767,12 @@ def _attribute(
         "driver_peak_rss_mb": peak_rss_mb(),
         "actor_peak_rss_mb": sched.actor_rss if sched else 0.0,
     }
-    storage.write_bytes(
-        layout.uri(cfg.output, layout.MANIFEST), json.dumps(manifest, indent=1).encode(), opts
-    )
-    if complete:
-        storage.write_bytes(layout.uri(cfg.output, layout.SUCCESS), b"", opts)
+    with lease.fenced():  # the run's record, only while this run holds the output
+        storage.write_bytes(
+            layout.uri(cfg.output, layout.MANIFEST), json.dumps(manifest, indent=1).encode(), opts
+        )
+        if complete:
+            storage.write_bytes(layout.uri(cfg.output, layout.SUCCESS), b"", opts)
     _log(
         f"{'done' if not failed else 'FAILED'}: {images} images ({ok} ok, {errors} errors); this run wrote "
         f"{done['shards_done']} shards at {images_per_s:.1f} img/s, "
@@ -757,9 +789,11 @@ class _InputCheck(threading.Thread):
     queued). The queue is closed with a sentinel whatever happens, so the scheduler never waits for
     a check that is over, nor finishes before it is."""
 
-    def __init__(self, plan: Plan, source: Source, refresh: bool, out: queue.Queue[int]) -> None:
+    def __init__(
+        self, plan: Plan, source: Source, refresh: bool, out: queue.Queue[int], lease: Lease
+    ) -> None:
         super().__init__(name="lnstd-input-check", daemon=True)
-        self.plan, self.source, self.refresh, self.out = plan, source, refresh, out
+        self.plan, self.source, self.refresh, self.out, self.lease = plan, source, refresh, out, lease
         self.diff = None
         self.error: str | None = None
 
@@ -772,8 +806,9 @@ class _InputCheck(threading.Thread):
             if self.refresh and self.diff.added_items:
                 # The output stops being complete before the plan grows: a run killed from here on
                 # leaves no _SUCCESS (nor a manifest) that claims the old plan's totals.
-                for name in (layout.SUCCESS, layout.MANIFEST):
-                    storage.delete_file(layout.uri(self.plan.output, name), self.plan.opts)
+                with self.lease.fenced():
+                    for name in (layout.SUCCESS, layout.MANIFEST):
+                        storage.delete_file(layout.uri(self.plan.output, name), self.plan.opts)
                 new = self.plan.extend(self.diff.added_items)
                 self.diff.added_items = []
                 for shard in new:

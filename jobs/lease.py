@@ -1,32 +1,56 @@
-"""The output lease: one run at a time writes an output.
+"""The output lease: one run at a time writes an output, and its commits can prove it.
 
 A run claims ``_lnstd/lease.json`` before it writes anything else and renews its heartbeat while it
-works. Local folders: the file is created with ``O_CREAT | O_EXCL`` (exactly one creator wins); S3: a
-conditional create, ``PutObject`` with ``If-None-Match: *``, and renewals with ``If-Match`` on the
-lease's ETag, so a run that lost its lease finds out at its next renewal and stops. A lease whose
-heartbeat is older than its time-to-live (a crashed or killed run; on the same host also one whose
-process is gone) may be taken over, atomically (local: rename of the stale file, one winner;
-S3: ``If-Match`` on the stale ETag). ``--overwrite`` never breaks a live lease.
+works. The lease carries the holder's random token and a **generation** (a fencing token): 1 for the
+first lease of an output, one more at every claim after it. The lease object is never deleted: a
+release leaves a tombstone (``released``) that keeps the generation, so generations only grow.
+A lease whose heartbeat is older than its time-to-live (a crashed or killed run; on the same host
+also one whose process is gone), or a tombstone, may be claimed by the next run.
+``--overwrite`` never breaks a live lease.
+
+What each store guarantees:
+
+- **Local folder.** Every change of the lease (claim, takeover, renewal, release) and every check
+  (:meth:`Lease.verify`, :meth:`Lease.fenced`) happens under an exclusive ``flock`` of
+  ``_lnstd/lease.lock`` (a file that is never deleted, so every process locks the same inode): read,
+  decide, write atomically (temporary file, then rename), unlock. So claims are serialised and
+  exactly one of any number of racers wins; a renewal cannot overwrite a lease another run has taken;
+  and a commit made inside :meth:`Lease.fenced` cannot interleave with a takeover: it happens entirely
+  before it (the taker then owns what was committed) or not at all (the committer finds the lease
+  gone and raises :class:`LeaseLostError`). This holds on one host, and on a network file system
+  only where ``flock`` is coherent across clients (NFSv4 with lock support; not every FUSE mount).
+- **S3.** A claim is a conditional write: ``If-None-Match: *`` to create the lease, ``If-Match`` on the
+  ETag that was read to take over an abandoned one; a renewal is ``If-Match`` on this run's last
+  ETag. S3 applies a conditional write atomically, so one racer wins. A reply that is lost after S3
+  committed the write (a dropped connection, a 500/503, then a retry that meets 412) is told apart
+  from a stranger's write by reading the lease back: the body carries this run's token and
+  generation. S3 has no condition that spans two objects, so :meth:`Lease.fenced` verifies the
+  lease (a ``HEAD`` with ``If-Match`` on this run's ETag, and a heartbeat younger than the
+  time-to-live) just before the commit; a commit can still land after a takeover that happens in
+  the moment between that check and the write. The time-to-live bounds that window: a run that
+  cannot renew stops committing before its lease can be declared abandoned.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from lnstd import output as layout
 from lnstd import storage
-from lnstd.errors import OutputLockedError
+from lnstd.errors import LeaseLostError, OutputLockedError
 
-__all__ = ["Holder", "Lease"]
+__all__ = ["Holder", "Lease", "LeaseLostError"]
 
 
 @dataclass
@@ -40,11 +64,13 @@ class Holder:
     heartbeat: float
     ttl: float
     run_id: str = ""
+    generation: int = 0
+    released: bool = False
 
     def alive(self, now: float | None = None) -> bool:
-        """Heartbeat within its time-to-live, and (on this host) the process still exists."""
+        """Not released, heartbeat within its time-to-live, and (on this host) the process exists."""
         now = time.time() if now is None else now
-        if now - self.heartbeat > self.ttl:
+        if self.released or now - self.heartbeat > self.ttl:
             return False
         if self.host == socket.gethostname():
             try:
@@ -62,7 +88,7 @@ class Holder:
 
 
 class Lease:
-    """Claim, renew and release the lease of one output.
+    """Claim, renew, verify and release the lease of one output.
 
     Args:
         output: the run's output (local folder or s3:// prefix).
@@ -81,9 +107,32 @@ class Lease:
         self.me = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), 0.0, 0.0, ttl, run_id)
         self.lost = threading.Event()
         self._etag: str | None = None
+        self._written = 0.0  # when our last write of the lease was acknowledged (S3)
+        self._mu = threading.Lock()  # one lease operation at a time in this process
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._s3 = storage.is_s3(output)
+        self._s3_client: Any = None
+
+    @classmethod
+    def follow(
+        cls, output: str, opts: storage.StorageOptions, token: str, generation: int, ttl: float = 60.0
+    ) -> Lease:
+        """A view of a lease another process holds (e.g. an actor's view of its driver's lease):
+        it never claims or renews, it only :meth:`verify` s and :meth:`fenced` s commits."""
+        lease = cls(output, opts, ttl=ttl)
+        lease.me.token, lease.me.generation = token, generation
+        return lease
+
+    @property
+    def generation(self) -> int:
+        """This run's fencing token: larger than that of every earlier holder of the output."""
+        return self.me.generation
+
+    @property
+    def token(self) -> str:
+        """This run's random token (with :attr:`generation`, what :meth:`follow` needs)."""
+        return self.me.token
 
     # --- reading ---------------------------------------------------------------------------------
     def _read(self) -> tuple[Holder | None, str | None]:
@@ -95,14 +144,14 @@ class Lease:
             except client.exceptions.NoSuchKey:
                 return None, None
             return _parse(r["Body"].read()), r["ETag"]
-        path = storage.resolve(self.uri, self.opts)[1]
+        path = self._path()
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             return None, None
         holder = _parse(data)
-        if holder is None:  # being written this instant, or torn: judge it by its age
+        if holder is None:  # written by hand or by an old version, torn: judge it by its age
             age = time.time() - os.path.getmtime(path) if os.path.exists(path) else 0.0
             holder = Holder("?", "?", -1, time.time() - age, time.time() - age, self.ttl)
         return holder, None
@@ -118,67 +167,84 @@ class Lease:
         if h is not None and h.token != self.me.token:
             raise OutputLockedError(_held(self.output, h))
 
+    def _mine(self, h: Holder | None) -> bool:
+        """``h`` was written by this run (a released lease included)."""
+        return h is not None and h.token == self.me.token and h.generation == self.me.generation
+
+    def _holds(self, h: Holder | None) -> bool:
+        """``h`` says this run holds the lease."""
+        return self._mine(h) and h is not None and not h.released
+
     # --- claiming --------------------------------------------------------------------------------
     def acquire(self) -> None:
         """Claim the output or raise :class:`OutputLockedError` naming the holder."""
         now = time.time()
         self.me.since = self.me.heartbeat = now
-        for _ in range(5):
-            if self._create():
-                self._start()
-                return
-            h, etag = self._read()
-            if h is None:
-                continue  # released between our attempt and the read: try again
-            if h.alive():
-                raise OutputLockedError(_held(self.output, h))
-            if self._take_over(etag):
-                self._start()
-                return
+        self.me.released = False
+        with self._mu:
+            claimed = self._claim_local() if not self._s3 else self._claim_s3()
+        if claimed:
+            self._start()
+            return
         raise OutputLockedError(
             f"{self.output}: could not claim the output's lease (others keep claiming it)"
         )
+
+    def _claim_local(self) -> bool:
+        with self._locked():
+            h, _ = self._read()
+            if h is not None and h.alive() and h.token != self.me.token:
+                raise OutputLockedError(_held(self.output, h))
+            self.me.generation = (h.generation if h is not None else 0) + 1
+            self._write_local()
+        return True
+
+    def _claim_s3(self) -> bool:
+        for _ in range(5):
+            self.me.generation = 1
+            if self._put(IfNoneMatch="*"):
+                return True
+            h, etag = self._read()
+            if h is None:
+                continue  # removed between our attempt and the read: try again
+            if h.alive():
+                raise OutputLockedError(_held(self.output, h))
+            self.me.generation = h.generation + 1
+            if self._put(IfMatch=etag):  # exactly one of several racing runs succeeds
+                return True
+        return False
 
     def _body(self) -> bytes:
         return json.dumps(asdict(self.me)).encode()
 
     def _put(self, **condition: str | None) -> bool:
-        """Write our lease to S3 if ``condition`` (If-None-Match / If-Match) holds; False if not."""
+        """Write our lease to S3 if ``condition`` (If-None-Match / If-Match) holds; False if not.
+
+        When the answer is lost (a dropped connection, a 5xx, or a retry of a write S3 already
+        applied, which then fails its own condition), the lease is read back: if it carries our
+        token and generation, the write was ours.
+        """
+        import botocore.exceptions
+
         client, bucket, key = self._client()
         try:
-            self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._body(), **condition)["ETag"]
+            r = client.put_object(Bucket=bucket, Key=key, Body=self._body(), **condition)
+            self._etag, self._written = r["ETag"], time.time()
             return True
         except client.exceptions.ClientError as exc:
-            if _precondition(exc) or _missing(exc):
-                return False
-            raise
-
-    def _create(self) -> bool:
-        if self._s3:
-            return self._put(IfNoneMatch="*")
-        path = storage.resolve(self.uri, self.opts)[1]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+            refused = _precondition(exc) or _missing(exc)
+            if not refused and not _server_error(exc):
+                raise
+            error: Exception = exc
+        except botocore.exceptions.BotoCoreError as exc:  # connection dropped, timed out
+            refused, error = False, exc
+        h, etag = self._read()
+        if self._mine(h) and h is not None:  # ours: this write's or an earlier one whose reply was lost
+            self._etag, self._written = etag, h.heartbeat
+            return True
+        if refused:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._body())
-            f.flush()
-            os.fsync(f.fileno())
-        return True
-
-    def _take_over(self, etag: str | None) -> bool:
-        """Replace an abandoned lease; exactly one of several racing runs succeeds."""
-        if self._s3:
-            return self._put(IfMatch=etag)
-        path = storage.resolve(self.uri, self.opts)[1]
-        try:
-            os.rename(path, f"{path}.stale-{self.me.token}")  # one racer renames it, the others fail
-        except FileNotFoundError:
-            return False
-        os.remove(f"{path}.stale-{self.me.token}")
-        return self._create()
+        raise error
 
     # --- keeping it ------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -196,41 +262,109 @@ class Lease:
                 continue
 
     def renew(self) -> bool:
-        """Refresh the heartbeat; False if the lease is no longer ours."""
-        self.me.heartbeat = time.time()
-        if self._s3:
-            return self._put(IfMatch=self._etag)
-        h, _ = self._read()
-        if h is None or h.token != self.me.token:
+        """Refresh the heartbeat if the lease is still ours (a conditional write); False if not."""
+        with self._mu:
+            if self.me.released:
+                return False
+            self.me.heartbeat = time.time()
+            if self._s3:
+                return self._put(IfMatch=self._etag)
+            with self._locked():
+                if not self._holds(self._read()[0]):
+                    return False
+                self._write_local()
+                return True
+
+    def verify(self) -> bool:
+        """Whether this run holds the lease now (local: read under the lock; S3: a HEAD with
+        If-Match on our last ETag, read back when that ETag is unknown or has changed)."""
+        if not self._s3:
+            with self._locked():
+                return self._holds(self._read()[0])
+        with self._mu:
+            return self._verify_s3()
+
+    def _verify_s3(self) -> bool:
+        if self.me.released:
             return False
-        storage.write_bytes(self.uri, self._body(), self.opts)
+        if self._etag is not None and time.time() - self._written < self.ttl:
+            client, bucket, key = self._client()
+            try:
+                client.head_object(Bucket=bucket, Key=key, IfMatch=self._etag)
+                return True
+            except client.exceptions.ClientError as exc:
+                if not (_precondition(exc) or _missing(exc)):
+                    raise
+        h, etag = self._read()  # a follower, or our ETag changed: compare the body
+        if not self._holds(h) or h is None or time.time() - h.heartbeat > self.ttl:
+            return False
+        self._etag, self._written = etag, h.heartbeat
         return True
 
+    @contextlib.contextmanager
+    def fenced(self) -> Iterator[None]:
+        """Run the body (a commit) only while this run holds the lease, else raise
+        :class:`LeaseLostError`. Local: the lease's lock is held throughout, so no takeover can
+        interleave (keep the body short: the rename that publishes, not the work; and call no other
+        method of a lease of this output in it: they wait for the same lock). S3: verified just
+        before (see the module's notes for what that leaves open)."""
+        if not self._s3:
+            with self._locked():
+                if not self._holds(self._read()[0]):
+                    raise LeaseLostError(_lost(self.output))
+                yield
+            return
+        if not self.verify():
+            raise LeaseLostError(_lost(self.output))
+        yield
+
     def release(self) -> None:
-        """Stop renewing and remove the lease if it is still ours."""
+        """Stop renewing and mark the lease released if it is still ours (the generation stays)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        h, etag = self._read()
-        if h is None or h.token != self.me.token:
-            return
-        if self._s3:
-            client, bucket, key = self._client()
-            with contextlib.suppress(client.exceptions.ClientError):
-                client.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(storage.resolve(self.uri, self.opts)[1])
+        with self._mu:
+            self.me.released = True
+            if self._s3:
+                with contextlib.suppress(Exception):
+                    self._put(IfMatch=self._etag)
+                return
+            with self._locked():
+                if self._holds(self._read()[0]):
+                    self._write_local()
+
+    # --- the stores ------------------------------------------------------------------------------
+    def _path(self) -> str:
+        return storage.resolve(self.uri, self.opts)[1]
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The lease's exclusive lock (local outputs): ``flock`` on ``_lnstd/lease.lock``."""
+        path = storage.resolve(layout.uri(self.output, layout.LEASE_LOCK), self.opts)[1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the last descriptor of the open file releases the lock
+
+    def _write_local(self) -> None:
+        storage.write_bytes(self.uri, self._body(), self.opts)
 
     def _client(self) -> tuple[Any, str, str]:
         bucket, _, key = self.uri[len("s3://") :].partition("/")
-        return storage.s3_client(self.opts), bucket, key
+        if self._s3_client is None:
+            self._s3_client = storage.s3_client(self.opts)
+        return self._s3_client, bucket, key
 
 
 def _parse(data: bytes) -> Holder | None:
     try:
         d = json.loads(data)
-        return Holder(**{k: d[k] for k in Holder.__dataclass_fields__ if k in d})
+        h = Holder(**{k: d[k] for k in Holder.__dataclass_fields__ if k in d})
+        h.generation, h.released = int(h.generation), bool(h.released)
+        return h
     except (ValueError, TypeError, KeyError):
         return None
 
@@ -242,11 +376,23 @@ def _held(output: str, h: Holder) -> str:
     )
 
 
-def _precondition(exc: Exception) -> bool:
+def _lost(output: str) -> str:
+    return f"{output}: this run lost the output's lease to another run; stopped"
+
+
+def _code(exc: Exception) -> str:
     resp = getattr(exc, "response", {}) or {}
-    return resp.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict")
+    return str(resp.get("Error", {}).get("Code", ""))
+
+
+def _precondition(exc: Exception) -> bool:
+    return _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict")
 
 
 def _missing(exc: Exception) -> bool:
-    resp = getattr(exc, "response", {}) or {}
-    return resp.get("Error", {}).get("Code") in ("NoSuchKey", "404")
+    return _code(exc) in ("NoSuchKey", "404")
+
+
+def _server_error(exc: Exception) -> bool:
+    status = (getattr(exc, "response", {}) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return int(status or 0) >= 500 or _code(exc) in ("InternalError", "ServiceUnavailable", "SlowDown")

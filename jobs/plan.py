@@ -39,7 +39,7 @@ import pyarrow.ipc as ipc
 from lnstd import output as layout
 from lnstd import storage
 from lnstd.data import Item, Source
-from lnstd.errors import InputError
+from lnstd.errors import InputError, OutputError, one_line
 
 __all__ = ["Plan", "PlanDiff"]
 
@@ -88,8 +88,8 @@ class PlanDiff:
             )
         if self.removed:
             parts.append(
-                f"{self.removed} removed (rows already committed stay; the others become error rows: "
-                "missing at run time)"
+                f"{self.removed} removed (those in committed shards keep their rows; the others get an "
+                "error row: missing at run time)"
             )
         return "the input changed since the plan was made: " + ", ".join(parts)
 
@@ -124,13 +124,32 @@ class Plan:
     @classmethod
     def load(cls, output: str, opts: storage.StorageOptions) -> Plan | None:
         """The committed plan of ``output``, or None if there is none."""
-        uri = layout.uri(cls._dir(output), "plan.json")
-        if not storage.exists(uri, opts):
+        keys = {"version": int, "input": str, "shard_size": int, "inputs": int, "shards": int, "parts": list}
+        meta = layout.read_state(output, f"{layout.PLAN}/plan.json", opts, keys)
+        if meta is None:
             return None
-        meta = json.loads(storage.read_bytes(uri, opts))
-        if meta.get("version") not in (1, VERSION):
-            raise InputError(f"{output}: plan version {meta.get('version')} is not {VERSION}")
-        return cls(output, meta, opts)
+        if meta["version"] not in (1, VERSION):
+            raise InputError(f"{output}: plan version {meta['version']} is not {VERSION}")
+        plan = cls(output, meta, opts)
+        plan._check_parts()
+        return plan
+
+    def _check_parts(self) -> None:
+        """Every part the plan names is there and has its footer (a torn or lost part is the output's
+        damage, said in one line, not a failure later in some shard)."""
+        present = set(storage.list_names(self._dir(self.output), self.opts))
+        for part in self.meta["parts"]:
+            name = part.get("name") if isinstance(part, dict) else None
+            where = layout.uri(self._dir(self.output), str(name))
+            if not isinstance(name, str) or name not in present:
+                raise OutputError(layout.damaged(self.output, where, "missing"))
+            fs, path = storage.resolve(where, self.opts)
+            try:
+                with fs.open_input_file(path) as f:
+                    ipc.open_file(f).num_record_batches  # noqa: B018 (reads and checks the footer)
+            except (pa.ArrowInvalid, OSError) as exc:
+                why = f"damaged ({one_line(exc, 80)})"
+                raise OutputError(layout.damaged(self.output, where, why)) from None
 
     def clean(self) -> int:
         """Remove files of the plan's folder that the committed plan does not name (parts of a listing

@@ -29,6 +29,7 @@ from lnstd.rows import Loaded, RowBuilder
 from lnstd.sysinfo import peak_rss_mb
 
 from .config import RunConfig
+from .lease import Lease
 from .plan import Plan
 
 __all__ = ["ShardWorker"]
@@ -38,16 +39,24 @@ class ShardWorker(RowBuilder):
     """Attributes whole shards and commits each as one Parquet file (complete or absent); the model
     side (decode, explain, rows) is :class:`lnstd.rows.RowBuilder`'s."""
 
-    def __init__(self, cfg: dict[str, Any], run_id: str) -> None:
+    def __init__(self, cfg: dict[str, Any], run_id: str, fence: tuple[str, int] | None = None) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         super().__init__(RunConfig(**cfg), run_id)
+        # The driver's lease, seen from here: a commit happens only while the driver's run holds it
+        # (``fence``: its token and generation; None only for tests of the worker alone).
+        self.lease = (
+            Lease.follow(self.cfg.output, self.opts, fence[0], fence[1], ttl=self.cfg.lease_ttl)
+            if fence
+            else None
+        )
         self.plan: Plan | None = None  # read when the first shard comes (the driver commits it first)
         # Decoding threads sized to the actor's CPUs (PIL releases the GIL while it decodes/resizes).
         self.decoders = ThreadPoolExecutor(max(2, self.threads))
         try:
             import ray
 
-            self.node_id = ray.get_runtime_context().get_node_id()
+            # never start or join a cluster from here: outside an actor there is no node
+            self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         except Exception:  # not inside Ray (tests of the worker alone)
             self.node_id = ""
 
@@ -118,7 +127,10 @@ class ShardWorker(RowBuilder):
         }
         buf = io.BytesIO()
         pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd")
-        storage.write_bytes(uri, buf.getvalue(), self.opts)
+        with self.lease.fenced() if self.lease else contextlib.nullcontext():
+            # Under the fence: no takeover can interleave (local), or the lease was verified just
+            # before (S3); a part that another attempt committed meanwhile is kept, not replaced.
+            storage.write_new(uri, buf.getvalue(), self.opts)
         return {
             "shard": shard,
             "skipped": False,

@@ -33,7 +33,7 @@ from . import storage
 from .errors import OutputError
 from .metrics.registry import column_metrics, higher_is_better
 
-__all__ = ["aggregate", "format_table", "heatmap_dataset"]
+__all__ = ["aggregate", "format_table", "heatmap_dataset", "plural"]
 
 BATCH_ROWS = 1 << 17
 _BINS = 16384
@@ -163,7 +163,8 @@ class _Groups:
 
 
 def aggregate(output: str, opts: storage.StorageOptions | None = None, write: bool = True) -> dict[str, Any]:
-    """Summarise a run's output; with ``write``, into ``_aggregate/`` next to it (CSV + counts.json).
+    """Summarise a run's output and write ``_aggregate/`` next to it (CSV tables + counts.json);
+    ``write=False`` only reads (the report of a read-only output).
 
     Returns a dict with ``counts`` (dict), ``per_method`` and ``per_class`` (Arrow tables).
     """
@@ -255,6 +256,11 @@ def aggregate(output: str, opts: storage.StorageOptions | None = None, write: bo
     return {"counts": counts, "per_method": per_method, "per_class": per_class}
 
 
+def plural(n: int, word: str) -> str:
+    """``1 shard``, ``2 shards``, ``0 errors``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _codes(col: pa.Array, known: dict[str, int]) -> np.ndarray:
     """Small integer codes of a string column, ``known`` extended with new values."""
     for v in pc.unique(col).to_pylist():
@@ -307,12 +313,15 @@ def _table(
 
 
 def format_table(per_method: pa.Table) -> str:
-    """The per-method summary as a fixed-width text table."""
-    head = f"{'method':10s} {'metric':14s} {'count':>7s} {'mean':>10s} {'std':>10s} {'median':>10s}"
+    """The per-method summary as a fixed-width text table (columns as wide as their longest value)."""
+    rows = per_method.to_pylist()
+    wm = max([len("method"), *(len(r["method"]) for r in rows)])
+    wk = max([len("metric"), *(len(r["metric"]) for r in rows)])
+    head = f"{'method':{wm}s} {'metric':{wk}s} {'count':>7s} {'mean':>10s} {'std':>10s} {'median':>10s}"
     lines = [head, "-" * len(head)]
-    for r in per_method.to_pylist():
+    for r in rows:
         lines.append(
-            f"{r['method']:10s} {r['metric']:14s} {r['count']:7.0f} {r['mean']:10.4f} "
+            f"{r['method']:{wm}s} {r['metric']:{wk}s} {r['count']:7.0f} {r['mean']:10.4f} "
             f"{(r['std'] or 0):10.4f} {r['median']:10.4f}"
         )
     return "\n".join(lines)

@@ -9,11 +9,14 @@ that imports the job layer (:mod:`lnstd.jobs`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import sys
+import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,9 @@ from .errors import LnstdError, UsageError, one_line
 __all__ = ["build_parser", "main"]
 
 DEMO_IMAGES = 48
+# The paper's method and the cheapest gradient baseline: one forward + backward per image. `all`
+# adds attention, rollout, gradcam and the LRP methods (their own passes: about 5x the time).
+DEFAULT_METHODS = "lnstd,gae"
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -48,8 +54,36 @@ def _methods(text: str) -> list[str]:
     return names
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help that shows every flag's default (unless its text already says it, or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or default == []
+        ):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and self._get_help_string(action):
+            action = copy.copy(action)  # a flag without help text still shows its default
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the one-line ``lnstd: error:`` form and exit code 2 for wrong flags."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
@@ -75,8 +109,11 @@ def _add_model_flags(p: argparse.ArgumentParser, required: bool) -> None:
     )  # fmt: skip
 
 
-def _add_method_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", type=_methods, default=None, help="comma list or 'all' (default all)")
+def _add_method_flags(p: argparse.ArgumentParser, default: str = DEFAULT_METHODS) -> None:
+    p.add_argument(
+        "--methods", type=_methods, default=default,
+        help=f"comma list, or 'all' for every method that applies to the model (default: {default})",
+    )  # fmt: skip
     p.add_argument(
         "--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
         help="method option, e.g. blocks=2 (every method that has it) or lnstd.std=multiply "
@@ -129,7 +166,7 @@ def _add_run(sub: Any) -> None:
                    help="write _report.html at the end")  # fmt: skip
     p.add_argument(
         "--spec", metavar="FILE", help="YAML job spec of flags (jobs/specs/, or a shipped spec's name)"
-    )
+    )  # read by expand_specs before parsing; kept here for --help
     _common(p)
     p.set_defaults(func=_cmd_run)
 
@@ -153,6 +190,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .jobs.config import RunConfig
     from .models import checkpoint_config
 
+    if args.spec is not None:  # only an abbreviation (--spe X) gets past expand_specs
+        raise UsageError("--spec: spell the flag out (--spec NAME or --spec=NAME)")
     model, checkpoint, model_args = args.model, args.checkpoint, list(args.model_arg)
     if args.input is None and args.model is None and args.checkpoint is None:
         args.input, args.output, checkpoint, model_args = _demo(args)
@@ -194,20 +233,85 @@ def _cmd_run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         fail_on_errors=args.fail_on_errors,
     )
-    manifest = run(cfg, progress=args.progress)
-    if args.report:
-        from .report import write_report
-        from .storage import StorageOptions
+    from .report import RANDOM_WEIGHTS, random_weights
 
-        try:
-            uri = write_report(cfg.output, opts=StorageOptions.from_env(cfg.s3_endpoint))
-            print(f"lnstd: report -> {uri}", file=sys.stderr)
-        except Exception as exc:  # the heatmaps are written: a report failure must not hide that
-            print(f"lnstd: warning: no report ({type(exc).__name__}: {exc})", file=sys.stderr)
-            if args.traceback or args.verbose:
-                traceback.print_exc()
+    with native_output_to_log(args.verbose):
+        manifest = run(cfg, progress=args.progress)
+        if random_weights({"checkpoint": cfg.checkpoint, "pretrained": cfg.pretrained}):
+            print(f"lnstd: warning: {RANDOM_WEIGHTS}", file=sys.stderr)
+        if args.report and not manifest.get("noop"):  # a rerun with nothing to do keeps the report
+            from .report import write_report
+            from .storage import StorageOptions
+
+            try:
+                uri = write_report(cfg.output, opts=StorageOptions.from_env(cfg.s3_endpoint))
+                print(f"lnstd: report -> {uri}", file=sys.stderr)
+            except Exception as exc:  # the heatmaps are written: a report failure must not hide that
+                print(f"lnstd: warning: no report ({type(exc).__name__}: {one_line(exc)})", file=sys.stderr)
+                if args.traceback or args.verbose:
+                    traceback.print_exc()
     counts = manifest["counts"]
     return 1 if counts["shards_failed"] or (args.fail_on_errors and counts["errors"]) else 0
+
+
+@contextlib.contextmanager
+def native_output_to_log(verbose: bool) -> Iterator[str | None]:
+    """Send what native code writes to file descriptor 2 (Ray's core worker and raylet state dumps,
+    Arrow's and the AWS SDK's retry messages) to a log file, ``$TMPDIR/lnstd-native-*.log``, kept
+    when the body raises and removed otherwise; Python's ``sys.stderr`` (our one-line messages, the
+    progress bar, ``--traceback``) still reaches the user. With ``verbose`` nothing is redirected.
+
+    A small keeper process (:mod:`lnstd._native_log`) writes the log; if this process ends abruptly
+    (native code exits it, so no Python runs to say why), the keeper shows the last native line. Ray is shut
+    down inside, so its teardown is logged too. Yields the log's path (None when verbose).
+    """
+    import subprocess
+
+    if verbose:
+        yield None
+        return
+    try:
+        user_is_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a captured stream (tests): fd 2 is not the user
+        user_is_fd2 = False
+    sys.stderr.flush()
+    log_fd, path = tempfile.mkstemp(prefix="lnstd-native-", suffix=".log")
+    os.close(log_fd)
+    out_r, out_w = os.pipe()
+    life_r, life_w = os.pipe()  # not inheritable: only this process holds the write end
+    keeper = subprocess.Popen(
+        [sys.executable, "-I", "-S", os.path.join(os.path.dirname(__file__), "_native_log.py"),
+         path, str(out_r), str(life_r)],
+        pass_fds=(out_r, life_r), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(out_r)
+    os.close(life_r)
+    saved = os.dup(2)
+    before = sys.stderr
+    if user_is_fd2:  # the user's stderr through another descriptor (left open: handlers may hold it)
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
+    os.dup2(out_w, 2)
+    os.close(out_w)
+    failed = True
+    try:
+        yield path
+        failed = False
+    finally:
+        with contextlib.suppress(Exception):
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()
+        sys.stderr.flush()
+        os.write(life_w, b"done")  # we finish by ourselves: the keeper need not speak
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(life_w)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            keeper.wait(timeout=10)
+        if user_is_fd2:
+            sys.stderr.flush()
+            sys.stderr = before
+        if not failed or os.path.getsize(path) == 0:
+            os.remove(path)
 
 
 def _explainer(make: Any, *args: Any, **kwargs: Any) -> Any:
@@ -224,6 +328,34 @@ def _model_name(args: argparse.Namespace) -> str:
     if args.checkpoint:
         return Path(args.checkpoint).stem
     return str(args.model)
+
+
+def _output_stems(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(path, name relative to its argument) -> (path, distinct output stem), each file once.
+
+    A stem is the relative name without its extension; stems that two files share (``a/img.jpg``
+    and ``b/img.jpg``, or ``img.jpg`` and ``img.png``) become the path below the files' common
+    folder, then keep the extension (``img_jpg``), so no file's pictures overwrite another's.
+    """
+    seen: dict[str, str] = {}
+    for path, rel in files:
+        seen.setdefault(os.path.realpath(path), rel)
+    stems = {p: os.path.splitext(rel)[0] for p, rel in seen.items()}
+
+    def clashes() -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for p, stem in stems.items():
+            groups.setdefault(stem, []).append(p)
+        return {k: v for k, v in groups.items() if len(v) > 1}
+
+    for group in clashes().values():
+        root = os.path.commonpath([os.path.dirname(p) for p in group])
+        for p in group:
+            stems[p] = os.path.splitext(os.path.relpath(p, root))[0]
+    for group in clashes().values():
+        for p in group:
+            stems[p] += os.path.splitext(p)[1].replace(".", "_")
+    return [(p, stems[p]) for p in seen]
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -245,6 +377,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             files.append((arg, os.path.basename(arg)))
         else:
             raise UsageError(f"no such image or folder: {arg}")
+    files = _output_stems(files)
     torch.manual_seed(0)
     model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
     methods = args.methods or applicable_methods(get_adapter(model))
@@ -276,8 +409,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         out = explainer(
             torch.stack([prep.tensor(im, g) for im, g in zip(pictures, geoms, strict=True)]), target
         )
-        for i, (_, rel) in enumerate(chunk):
-            stem = os.path.join(out_dir, os.path.splitext(rel)[0])
+        for i, (_, name) in enumerate(chunk):
+            stem = os.path.join(out_dir, name)
             os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
             maps = {m: out.heatmaps[m][i] for m in methods}
             for m, heat in maps.items():
@@ -301,14 +434,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_toy(args: argparse.Namespace) -> int:
-    from .train import train_toy
+    from .train import check_destination, train_toy
 
-    for arch in args.arch.split(","):
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    check_destination(args.out, archs, args.force)  # before any training, not after the first model
+    for arch in archs:
         train_toy(
             arch, args.out, steps=args.steps, seed=args.seed, train_images=args.train_images,
             batch=args.batch, lr=args.lr, warmup=args.warmup, target_accuracy=args.target_accuracy,
             device=args.device, max_minutes=args.max_minutes, threads=args.threads,
-            log=lambda m: print(m, flush=True),
+            log=lambda m: print(m, flush=True), force=args.force,
         )  # fmt: skip
     return 0
 
@@ -371,17 +506,18 @@ def _eval_one(args: argparse.Namespace, checkpoint: str | None) -> None:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
-    from .aggregate import aggregate, format_table
+    from .aggregate import aggregate, format_table, plural
     from .storage import StorageOptions
 
     out = aggregate(args.output, StorageOptions.from_env(args.s3_endpoint))
     c = out["counts"]
     print(
-        f"{c['images']} images ({c['ok_images']} ok, {c['error_images']} errors), "
-        f"{c['rows']} rows, {c['shards']} shards, methods: {', '.join(c['methods'])}"
+        f"{plural(c['images'], 'image')} ({c['ok_images']} ok, {plural(c['error_images'], 'error')}), "
+        f"{plural(c['rows'], 'row')}, {plural(c['shards'], 'shard')}, "
+        f"{plural(len(c['methods']), 'method')}: {', '.join(c['methods'])}"
     )
     for e in c["errors"][:5]:
-        print(f"  error x{e['images']}: {e['error']}")
+        print(f"  {plural(e['images'], 'image')}: {e['error']}")
     print(format_table(out["per_method"]))
     return 0
 
@@ -447,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure explanation quality (segmentation, perturbation, sanity)")
     p.add_argument("--dataset", required=True, help="toy | imagenet-seg:PATH | folder:PATH")
     _add_model_flags(p, required=False)
-    _add_method_flags(p)
+    _add_method_flags(p, default="all")  # a benchmark compares every method
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--n", type=int, default=None, help="images to use (toy default 500)")
     p.add_argument("--ablation", action="store_true", help="also lnstd's std x normalize x blocks table")
@@ -463,7 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("train-toy", help="train the known-answer benchmark's small ViT / Swin (CPU)")
     p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
-    p.add_argument("--out", default="checkpoints")
+    p.add_argument(
+        "--out", default="toy-checkpoints",
+        help="folder for toy_<arch>.safetensors/.json (the committed models stay in lnstd/checkpoints)",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace models already in --out")
     p.add_argument("--steps", type=int, default=2000, help="length of the cosine schedule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-images", type=int, default=20_000, help="size of the generated training set")
@@ -524,17 +664,31 @@ def spec_to_argv(path: str) -> list[str]:
 
 
 def expand_specs(argv: list[str]) -> list[str]:
-    """Replace ``--spec FILE`` after ``run`` by the file's flags; flags given on the command line win
-    (they are placed after the spec's, and argparse keeps the last value)."""
-    if "--spec" not in argv:
+    """Replace ``--spec FILE`` (or ``--spec=FILE``) after ``run`` by the file's flags; flags given on
+    the command line win (they are placed after the spec's, and argparse keeps the last value)."""
+    i = next((k for k, a in enumerate(argv) if a == "--spec" or a.startswith("--spec=")), None)
+    if i is None:
         return argv
-    i = argv.index("--spec")
-    if i + 1 >= len(argv):
+    if argv[i] == "--spec":
+        if i + 1 >= len(argv):
+            raise UsageError("--spec needs a file")
+        name, rest = argv[i + 1], [*argv[:i], *argv[i + 2 :]]
+    else:
+        name, rest = argv[i].partition("=")[2], [*argv[:i], *argv[i + 1 :]]
+    if not name:
         raise UsageError("--spec needs a file")
-    spec = spec_to_argv(argv[i + 1])
-    rest = [*argv[:i], *argv[i + 2 :]]
+    spec = spec_to_argv(name)
     cmd = rest.index("run") + 1 if "run" in rest else 0
     return [*rest[:cmd], *spec, *rest[cmd:]]
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an interrupt left open: each ends its line, so the next message
+    starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -554,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lnstd: error: {one_line(exc, 10_000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("lnstd: interrupted (a rerun of the same command resumes)", file=sys.stderr)
         return 130
     except Exception as exc:

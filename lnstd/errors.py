@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigMismatchError",
     "InputError",
+    "LeaseLostError",
     "LnstdError",
     "ModelError",
     "OutputError",
@@ -37,6 +38,10 @@ class ConfigMismatchError(OutputError):
 
 class OutputLockedError(OutputError):
     """Another run holds the output's lease."""
+
+
+class LeaseLostError(OutputError):
+    """This run no longer holds the output's lease: another run took it over; stop committing."""
 
 
 class ModelError(LnstdError, ValueError):

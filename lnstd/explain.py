@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +32,9 @@ class Explanation:
         targets: (B,) class explained per image.
         predicted: (B,) argmax class.
         probabilities: (B,) softmax probability of the explained target.
+        elapsed_ms: method name -> milliseconds the batch cost that method: its own computation
+            plus an equal share of the forward/backward pass it shares with the other methods (so
+            the values add up to the whole call).
     """
 
     heatmaps: dict[str, torch.Tensor]
@@ -38,6 +42,48 @@ class Explanation:
     targets: torch.Tensor
     predicted: torch.Tensor
     probabilities: torch.Tensor
+    elapsed_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _Clock:
+    """Wall time per method, and the time no single method owns (the shared pass)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = device.type == "cuda"
+        self.own: dict[str, float] = {}
+        self.start = self.mark = self._now()
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def charge(self, method: str | Sequence[str] | None) -> None:
+        """Charge the time since the last mark to ``method`` (several: in equal parts; None: the
+        shared pass)."""
+        now = self._now()
+        names = [method] if isinstance(method, str) else list(method or [])
+        for name in names:
+            self.own[name] = self.own.get(name, 0.0) + (now - self.mark) * 1000 / len(names)
+        self.mark = now
+
+    def timed(self, fn: Callable[..., Any], methods: Sequence[str]) -> Callable[..., Any]:
+        """``fn``, its time charged to ``methods``."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.charge(None)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.charge(methods)
+
+        return call
+
+    def split(self, methods: Sequence[str], sharers: Sequence[str]) -> dict[str, float]:
+        """Every method's own time plus an equal share of the rest among ``sharers``."""
+        self.charge(None)
+        shared = (self.mark - self.start) * 1000 - sum(self.own.values())
+        return {m: self.own.get(m, 0.0) + (shared / len(sharers) if m in sharers else 0.0) for m in methods}
 
 
 def _targets(target: int | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
@@ -167,32 +213,67 @@ class Explainer:
             raise RuntimeError("gradient methods cannot run inside torch.inference_mode()")
         self.adapter.set_input_size(tuple(images.shape[-2:]))
         autocast = self._autocast(images.device)
+        clock = _Clock(images.device)
         heatmaps: dict[str, torch.Tensor] = {}
         if self._shared:
             with Session(self.model, self.adapter, self._needs, self.capture) as session:
                 session.batch = images.shape[0]
+                if session.walk is not None:  # the LRP relevance walk serves only the methods that need it
+                    users = [n for n, m in self._shared.items() if m.needs().relevance]
+                    session.walk.step = clock.timed(session.walk.step, users)  # type: ignore[method-assign]
                 with torch.set_grad_enabled(self._needs.grad_from is not None), autocast():
                     logits = self.model(images)
                 logits = logits.float()
                 targets = _targets(target, logits.detach())
-                runner = ChainRunner(self.adapter, self._chains)
+                # one runner per chain, so that each chain's per-block steps are timed as its own
+                runners = {n: ChainRunner(self.adapter, {n: m}) for n, m in self._chains.items()}
+
+                def feed(view: Any) -> None:
+                    # what the view computes once for several methods is the shared pass's time
+                    if view.index in self._needs.attention:
+                        view.attention  # noqa: B018 (computed and cached here)
+                    clock.charge(None)
+                    make_shared, current = view.shared, [None]
+
+                    def shared(key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+                        if key in view.cache:
+                            return view.cache[key]
+                        clock.charge(current[0])
+                        value = make_shared(key, make)
+                        clock.charge(None)
+                        return value
+
+                    view.shared = shared
+                    try:
+                        for name, runner in runners.items():
+                            current[0] = name
+                            runner.feed(view)
+                            clock.charge(name)
+                    finally:
+                        del view.shared  # no reference cycle: the block's matrices go with it
+
                 score = (
                     logits.gather(1, targets[:, None]).sum() if self._needs.grad_from is not None else None
                 )
                 with torch.no_grad():
-                    feature_grads = session.backward(score, runner.feed, targets)
+                    feature_grads = session.backward(score, feed, targets)
                     result = PassResult(self.adapter, images.shape[0], session.features, feature_grads)
+                    clock.charge(None)
                     for name, m in self._shared.items():
-                        heat = runner.heatmap(name) if name in self._chains else m.compute(result)
+                        heat = runners[name].heatmap(name) if name in runners else m.compute(result)
                         heatmaps[name] = heat.float()
+                        clock.charge(name)
         else:
             with restored(self.model, self.adapter, unfused=False), torch.no_grad(), autocast():
                 logits = self.model(images).float()
             targets = _targets(target, logits)
         for name, m in self.methods.items():
             if isinstance(m, PassMethod):
+                clock.charge(None)
                 heatmaps[name] = m.explain(images, targets, autocast).float()
+                clock.charge(name)
         heatmaps = {name: heatmaps[name] for name in self.methods}
+        elapsed = clock.split(list(self.methods), list(self._shared) or list(self.methods))
         logits = logits.detach()
         probs = logits.softmax(dim=1)
         return Explanation(
@@ -201,6 +282,7 @@ class Explainer:
             targets=targets,
             predicted=logits.argmax(dim=1),
             probabilities=probs.gather(1, targets[:, None]).squeeze(1),
+            elapsed_ms=elapsed,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from torch import nn
 
 from .errors import ModelError, one_line
 
-__all__ = ["check_model", "input_size", "load_checkpoint", "load_model", "transform_for"]
+__all__ = ["check_model", "check_pretrained", "input_size", "load_checkpoint", "load_model", "transform_for"]
 
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
@@ -98,6 +99,8 @@ def load_model(
 
         return load(str(name), checkpoint, device)
     name, timm_kwargs, side = _resolve(name, checkpoint, timm_kwargs)
+    if pretrained and checkpoint is None:
+        check_pretrained(name)
     model = _create(timm, name, pretrained and checkpoint is None, timm_kwargs)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
@@ -222,3 +225,59 @@ def transform_for(model: nn.Module, fit: str = "resize"):
     from .data.preprocess import Preprocess
 
     return Preprocess.for_model(model, fit)
+
+
+def check_pretrained(name: str) -> None:
+    """Make sure timm's pretrained weights for ``name`` can be had: in the local cache, or from a
+    host that answers (then they are downloaded into the cache now, once, before any replica asks).
+    Fails in seconds instead of after the hub client's minute of retries.
+
+    Raises:
+        ModelError: neither cached nor reachable, saying what to do (network, or ``--checkpoint``).
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise ModelError(f"--pretrained: timm has no pretrained weights for {name}")
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in files):
+            return
+        host, what = (
+            urlparse(constants.ENDPOINT).hostname or "huggingface.co",
+            f"{repo} on the Hugging Face hub",
+        )
+    else:
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))
+        if os.path.exists(cached):
+            return
+        host, what = urlparse(cfg.url).hostname or "", cfg.url
+    why = "HF_HUB_OFFLINE is set" if cfg.hf_hub_id and constants.HF_HUB_OFFLINE else ""
+    if not why:
+        try:
+            socket.setdefaulttimeout(5)
+            socket.getaddrinfo(host, 443)
+        except OSError as exc:
+            why = f"{host} cannot be reached ({exc.strerror or exc})"
+        finally:
+            socket.setdefaulttimeout(None)
+    if why:
+        raise ModelError(
+            f"--pretrained: the weights of {name} ({what}) are not in the local cache and {why}; "
+            "run once with network access to cache them, or pass --checkpoint FILE"
+        )
+    if cfg.hf_hub_id:  # reachable: fetch now, so that a failure is one line here, not in every actor
+        last: Exception | None = None
+        for f in files:
+            try:
+                hf_hub_download(repo, f, revision=revision or None)
+                return
+            except Exception as exc:  # this file is not there: the next one may be
+                last = exc
+        raise ModelError(f"--pretrained: could not download the weights of {name}: {one_line(last)}")

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from . import storage
+from .errors import OutputError, one_line
 from .metrics.registry import MASK_METRICS
 
 __all__ = [
     "AGGREGATE",
     "HEATMAPS",
     "LEASE",
+    "LEASE_LOCK",
     "MANIFEST",
     "PLAN",
     "REPORT",
@@ -30,6 +32,7 @@ __all__ = [
     "part_footer",
     "part_name",
     "part_uri",
+    "read_state",
     "row_fields",
     "shard_counts",
     "shard_of",
@@ -42,6 +45,7 @@ REPORT = "_report.html"  # the report page
 AGGREGATE = "_aggregate"  # summary.csv, per_class.csv, counts.json
 RUN = "_lnstd/run.json"  # the configuration that decides the results (what a resume must match)
 LEASE = "_lnstd/lease.json"  # who holds the output while a run is active
+LEASE_LOCK = "_lnstd/lease.lock"  # local outputs: flock'ed around every change and check of the lease
 PLAN = "_lnstd/plan"  # the shard plan: plan.json (commit point) and part-NNNNN.arrow
 SHARD_COUNTS = b"lnstd.shard_counts"  # Parquet footer key: {"images", "ok", "errors"} of the shard
 
@@ -125,3 +129,39 @@ def shard_of(name: str) -> int | None:
 def uri(output: str, *parts: str) -> str:
     """``output`` joined with layout names."""
     return storage.join(output, *parts)
+
+
+def read_state(
+    output: str, name: str, opts: storage.StorageOptions, keys: dict[str, type] | None = None
+) -> dict | None:
+    """The JSON state file ``name`` of ``output`` (None when absent).
+
+    Raises:
+        OutputError: the file is not JSON, not an object, or lacks one of ``keys`` or has it of
+            another type (a torn write, a hand edit): one line naming the file and what to do.
+    """
+    where = uri(output, name)
+    try:
+        data = storage.read_bytes(where, opts)
+    except FileNotFoundError:
+        return None
+    try:
+        state = json.loads(data)
+        if not isinstance(state, dict):
+            raise ValueError(f"a JSON {type(state).__name__}, not an object")
+        for key, kind in (keys or {}).items():
+            if not isinstance(state.get(key), kind):
+                raise ValueError(f"no valid {key!r}")
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise OutputError(damaged(output, where, f"damaged ({one_line(exc, 80)})")) from None
+    return state
+
+
+def damaged(output: str, where: str, what: str) -> str:
+    """The one line for a state file of ``output`` that is ``what`` (missing, damaged): which file,
+    and what to do."""
+    if where.startswith(uri(output, "_lnstd") + "/"):
+        todo = f"rerun with --overwrite to start the output afresh, or delete {uri(output, '_lnstd')}/"
+    else:
+        todo = "rerun the same lnstd run to rewrite it, or delete it"
+    return f"{where} is {what}; {todo}"

@@ -1,7 +1,14 @@
-"""One self-contained HTML page for a run: configuration, counts, metric tables, plots, gallery.
+"""One self-contained HTML page for a run: what a user can learn from any dataset, labelled or not.
 
-No network requests: styles are inline and every picture is a data: URI. The tables are
-``lnstd aggregate``'s figures (the page is built from the same function).
+Sections: a banner when the model had random weights; the configuration and counts; the first
+failures with their files; the per-image values (prediction, probability, correctness, time), once;
+per method, how concentrated its maps are, what it costs and, with masks, the mask metrics; how
+much the methods agree (a rank-correlation matrix); distributions; a gallery that fits the page.
+
+No network requests: styles are inline and every picture is a data: URI. The metric tables are
+``lnstd aggregate``'s figures (the page is built from the same function, which here only reads).
+The map statistics (concentration, agreement) come from a bounded sample of images
+(``MAP_SAMPLE``), so building the page does not grow with the dataset.
 """
 
 from __future__ import annotations
@@ -16,29 +23,52 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import torch
 from PIL import Image
 
 from . import output as layout
 from . import storage
 from .aggregate import aggregate, heatmap_dataset
-from .data import read_mat_sample
-from .data.decode import decode_image
+from .data import mat_ref, read_mat_sample
+from .data.decode import decode_image, decode_mask
 from .data.preprocess import Geometry
 from .errors import OutputError
+from .metrics.mask import MASK_METRICS as MASK_COLUMNS
 from .metrics.registry import METRICS, column_metrics, higher_is_better
-from .viz import overlay
+from .viz import colorize, contour, overlay
 
-__all__ = ["build_report", "write_report"]
+__all__ = [
+    "MAP_SAMPLE",
+    "RANDOM_WEIGHTS",
+    "agreement",
+    "build_report",
+    "concentration",
+    "random_weights",
+    "write_report",
+]
 
 THUMB = 160
+MAP_SAMPLE = 200  # images whose maps give the concentration and agreement figures
+FAILURES_SHOWN = 20
+TOP_SHARE = 0.1  # concentration: the share of a map's mass in its top 10% of tokens
+PER_IMAGE = ("probability", "correct")  # the model's values: the same under every method
+RANDOM_WEIGHTS = (
+    "random weights: the model had no --checkpoint and no --pretrained weights, so its predictions are "
+    "chance and the maps explain an untrained network"
+)
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;padding:0 16px;
+color:#222;max-width:1400px;overflow-wrap:anywhere}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h3{font-size:14px;margin:14px 0 4px}.box{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f4f4f4}td.k,th.k{text-align:left}.muted{color:#777}.err{color:#b00}
+.banner{background:#fef3c7;border:1px solid #d97706;color:#78350f;padding:10px 14px;font-weight:600;margin:12px 0}
 .plots{display:flex;flex-wrap:wrap;gap:12px}.plot{border:1px solid #eee;padding:4px}
-.gallery td{text-align:center;vertical-align:top;font-size:12px}.gallery img{display:block;margin:auto}
+table.agreement td{width:64px;text-align:center}table.failures th{text-align:left}
+table.gallery{table-layout:fixed;width:100%}.gallery td,.gallery th{text-align:center;vertical-align:top;font-size:12px}
+.gallery th.label,.gallery td.label{width:110px}.gallery img{display:block;margin:auto;width:100%;max-width:160px;height:auto}
 """
 
 
@@ -48,7 +78,7 @@ def _esc(x: Any) -> str:
 
 def _img_uri(img: Image.Image) -> str:
     buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=85)
+    img.convert("RGB").save(buf, format="JPEG", quality=85, subsampling=0)  # 4:4:4 keeps thin outlines
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -57,11 +87,13 @@ def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
         f"<th class='k'>{_esc(h)}</th>" if i == 0 else f"<th>{_esc(h)}</th>" for i, h in enumerate(header)
     )
     body = "".join("<tr>" + "".join(rows_i) + "</tr>" for rows_i in rows)
-    return f"<table class='{cls}'><tr>{head}</tr>{body}</table>"
+    head = f"<tr>{head}</tr>" if header else ""
+    return f"<div class='box'><table class='{cls}'>{head}{body}</table></div>"
 
 
 def _histogram_svg(values: dict[str, np.ndarray], title: str, bins: int = 20) -> str:
-    """Small-multiple histograms (one per method) on a shared x range, as inline SVG."""
+    """Small-multiple histograms (one per key, e.g. per method) on a shared x range, as inline SVG;
+    ``title`` is the quantity (the heading above them)."""
     allv = np.concatenate([v for v in values.values() if len(v)]) if values else np.array([])
     if not len(allv):
         return ""
@@ -81,12 +113,12 @@ def _histogram_svg(values: dict[str, np.ndarray], title: str, bins: int = 20) ->
         )
         parts.append(
             f"<div class='plot'><svg width='{w}' height='{h}' role='img' aria-label='{_esc(title)} {_esc(method)}'>"
-            f"<text x='{pad}' y='11' font-size='11'>{_esc(method)}: {_esc(title)} (n={len(v)})</text>{bars}"
+            f"<text x='{pad}' y='11' font-size='11'>{_esc(method)} (n={len(v)})</text>{bars}"
             f"<text x='{pad}' y='{h - 2}' font-size='9' fill='#777'>{lo:.3g}</text>"
             f"<text x='{w - pad}' y='{h - 2}' font-size='9' fill='#777' text-anchor='end'>{hi:.3g}</text>"
             "</svg></div>"
         )
-    return "<div class='plots'>" + "".join(parts) + "</div>"
+    return f"<h3>{_esc(title)}</h3><div class='plots'>" + "".join(parts) + "</div>"
 
 
 def _curve_svg(curves: dict[str, np.ndarray], title: str) -> str:
@@ -118,7 +150,7 @@ def _thumb_size(width: int, height: int) -> tuple[int, int]:
 def _load_thumb(source: str, opts: storage.StorageOptions) -> Image.Image | None:
     """The source image at thumbnail size (the same decoder as the job), or None if unreadable."""
     try:
-        if ".mat#" in source:
+        if mat_ref(source):
             img = Image.fromarray(read_mat_sample(source)[0], "RGB")
         else:
             img = decode_image(storage.read_bytes(source, opts), draft=lambda w, h: _thumb_size(w, h))[0]
@@ -127,18 +159,174 @@ def _load_thumb(source: str, opts: storage.StorageOptions) -> Image.Image | None
     return img.resize(_thumb_size(*img.size), Image.BILINEAR)
 
 
+def random_weights(config: dict[str, Any]) -> bool:
+    """True when a run's configuration (``_manifest.json``'s ``config``, or ``run.json``'s identity,
+    which holds the checkpoint's digest) loaded no weights: neither a checkpoint nor pretrained ones."""
+    known = "pretrained" in config and ("checkpoint" in config or "checkpoint_sha256" in config)
+    return known and not any(config.get(k) for k in ("pretrained", "checkpoint", "checkpoint_sha256"))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks (1-based) along the last axis of a 2-D array, ties sharing their average rank."""
+    out = np.empty(x.shape, np.float64)
+    for i, row in enumerate(x):
+        _, inverse, counts = np.unique(row, return_inverse=True, return_counts=True)
+        ends = np.cumsum(counts)
+        out[i] = (ends - (counts - 1) / 2.0)[inverse]
+    return out
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to [0, 1]; constant rows become NaN (they have no ranking and no shape)."""
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(hi > lo, (x - lo) / (hi - lo), np.nan)
+
+
+def concentration(maps: np.ndarray, top: float = TOP_SHARE) -> tuple[np.ndarray, np.ndarray]:
+    """How concentrated each map is, for (n, tokens) maps scaled to [0, 1] per map (as the mask
+    metrics scale them): the share of the mass in the top ``top`` fraction of tokens (``ceil(top *
+    tokens)``; a flat map gives about ``top``), and the entropy of the map as a distribution over
+    tokens divided by ``log(tokens)`` (1 for a flat map, 0 when one token holds everything).
+    Constant maps give NaN."""
+    p = _minmax(np.asarray(maps, np.float64))
+    n = p.shape[1]
+    k = max(1, int(np.ceil(top * n)))
+    total = p.sum(axis=1)
+    share = np.sort(p, axis=1)[:, ::-1][:, :k].sum(axis=1) / total
+    q = p / total[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        entropy = -np.where(q > 0, q * np.log(q), 0.0).sum(axis=1) / np.log(n)
+    return share, np.where(np.isnan(total), np.nan, entropy)
+
+
+def agreement(maps: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Method-by-method agreement: for maps {method: (n, tokens)} of the same n images on one grid,
+    the mean over images of the Spearman rank correlation of two methods' maps (average ranks for
+    ties), and the number of images where both maps vary (a constant map has no ranking)."""
+    names = list(maps)
+    ranks = {}
+    for m, x in maps.items():
+        x = np.asarray(x, np.float64)
+        r = _average_ranks(x)
+        r -= r.mean(axis=1, keepdims=True)
+        norm = np.sqrt((r * r).sum(axis=1, keepdims=True))
+        ranks[m] = np.where(norm > 0, r / np.where(norm > 0, norm, 1.0), np.nan)
+    k = len(names)
+    rho, count = np.full((k, k), np.nan), np.zeros((k, k), np.int64)
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            per_image = (ranks[a] * ranks[b]).sum(axis=1)
+            valid = ~np.isnan(per_image)
+            count[i, j] = int(valid.sum())
+            if count[i, j]:
+                rho[i, j] = float(per_image[valid].mean())
+    return rho, count
+
+
+def _sample_maps(ds: pads.Dataset, ids: list[str], methods: list[str]) -> dict[str, np.ndarray]:
+    """{method: (n, tokens)} maps of the images ``ids`` (in that order) on one common grid (the
+    finest among the methods, bilinear), one row per image (the explained prediction where an
+    image has several targets); images missing a method are left out for every method."""
+    import torch.nn.functional as F
+
+    rows = ds.to_table(
+        columns=["image_id", "method", "heatmap", "grid_h", "grid_w", "target", "predicted"],
+        filter=pc.field("image_id").isin(ids) & (pc.field("status") == "ok"),
+    ).to_pylist()
+    got: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        key = (r["image_id"], r["method"])
+        if key not in got or r["target"] == r["predicted"]:
+            got[key] = r
+    keep = [i for i in ids if all((i, m) in got for m in methods)]
+    if not keep:
+        return {}
+    gh = max(got[(keep[0], m)]["grid_h"] for m in methods)
+    gw = max(got[(keep[0], m)]["grid_w"] for m in methods)
+    out = {}
+    for m in methods:
+        grids = []
+        for i in keep:
+            r = got[(i, m)]
+            heat = torch.tensor(r["heatmap"], dtype=torch.float32).reshape(1, 1, r["grid_h"], r["grid_w"])
+            if heat.shape[-2:] != (gh, gw):
+                heat = F.interpolate(heat, size=(gh, gw), mode="bilinear", align_corners=False)
+            grids.append(heat.flatten().numpy())
+        out[m] = np.stack(grids)
+    return out
+
+
+def _own_grid_maps(ds: pads.Dataset, ids: list[str], method: str) -> np.ndarray:
+    """(n, tokens) maps of one method on its own grid (for concentration)."""
+    t = ds.to_table(
+        columns=["image_id", "heatmap", "target", "predicted"],
+        filter=pc.field("image_id").isin(ids) & (pc.field("status") == "ok") & (pc.field("method") == method),
+    ).to_pylist()
+    first: dict[str, list[float]] = {}
+    for r in t:
+        if r["image_id"] not in first or r["target"] == r["predicted"]:
+            first[r["image_id"]] = r["heatmap"]
+    sizes = {len(v) for v in first.values()}
+    if len(sizes) != 1:  # no rows, or grids that differ between images: leave it out
+        return np.zeros((0, 1))
+    return np.asarray(list(first.values()), np.float64)
+
+
+def _first_rows(t: pa.Table, method: str) -> pa.Table:
+    """One row per image of ``method`` (the first, i.e. the top target when there are several)."""
+    m = t.filter(pc.equal(t["method"], method))
+    _, first = np.unique(np.asarray(m["image_id"].to_pylist(), dtype=object), return_index=True)
+    return m.take(pa.array(np.sort(first)))
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _agreement_html(names: list[str], rho: np.ndarray, count: np.ndarray) -> str:
+    """The agreement matrix as a table whose cells are coloured by the correlation (-1 to 1)."""
+    head = "<tr><th class='k'></th>" + "".join(f"<th>{_esc(n)}</th>" for n in names) + "</tr>"
+    body = []
+    for i, a in enumerate(names):
+        cells = [f"<th class='k'>{_esc(a)}</th>"]
+        for j, b in enumerate(names):
+            v = rho[i, j]
+            if np.isnan(v):
+                cells.append(f"<td data-a='{_esc(a)}' data-b='{_esc(b)}' data-rho='nan'>-</td>")
+                continue
+            r, g, bl = (int(c) for c in colorize(np.array([(v + 1) / 2]))[0])
+            ink = "#fff" if (v + 1) / 2 < 0.55 else "#111"
+            cells.append(
+                f"<td data-a='{_esc(a)}' data-b='{_esc(b)}' data-rho='{float(v)!r}' data-n='{int(count[i, j])}' "
+                f"style='background:rgb({r},{g},{bl});color:{ink}'>{v:.2f}</td>"
+            )
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<div class='box'><table class='agreement' id='agreement'>{head}{''.join(body)}</table></div>"
+
+
+def _failures(ds: pads.Dataset, limit: int) -> list[dict[str, Any]]:
+    """The first ``limit`` images with an error row (one row each), read without a full scan."""
+    cols = ["image_id", "source", "error", "error_detail"]
+    rows = ds.head(limit * 16, columns=cols, filter=pc.field("status") == "error").to_pylist()
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        seen.setdefault(r["image_id"], r)
+    return list(seen.values())[:limit]
+
+
 def build_report(
     output: str, samples: int = 12, metric: str | None = None, opts: storage.StorageOptions | None = None
 ) -> str:
-    """The report page of a run's output, as an HTML string."""
+    """The report page of a run's output, as an HTML string (reads the output, writes nothing)."""
     opts = opts or storage.StorageOptions.from_env()
-    agg = aggregate(output, opts)
+    agg = aggregate(output, opts, write=False)
     counts, per_method = agg["counts"], agg["per_method"].to_pylist()
     manifest: dict[str, Any] = {}
     for name in (layout.MANIFEST, layout.RUN):
-        uri = layout.uri(output, name)
-        if storage.exists(uri, opts):
-            manifest = json.loads(storage.read_bytes(uri, opts))
+        state = layout.read_state(output, name, opts)
+        if state is not None:
+            manifest = state
             break
     config = manifest.get("config") or manifest.get("identity") or {}
 
@@ -149,6 +337,7 @@ def build_report(
     base_cols = ["image_id", "method", "status", "source", "target", "predicted"]
     t = ds.to_table(columns=base_cols + metric_cols + curve_cols, filter=pc.field("status") == "ok")
     methods = counts["methods"]
+    stat = {(r["method"], r["metric"]): r for r in per_method}
 
     out = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>lnstd report</title><style>{CSS}</style></head><body>"
@@ -158,12 +347,24 @@ def build_report(
         f"<p class='muted'>run {_esc(manifest.get('run_id', '?'))}, generated "
         f"{_esc(dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))}</p>"
     )
+    if random_weights(config):
+        out.append(f"<div class='banner' id='random-weights'>{_esc(RANDOM_WEIGHTS)}</div>")
 
-    out.append("<h2>Run configuration</h2>")
+    out.append("<h2>Run</h2>")
+    weights = (
+        f"checkpoint {config['checkpoint']}"
+        if config.get("checkpoint")
+        else ("timm's pretrained weights" if config.get("pretrained") else "random (none loaded)")
+    )
+    key = [("model", config.get("model", "?")), ("weights", weights),
+           ("methods", ", ".join(counts["methods"])), ("input", config.get("input", "?"))]  # fmt: skip
+    out.append(_table([], [[f"<td class='k'>{_esc(k)}</td>", f"<td class='k'>{_esc(v)}</td>"]
+                                 for k, v in key], "run"))  # fmt: skip
     rows = [
         [f"<td class='k'>{_esc(k)}</td>", f"<td class='k'>{_esc(json.dumps(v))}</td>"]
         for k, v in config.items()
     ]
+    out.append(f"<details><summary>every setting ({len(rows)})</summary>")
     out.append(_table(["setting", "value"], rows))
     if manifest.get("versions"):
         out.append(
@@ -171,6 +372,7 @@ def build_report(
             + _esc(", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
             + "</p>"
         )
+    out.append("</details>")
 
     out.append("<h2>Counts</h2>")
     c_rows = [
@@ -192,7 +394,7 @@ def build_report(
         )
     )
     if counts["errors"]:
-        out.append("<h3>Errors</h3>")
+        out.append("<h3>Errors by reason</h3>")
         out.append(
             _table(
                 ["reason", "images"],
@@ -202,29 +404,35 @@ def build_report(
                 ],
             )
         )
-
-    out.append(
-        "<h2>Metrics per method</h2><p class='muted'>mean ± std (n); ↑ higher is better, ↓ lower is better</p>"
-    )
-    present = [m for m in column_metrics() if any(r["metric"] == m for r in per_method)]
-    header = ["method"] + [f"{m} {'↑' if higher_is_better(m) else '↓'}" for m in present]
-    body = []
-    for method in methods:
-        cells = [f"<td class='k'>{_esc(method)}</td>"]
-        for m in present:
-            r = next((r for r in per_method if r["method"] == method and r["metric"] == m), None)
-            if r is None:
-                cells.append("<td>-</td>")
-                continue
-            cells.append(
-                f"<td data-method='{_esc(method)}' data-metric='{_esc(m)}' data-mean='{r['mean']!r}' "
-                f"data-count='{int(r['count'])}'>{r['mean']:.4f} ± {(r['std'] or 0):.4f} ({int(r['count'])})</td>"
+        failures = _failures(ds, FAILURES_SHOWN)
+        out.append(f"<h3>The first {len(failures)} failed images</h3>")
+        out.append(
+            _table(
+                ["image", "source", "reason", "detail"],
+                [
+                    [
+                        f"<td class='k'>{_esc(f['image_id'])}</td>",
+                        f"<td class='k'>{_esc(f['source'])}</td>",
+                        f"<td class='k err'>{_esc(f['error'])}</td>",
+                        f"<td class='k muted'>{_esc(f['error_detail'] or '')}</td>",
+                    ]
+                    for f in failures
+                ],
+                "failures",
             )
-        body.append(cells)
-    out.append(_table(header, body, "metrics"))
+        )
 
-    out.append("<h2>Distributions</h2>")
-    for m in metric_cols:
+    out.append(_per_image(t, methods, stat))
+    sample = _sample_ids(t, methods)
+    out.append(_per_method(ds, sample, methods, stat))
+    out.append(_agreement_section(ds, sample, methods))
+
+    method_metrics = [
+        m for m in metric_cols if m not in PER_IMAGE and m != "elapsed_ms" and t[m].null_count < t.num_rows
+    ]
+    if method_metrics:
+        out.append("<h2>Distributions per method</h2>")
+    for m in method_metrics:
         per = {}
         for method in methods:
             col = t.filter(pc.equal(t["method"], method))[m]
@@ -244,12 +452,171 @@ def build_report(
                 out.append(_curve_svg(means, c))
         out.append("</div>")
 
-    out.append(_gallery(ds, t, methods, samples, metric, opts))
+    out.append(_gallery(output, ds, t, methods, samples, metric, opts))
     out.append("</body></html>")
     return "\n".join(out)
 
 
-def _gallery(ds, t: pa.Table, methods: list[str], samples: int, metric: str | None, opts) -> str:
+def _sample_ids(t: pa.Table, methods: list[str]) -> list[str]:
+    """Up to ``MAP_SAMPLE`` explained images, chosen with a fixed seed (the same on every build)."""
+    if not methods or t.num_rows == 0:
+        return []
+    ids = sorted(set(t.filter(pc.equal(t["method"], methods[0]))["image_id"].to_pylist()))
+    if len(ids) <= MAP_SAMPLE:
+        return ids
+    pick = np.random.default_rng(0).choice(len(ids), size=MAP_SAMPLE, replace=False)
+    return [ids[i] for i in sorted(pick)]
+
+
+def _per_image(t: pa.Table, methods: list[str], stat: dict[tuple[str, str], dict]) -> str:
+    """The model's values, once: prediction, probability, correctness, time per image."""
+    out = ["<h2>Per image</h2>"]
+    if t.num_rows == 0 or not methods:
+        return out[0] + "<p class='muted'>no image was explained (every row is an error row)</p>"
+    first = _first_rows(t, methods[0])
+    rows = [["images explained", f"{first.num_rows}"]]
+    if "correct" in first.column_names and first["correct"].null_count < first.num_rows:
+        acc = pc.cast(first["correct"].drop_null(), pa.float64()).to_numpy()
+        rows.append(["accuracy (images with a label)", f"{acc.mean():.3f} (n={len(acc)})"])
+    else:
+        rows.append(["accuracy", "no labels"])
+    prob = pc.cast(first["probability"].drop_null(), pa.float64()).to_numpy()
+    if len(prob):
+        rows.append(["probability of the explained class: mean, median",
+                     f"{prob.mean():.4f}, {np.median(prob):.4f}"])  # fmt: skip
+    pred = first["predicted"].to_numpy()
+    classes, n = np.unique(pred, return_counts=True)
+    order = np.argsort(-n, kind="stable")[:5]
+    rows.append(["most predicted classes (images)",
+                 ", ".join(f"{int(classes[i])} ({int(n[i])})" for i in order)])  # fmt: skip
+    times = [stat[(m, "elapsed_ms")]["mean"] for m in methods if (m, "elapsed_ms") in stat]
+    if times:
+        rows.append(["time per image, all methods (ms)", f"{sum(times):.1f}"])
+    out.append(
+        "<div class='box'><table id='per-image'>"
+        + "".join(
+            f"<tr><td class='k'>{_esc(k)}</td><td data-key='{_esc(k.split()[0])}'>{_esc(v)}</td></tr>"
+            for k, v in rows
+        )
+        + "</table></div>"
+    )
+    if len(prob):
+        out.append(_histogram_svg({"all images": prob}, "probability of the explained class"))
+    return "".join(out)
+
+
+def _per_method(
+    ds: pads.Dataset, sample: list[str], methods: list[str], stat: dict[tuple[str, str], dict]
+) -> str:
+    """Per method: its cost, how concentrated its maps are, and the mask metrics when masks exist."""
+    masks = [m for m in column_metrics() if m not in PER_IMAGE and m != "elapsed_ms"
+             and any((meth, m) in stat for meth in methods)]  # fmt: skip
+    header = ["method", "time per image (ms) ↓", f"mass in top {TOP_SHARE:.0%} of tokens",
+              "entropy (1 = flat)"] + [f"{m} {'↑' if higher_is_better(m) else '↓'}" for m in masks]  # fmt: skip
+    body = []
+    for method in methods:
+        share, entropy = concentration(_own_grid_maps(ds, sample, method)) if sample else ([], [])
+        cells = [f"<td class='k'>{_esc(method)}</td>"]
+        r = stat.get((method, "elapsed_ms"))
+        cells.append(_stat_cell(method, "elapsed_ms", r, 1))
+        for name, vals in (("top_share", share), ("entropy", entropy)):
+            v = np.asarray(vals, np.float64)
+            v = v[~np.isnan(v)]
+            cells.append(
+                f"<td data-method='{_esc(method)}' data-stat='{name}' data-mean='{float(v.mean())!r}' "
+                f"data-count='{len(v)}'>{v.mean():.3f} ({len(v)})</td>"
+                if len(v)
+                else "<td>-</td>"
+            )
+        for m in masks:
+            cells.append(_stat_cell(method, m, stat.get((method, m)), 4))
+        body.append(cells)
+    note = (
+        f"<p class='muted'>time: the method's own work plus its share of the forward/backward pass it "
+        f"shares with the other methods, mean per image (n); concentration: over {len(sample)} images "
+        f"(maps min-max scaled; a flat map puts {TOP_SHARE:.0%} of its mass in the top {TOP_SHARE:.0%})"
+        + (
+            "; mask metrics: mean ± std (n), ↑ higher is better"
+            if masks
+            else "; no masks, so no mask metrics"
+        )
+        + "</p>"
+    )
+    return "<h2>Per method</h2>" + note + _table(header, body, "metrics")
+
+
+def _stat_cell(method: str, metric: str, r: dict | None, digits: int) -> str:
+    if r is None:
+        return "<td>-</td>"
+    return (
+        f"<td data-method='{_esc(method)}' data-metric='{_esc(metric)}' data-mean='{r['mean']!r}' "
+        f"data-count='{int(r['count'])}'>{r['mean']:.{digits}f} ± {(r['std'] or 0):.{digits}f} "
+        f"({int(r['count'])})</td>"
+    )
+
+
+def _agreement_section(ds: pads.Dataset, sample: list[str], methods: list[str]) -> str:
+    head = "<h2>Agreement between methods</h2>"
+    if len(methods) < 2:
+        return head + "<p class='muted'>one method: nothing to compare</p>"
+    maps = _sample_maps(ds, sample, methods) if sample else {}
+    if not maps:
+        return head + "<p class='muted'>no image has a map of every method</p>"
+    rho, count = agreement(maps)
+    n = len(next(iter(maps.values())))
+    return (
+        head + f"<p class='muted'>Spearman rank correlation of two methods' maps of the same image "
+        f"(average ranks for ties; grids resampled to the finest), mean over {n} images; 1: the same "
+        "ranking of tokens, 0: unrelated, -1: reversed</p>" + _agreement_html(methods, rho, count)
+    )
+
+
+def _mask_uris(output: str, ids: list[str], opts: storage.StorageOptions) -> dict[str, str]:
+    """The mask of each image in ``ids``, from the run's shard plan (empty if it has none)."""
+    uri = layout.uri(output, layout.PLAN)
+    try:
+        fs, path = storage.resolve(uri, opts)
+        files = [
+            i.path
+            for i in fs.get_file_info(storage.pafs.FileSelector(path))
+            if i.base_name.startswith("part-")
+        ]
+        found: dict[str, str] = {}
+        for fmt, ext in (("ipc", ".arrow"), ("parquet", ".parquet")):
+            parts = [f for f in files if f.endswith(ext)]
+            if not parts:
+                continue
+            t = pads.dataset(parts, filesystem=fs, format=fmt).to_table(
+                columns=["image_id", "mask_uri"], filter=pc.field("image_id").isin(ids)
+            )
+            found.update({r["image_id"]: r["mask_uri"] for r in t.to_pylist() if r["mask_uri"]})
+        return found
+    except (OSError, ValueError, KeyError, pa.ArrowException):
+        return {}
+
+
+def _outlined(img: Image.Image, mask: np.ndarray | None) -> Image.Image:
+    return img if mask is None else contour(img, mask, width=2)
+
+
+def _load_mask(source: str, mask_uri: str | None, opts: storage.StorageOptions) -> np.ndarray | None:
+    try:
+        if ".mat#" in source:
+            return read_mat_sample(source)[1]
+        return decode_mask(storage.read_bytes(mask_uri, opts)) if mask_uri else None
+    except (OSError, ValueError):
+        return None
+
+
+def _gallery(
+    output: str,
+    ds: pads.Dataset,
+    t: pa.Table,
+    methods: list[str],
+    samples: int,
+    metric: str | None,
+    opts: storage.StorageOptions,
+) -> str:
     head = "<h2>Gallery</h2>"
     if samples <= 0:
         return ""
@@ -292,19 +659,33 @@ def _gallery(ds, t: pa.Table, methods: list[str], samples: int, metric: str | No
         key = (row["image_id"], row["method"])
         if key not in maps or row["target"] == row["predicted"]:
             maps[key] = row
+    with_masks = any(c in t.column_names and t[c].null_count < t.num_rows for c in MASK_COLUMNS)
+    mask_uris = _mask_uris(output, [i for _, i in chosen], opts) if with_masks else {}
+    what = (
+        f"{metric} of {ranker}"
+        if METRICS[metric].name not in PER_IMAGE
+        else f"the model's {metric} (per image)"
+    )
     out = [
-        f"{head}<p class='muted'>ranked by {_esc(metric)} of {_esc(ranker)}: best, worst and random images</p>"
+        f"{head}<p class='muted'>ranked by {_esc(what)}: best, worst and random images"
+        + ("; the object's mask outlined in green" if with_masks else "")
+        + "</p>"
     ]
-    header = "".join(f"<th>{_esc(h)}</th>" for h in ["", "image", *methods])
+    header = "<th class='label'></th>" + "".join(f"<th>{_esc(h)}</th>" for h in ["image", *methods])
     body = []
     for group, image_id in chosen:
         src = next((maps[(image_id, m)]["source"] for m in methods if (image_id, m) in maps), None)
         thumb = _load_thumb(src, opts) if src else None
-        cells = [f"<td>{_esc(group)}<br>{_esc(image_id)}<br>{_esc(metric)}={seen[image_id]:.3f}</td>"]
+        cells = [
+            f"<td class='label'>{_esc(group)}<br>{_esc(image_id)}<br>{_esc(metric)}<br>{seen[image_id]:.3f}</td>"
+        ]
         if thumb is None:
             cells.append("<td class='muted'>source unreadable</td>" + "<td></td>" * len(methods))
         else:
-            cells.append(f"<td><img class='g' alt='{_esc(image_id)}' src='{_img_uri(thumb)}'></td>")
+            mask = _load_mask(src, mask_uris.get(image_id), opts) if with_masks else None
+            cells.append(
+                f"<td><img class='g' alt='{_esc(image_id)}' src='{_img_uri(_outlined(thumb, mask))}'></td>"
+            )
             for m in methods:
                 row = maps.get((image_id, m))
                 if row is None:
@@ -316,10 +697,13 @@ def _gallery(ds, t: pa.Table, methods: list[str], samples: int, metric: str | No
                     if row.get("crop_box") is not None
                     else None
                 )
-                pic = overlay(thumb, heat, geometry=geom)
+                pic = _outlined(overlay(thumb, heat, geometry=geom), mask)
                 cells.append(f"<td><img class='g' alt='{_esc(m)}' src='{_img_uri(pic)}'></td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return "".join(out) + f"<table class='gallery'><tr>{header}</tr>{''.join(body)}</table>"
+    return (
+        "".join(out)
+        + f"<div class='box'><table class='gallery'><tr>{header}</tr>{''.join(body)}</table></div>"
+    )
 
 
 def write_report(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,7 @@ import lnstd
 
 from . import output as layout
 from . import storage
-from .data import DecodeError, Item, decode_mask, read_mat_sample
+from .data import DecodeError, Item, decode_mask, mat_ref, read_mat_sample
 from .data.decode import jpeg_header
 from .data.preprocess import Geometry, Preprocess
 from .errors import ModelError, one_line
@@ -130,7 +129,7 @@ class RowBuilder:
                     raise DecodeError("not an RGB image", f"array {data.dtype} {data.shape}")
                 tensor, geom = self.prep.from_array(np.ascontiguousarray(data))
                 return Loaded(item, tensor, geometry=geom)
-            if ".mat#" in item.uri:
+            if mat_ref(item.uri):
                 arr, mask_arr = read_mat_sample(item.uri)
                 tensor, geom = self.prep.from_array(arr)
                 return Loaded(item, tensor, self.prep.mask(mask_arr, geom), geom)
@@ -152,6 +151,8 @@ class RowBuilder:
             return Loaded(item, error=MISSING)
         except (PermissionError, IsADirectoryError) as exc:
             return Loaded(item, error="unreadable", detail=type(exc).__name__)
+        except storage.NotRegularFileError:
+            return Loaded(item, error=storage.NotRegularFileError.reason)
         except storage.StorageError as exc:
             return Loaded(
                 item, error="read failed", detail=one_line(exc, 10_000)[-200:]
@@ -182,7 +183,6 @@ class RowBuilder:
 
     def _explain(self, batch: list[Loaded], shard: int) -> list[pa.Table]:
         """Tables of this batch's rows: error rows, then one table per target x method."""
-        t0 = time.perf_counter()
         good = [b for b in batch if b.error is None]
         if good and self.cfg.decode == "gpu":
             from lnstd.data.gpu import decode_on_gpu
@@ -205,10 +205,7 @@ class RowBuilder:
             rows = [self._error_row(b, m, shard) for b in bad for m in self.cfg.methods]
             tables.append(pa.Table.from_pylist(rows, schema=self.schema))
         if good:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            per_image_ms = (time.perf_counter() - t0) * 1000 / len(batch)
-            tables.extend(self._ok_tables(good, outs, shard, per_image_ms))
+            tables.extend(self._ok_tables(good, outs, shard))
         return tables
 
     def _fitting(self, x: torch.Tensor, labels: list[int | None]) -> list[lnstd.Explanation]:
@@ -248,9 +245,7 @@ class RowBuilder:
         outs = [_cat([r[k] for r in results]) for k in range(len(results[0]))]
         return ok, outs
 
-    def _ok_tables(
-        self, good: list[Loaded], outs: list[lnstd.Explanation], shard: int, per_image_ms: float
-    ) -> list[pa.Table]:
+    def _ok_tables(self, good: list[Loaded], outs: list[lnstd.Explanation], shard: int) -> list[pa.Table]:
         n = len(good)
         labels = [b.item.label for b in good]
         with_mask = [i for i, b in enumerate(good) if b.mask is not None]
@@ -268,7 +263,6 @@ class RowBuilder:
             "error": pa.nulls(n, pa.string()),
             "error_detail": pa.nulls(n, pa.string()),
             "shard": pa.array(np.full(n, shard, np.int32)),
-            "elapsed_ms": pa.array(np.full(n, per_image_ms, np.float32)),
         }
         has_label = np.array([lb is not None for lb in labels])
         label_arr = np.array([-1 if lb is None else lb for lb in labels])
@@ -299,6 +293,8 @@ class RowBuilder:
                 table = {
                     **cols,
                     "method": pa.array([m] * n, pa.string()),
+                    # each method's own time per image (Explanation.elapsed_ms), not the batch's
+                    "elapsed_ms": pa.array(np.full(n, out.elapsed_ms[m] / n, np.float32)),
                     "heatmap": heat_col,
                     "grid_h": pa.array(np.full(n, gh, np.int32)),
                     "grid_w": pa.array(np.full(n, gw, np.int32)),
@@ -336,6 +332,7 @@ def _cat(parts: list[lnstd.Explanation]) -> lnstd.Explanation:
         targets=torch.cat([p.targets for p in parts]),
         predicted=torch.cat([p.predicted for p in parts]),
         probabilities=torch.cat([p.probabilities for p in parts]),
+        elapsed_ms={m: sum(p.elapsed_ms[m] for p in parts) for m in parts[0].heatmaps},
     )
 
 

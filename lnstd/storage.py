@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import pyarrow.fs as pafs
 from .errors import LnstdError
 
 __all__ = [
+    "NotRegularFileError",
     "StorageError",
     "StorageOptions",
     "check_credentials",
@@ -30,12 +33,15 @@ __all__ = [
     "join",
     "list_files",
     "list_names",
+    "local_uri",
     "read_bytes",
     "remove_temporaries",
     "resolve",
     "retry",
     "s3_client",
+    "walk_local",
     "write_bytes",
+    "write_new",
 ]
 
 T = TypeVar("T")
@@ -43,6 +49,12 @@ T = TypeVar("T")
 
 class StorageError(LnstdError, OSError):
     """A storage problem a user can act on (missing credential, missing bucket, ...)."""
+
+
+class NotRegularFileError(StorageError):
+    """A local input that is not a regular file (a FIFO, socket or device): never opened."""
+
+    reason = "not a regular file"
 
 
 @dataclass(frozen=True)
@@ -123,13 +135,29 @@ def s3_client(opts: StorageOptions | None = None):  # -> botocore client
     return boto3.client("s3", endpoint_url=opts.s3_endpoint, region_name=opts.region or "us-east-1")
 
 
+def local_uri(path: str) -> str:
+    """A local path as text that UTF-8 can carry (Arrow and Parquet strings must be UTF-8).
+
+    A path whose bytes are UTF-8 is returned unchanged. Any other byte sequence a file system
+    allows (Python holds it with ``surrogateescape``, e.g. ``bad\\udcffname.png`` for the byte
+    0xFF) becomes a ``file://`` URI with the path's bytes percent-escaped (RFC 8089), which
+    :func:`resolve` turns back into the same bytes. A plain path never starts with ``file://``,
+    so the two forms cannot be confused.
+    """
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + urllib.parse.quote(os.fsencode(path), safe="/")
+
+
 def resolve(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
     """URI -> (pyarrow filesystem, path inside it)."""
     opts = opts or StorageOptions.from_env()
     if is_s3(uri):
         return _s3(opts), uri[len("s3://") :].rstrip("/")
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
+    if uri.startswith("file://"):  # RFC 8089: percent-escaped bytes (see local_uri)
+        uri = os.fsdecode(urllib.parse.unquote_to_bytes(uri[len("file://") :]))
     if "://" in uri:
         raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
     return pafs.LocalFileSystem(), os.path.abspath(uri)
@@ -157,10 +185,52 @@ def read_bytes(uri: str, opts: StorageOptions | None = None) -> bytes:
     fs, path = resolve(uri, opts)
 
     def read() -> bytes:
+        if isinstance(fs, pafs.LocalFileSystem):  # Python's open: any bytes in the name
+            mode = os.stat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO would block: never open it
+                raise NotRegularFileError(f"{uri}: {NotRegularFileError.reason}")
+            with open(path, "rb") as f:
+                return f.read()
         with fs.open_input_stream(path) as f:
             return f.read()
 
     return retry(read, f"reading {uri}")
+
+
+def write_new(uri: str, data: bytes, opts: StorageOptions | None = None) -> bool:
+    """Create ``uri`` with ``data``, complete or not at all, only if nothing is there yet; False if
+    something is (it is left as it is). Local: a temporary, then a hard link to the name (which
+    fails if the name exists). S3: ``PutObject`` with ``If-None-Match: *`` (a conditional create)."""
+    fs, path = resolve(uri, opts)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    client = s3_client(opts)
+    bucket, _, key = uri[len("s3://") :].partition("/")
+
+    def put() -> bool:
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except client.exceptions.ClientError as exc:
+            code = (getattr(exc, "response", {}) or {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise OSError(f"{code}: {exc}") from exc
+
+    return retry(put, f"writing {uri}")
 
 
 def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> None:
@@ -261,13 +331,48 @@ def list_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions | Non
         except client.exceptions.NoSuchBucket:
             raise StorageError(f"bucket {bucket!r} does not exist") from None
         return
-    _, root = resolve(uri, opts)
+    for path, _ in walk_local(resolve(uri, opts)[1], exts):
+        yield path
+
+
+def walk_local(
+    root: str, extensions: tuple[str, ...], unreadable: list[str] | None = None
+) -> Iterator[tuple[str, bool]]:
+    """``(path, is a regular file)`` of each file under a local folder whose name ends in one of
+    ``extensions`` (lower case), recursively: a folder's files in sorted order, then its subfolders
+    in sorted order. Hidden names (``.git``, ``._x.jpg``) are skipped, and so are links to folders.
+    A subfolder that cannot be listed is skipped and, if ``unreadable`` is given, appended to it.
+    """
     if not os.path.isdir(root):
         from .errors import InputError
 
-        raise InputError(f"input folder not found: {uri}")
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # hidden: .git, .DS_Store, ...
-        for name in sorted(filenames):
-            if name.lower().endswith(exts) and not name.startswith("."):
-                yield os.path.join(dirpath, name)
+        raise InputError(f"input folder not found: {root}")
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if folder == root:
+                from .errors import InputError
+
+                raise InputError(f"input folder cannot be read: {root} ({exc.strerror})") from None
+            if unreadable is not None:
+                unreadable.append(folder)
+            continue
+        subfolders = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not e.is_symlink():
+                    subfolders.append(e.path)
+            elif e.name.lower().endswith(extensions):
+                # A FIFO, socket or device is not; a link is judged when it is read.
+                yield e.path, e.is_file() or e.is_symlink()
+        stack.extend(reversed(subfolders))

@@ -1,7 +1,8 @@
 """Train the known-answer benchmark's small ViT and Swin on the toy shapes (CPU is enough).
 
-``lnstd train-toy --arch vit --out checkpoints`` writes ``toy_vit.safetensors`` and ``toy_vit.json``
-(timm name and arguments, accuracy on a fresh split, steps, wall time, the command).
+``lnstd train-toy --arch vit`` writes ``toy-checkpoints/toy_vit.safetensors`` and ``toy_vit.json``
+(timm name and arguments, accuracy on a fresh split, steps, wall time, the command); it refuses to
+replace models already there (the committed ones included) unless ``--force``.
 """
 
 from __future__ import annotations
@@ -18,9 +19,17 @@ import torch
 import torch.nn.functional as F
 
 from .data.toy import TOY_CLASSES, toy_batch
+from .errors import UsageError
 from .models import load_model
 
-__all__ = ["TOY_MODELS", "evaluate_accuracy", "toy_checkpoint", "toy_tensors", "train_toy"]
+__all__ = [
+    "TOY_MODELS",
+    "check_destination",
+    "evaluate_accuracy",
+    "toy_checkpoint",
+    "toy_tensors",
+    "train_toy",
+]
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
@@ -52,6 +61,21 @@ def toy_checkpoint(arch: str) -> Path:
     if arch not in TOY_MODELS:
         raise ValueError(f"unknown toy model {arch!r}; expected one of {sorted(TOY_MODELS)}")
     return CHECKPOINTS / f"toy_{arch}.safetensors"
+
+
+def check_destination(out: str, archs: list[str], force: bool = False) -> None:
+    """Refuse (before any training) to replace toy models already in ``out`` unless ``force``."""
+    for arch in archs:
+        if arch not in TOY_MODELS:
+            raise UsageError(f"--arch: unknown toy model {arch!r}; expected one of {sorted(TOY_MODELS)}")
+    there = [p for a in archs if (p := Path(out) / f"toy_{a}.safetensors").exists()]
+    if there and not force:
+        committed = any(p.resolve().parent == CHECKPOINTS.resolve() for p in there)
+        raise UsageError(
+            f"--out {out}: {', '.join(p.name for p in there)} already there"
+            + (" (the committed, trained models)" if committed else "")
+            + "; give another --out, or --force to replace"
+        )
 
 
 def toy_tensors(images: np.ndarray) -> torch.Tensor:
@@ -96,13 +120,16 @@ def train_toy(
     max_minutes: float | None = None,
     threads: int | None = None,
     log=print,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train one toy model (AdamW, warm-up then cosine decay over ``steps``, horizontal flips).
 
     Stops early once the validation split (seed ``TEST_SEED + 1``) reaches ``target_accuracy``
     after ``min_steps``, or after ``max_minutes``; the stated accuracy is measured afterwards on
-    the test split (1000 images, seed ``TEST_SEED``), which training never sees.
+    the test split (1000 images, seed ``TEST_SEED``), which training never sees. Models already in
+    ``out`` are replaced only with ``force`` (checked before training).
     """
+    check_destination(out, [arch], force)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -36,15 +36,21 @@ def colorize(values: np.ndarray) -> np.ndarray:
     return rgb.round().astype(np.uint8)
 
 
-def contour(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 128)) -> Image.Image:
-    """Draw the boundary of a boolean mask (resized to the image, nearest) onto a copy of ``image``."""
+def contour(
+    image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 128), width: int = 1
+) -> Image.Image:
+    """Draw the boundary of a boolean mask (resized to the image, nearest) onto a copy of ``image``,
+    ``width`` pixels wide (inside the mask)."""
     w, h = image.size
     m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
     inner = m.copy()
-    inner[1:] &= m[:-1]
-    inner[:-1] &= m[1:]
-    inner[:, 1:] &= m[:, :-1]
-    inner[:, :-1] &= m[:, 1:]
+    for _ in range(max(1, width)):  # erode once per pixel of width
+        shrunk = inner.copy()
+        shrunk[1:] &= inner[:-1]
+        shrunk[:-1] &= inner[1:]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
     edge = m & ~inner
     out = np.asarray(image.convert("RGB")).copy()
     out[edge] = color

@@ -25,6 +25,10 @@ class PageVisit:
     images: int = 0
     broken_images: list[str] = field(default_factory=list)
     tables: list[list[list[str]]] = field(default_factory=list)
+    scroll_width: int = 0  # the page's full width: above the viewport's, it overflows sideways
+    viewport_width: int = 0
+    banner: str | None = None  # the text of the report's random-weights banner, if shown
+    agreement_cells: int = 0  # cells of the report's agreement matrix
 
 
 def visit(page_path: Path, screenshot: Path, width: int = 1300) -> PageVisit:
@@ -42,6 +46,11 @@ def visit(page_path: Path, screenshot: Path, width: int = 1300) -> PageVisit:
             page.goto(page_path.resolve().as_uri(), wait_until="load")
             page.screenshot(path=str(screenshot), full_page=True)
             out.images = page.evaluate("document.images.length")
+            out.scroll_width = page.evaluate("document.documentElement.scrollWidth")
+            out.viewport_width = page.evaluate("document.documentElement.clientWidth")
+            banner = page.query_selector("#random-weights")
+            out.banner = banner.inner_text() if banner and banner.is_visible() else None
+            out.agreement_cells = page.evaluate("document.querySelectorAll('#agreement td[data-rho]').length")
             out.broken_images = page.evaluate(
                 "[...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)"
             )

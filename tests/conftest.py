@@ -55,6 +55,21 @@ class S3Server:
         )
 
 
+# moto's server checks a conditional write's If-Match / If-None-Match, then stores the object, in
+# threads that interleave: two racing conditional writes can both pass. S3 applies each request
+# atomically; one request at a time models that (requests are small and fast here).
+_ATOMIC_MOTO = """
+import sys, threading
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+app, lock = DomainDispatcherApplication(create_backend_app), threading.Lock()
+def atomic(environ, start_response):
+    with lock:
+        return list(app(environ, start_response))
+run_simple("127.0.0.1", int(sys.argv[1]), atomic, threaded=True, request_handler=MotoRequestHandler)
+"""
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     import socket
@@ -67,7 +82,7 @@ def s3_server():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-c", _ATOMIC_MOTO, str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -87,6 +87,8 @@ def test_resume_after_inputs_were_added_and_removed_keeps_exactly_once(ckpt, tmp
     notices = [ln for ln in r.stderr.splitlines() if "the input changed" in ln]
     assert len(notices) == 1 and "3 added" in notices[0] and "2 removed" in notices[0], r.stderr
     assert "--refresh-input" in notices[0]
+    # what the rows below show: the removed input of a committed shard keeps its row
+    assert "those in committed shards keep their rows" in notices[0] and "become errors" not in notices[0]
     got = pairs(out)
     assert set(got.values()) == {1}  # no (image, method) twice
     assert {i for i, _ in got} == set(names)  # the plan as recorded: the added three wait
@@ -107,7 +109,7 @@ def test_resume_after_inputs_were_added_and_removed_keeps_exactly_once(ckpt, tmp
     plan = json.loads((out / "_lnstd" / "plan" / "plan.json").read_text())
     assert plan["inputs"] == 23 and plan["shards"] == 5
     agg = run_cli("aggregate", str(out))
-    assert agg.returncode == 0 and "23 images (22 ok, 1 errors)" in agg.stdout
+    assert agg.returncode == 0 and "23 images (22 ok, 1 error)" in agg.stdout
 
 
 def test_resume_on_s3_after_inputs_changed(s3_server, ckpt):
@@ -191,7 +193,8 @@ def test_a_held_output_is_refused_in_one_line_and_an_abandoned_lease_is_taken_ov
     _lease(out, pid=2**22 + 17)  # its process is gone: a killed run (other hosts: test_lease_unit)
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert not (out / "_lnstd" / "lease.json").exists()  # released at the end
+    lease = json.loads((out / "_lnstd" / "lease.json").read_text())
+    assert lease["released"] and lease["generation"] == 1  # released at the end; the generation stays
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -114,7 +114,7 @@ def test_fused_capture_keeps_the_fused_kernel_and_one_block_in_memory(monkeypatc
     monkeypatch.setattr(ChainRunner, "feed", feed)
     lnstd.Explainer(model, ["gae", "lnstd", "rollout"], capture="fused")(images_for(model, batch=2))
     assert len(sdpa_calls) == 4  # every block ran the fused kernel
-    assert len(alive) == 4 and len(peak) == 4
+    assert len(alive) == 4 and len(peak) == 4 * 3  # each chain is fed each block
     assert max(peak) == 1, peak  # only the block being processed holds its A
 
 
@@ -248,3 +248,45 @@ def test_upsample_and_minmax():
     mm = lnstd.minmax(up)
     assert mm[0].max() == 1 and mm[0].min() == 0
     assert torch.equal(mm[1], torch.zeros(20, 30))
+
+
+def test_explainer_times_each_method_on_its_own(vit_token, monkeypatch):
+    """A known delay put into one method's own work is charged to that method, not shared; the
+    methods' times add up to the whole call."""
+    import time
+
+    from lnstd.methods.gradcam import GradCAM
+    from lnstd.methods.lnstd import LNStd
+
+    blocks = []
+    real_block, real_compute = LNStd.block_matrix, GradCAM.compute
+    monkeypatch.setattr(
+        LNStd, "block_matrix", lambda self, view: blocks.append(time.sleep(0.1)) or real_block(self, view)
+    )
+    monkeypatch.setattr(GradCAM, "compute", lambda self, ctx: time.sleep(0.4) or real_compute(self, ctx))
+    x = images_for(vit_token)
+    explainer = lnstd.Explainer(vit_token, ["gae", "lnstd", "gradcam"])
+    t0 = time.perf_counter()
+    out = explainer(x)
+    wall = (time.perf_counter() - t0) * 1000
+    ms = out.elapsed_ms
+    assert list(ms) == ["gae", "lnstd", "gradcam"] and blocks
+    # gae gets the same share of the shared pass as the others: the differences are the delays
+    # (the margin: a busy machine may pause the process while it does gae's own small share)
+    assert ms["lnstd"] - ms["gae"] >= 0.8 * 100 * len(blocks) and ms["gradcam"] - ms["gae"] >= 0.8 * 400
+    assert wall * 0.9 <= sum(ms.values()) <= wall
+
+
+def test_explainer_charges_the_relevance_walk_to_the_methods_that_need_it(vit_token, monkeypatch):
+    import time
+
+    from lnstd.lrp import AttentionRelevance
+
+    steps = []
+    real = AttentionRelevance.step
+    monkeypatch.setattr(
+        AttentionRelevance, "step", lambda self, *a: steps.append(time.sleep(0.1)) or real(self, *a)
+    )
+    explainer = lnstd.Explainer(vit_token, ["gae", "transformer_attribution"])
+    ms = explainer(images_for(vit_token)).elapsed_ms
+    assert steps and ms["transformer_attribution"] - ms["gae"] >= 0.8 * 100 * len(steps)

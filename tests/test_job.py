@@ -131,7 +131,8 @@ def test_s3_end_to_end_with_bad_inputs(s3_server, ckpt):
 
     listing = {o["Key"] for o in client.list_objects_v2(Bucket="data", Prefix="out/")["Contents"]}
     assert {"out/_SUCCESS", "out/_manifest.json", "out/_lnstd/run.json", "out/_report.html"} <= listing
-    assert "out/_lnstd/lease.json" not in listing  # released at the end
+    lease = json.loads(client.get_object(Bucket="data", Key="out/_lnstd/lease.json")["Body"].read())
+    assert lease["released"] and lease["generation"] == 1  # released at the end (the generation stays)
     report = client.get_object(Bucket="data", Key="out/_report.html")["Body"].read().decode()
     assert report.count("data:image/jpeg;base64,") >= 12 and "source unreadable" not in report
     assert all(k.startswith("out/") for k in listing)

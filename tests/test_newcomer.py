@@ -16,8 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import lnstd
-
+from .browser import visit
 from .jobhelpers import ROOT, cli_in_process, good_image, model_flags, read_rows, run_cli, tiny_checkpoint
 
 CLEAN_ENV = {"RAY_ADDRESS": None}
@@ -53,7 +52,8 @@ def test_demo_output_is_a_dataset_readers_can_point_at(tmp_path):
     bar = re.findall(r"([\d.]+) img/s\]", r.stderr)
     summary = re.search(r"at ([\d.]+) img/s", r.stderr)
     assert bar and summary and bar[-1] == summary.group(1), r.stderr
-    methods = lnstd.list_methods()
+    assert "random weights" not in r.stderr  # the demo explains the trained toy ViT
+    methods = ["gae", "lnstd"]  # the default: the paper's method and the cheap gradient baseline
     rows = read_rows(out)
     assert len(rows) == 48 * len(methods) and {row["method"] for row in rows} == set(methods)
     assert all(row["status"] == "ok" for row in rows)
@@ -76,6 +76,10 @@ def test_demo_output_is_a_dataset_readers_can_point_at(tmp_path):
     assert r.returncode == 0, r.stderr
     page = (out / "_report.html").read_text()
     assert "source unreadable" not in page and page.count("<img class='g'") == 12 * (1 + len(methods))
+    # in a browser at 1280 px: no sideways overflow, no random-weights banner, the agreement matrix
+    seen = visit(out / "_report.html", tmp_path / "demo.png", width=1280)
+    assert seen.scroll_width <= seen.viewport_width == 1280 and seen.banner is None
+    assert seen.agreement_cells == len(methods) ** 2 and seen.console_errors == []
 
 
 # --- fail early, in one line ------------------------------------------------------------------------

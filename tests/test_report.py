@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from lnstd.data.toy import write_toy_dataset as write_dataset
-from lnstd.viz import overlay, strip
+from lnstd.viz import contour, overlay, strip
 
 from .browser import visit
 from .jobhelpers import model_flags, run_cli, tiny_checkpoint
@@ -82,10 +82,20 @@ def run_output(tmp_path_factory) -> Path:
     return out
 
 
+def _cells(page: str, attr: str) -> list[tuple[str, str, float, int]]:
+    return [
+        (m, k, float(v), int(n))
+        for m, k, v, n in re.findall(
+            rf"data-method='([^']+)' data-{attr}='([^']+)' data-mean='([^']+)' data-count='(\d+)'", page
+        )
+    ]
+
+
 @pytest.mark.integration
 def test_report_tables_are_the_means_of_the_rows(run_output, tmp_path):
-    """The report's table and the aggregate's CSV hold each method's metric means and counts, as
-    computed here from the Parquet rows with NumPy."""
+    """The report's per-method cells (time and mask metrics) and the aggregate's CSV hold each
+    method's means and counts as computed here from the Parquet rows with NumPy; the per-image
+    values (accuracy, probability) appear once, not once per method."""
     import pyarrow.csv as pacsv
 
     r = run_cli("report", str(run_output), "--samples", "6", "--out", str(tmp_path / "r.html"))
@@ -95,33 +105,167 @@ def test_report_tables_are_the_means_of_the_rows(run_output, tmp_path):
     assert agg.returncode == 0
     rows = [r for r in pq.read_table(run_output / "heatmaps").to_pylist() if r["status"] == "ok"]
     summary = pacsv.read_csv(run_output / "_aggregate" / "summary.csv").to_pylist()
-    cells = re.findall(
-        r"data-method='([^']+)' data-metric='([^']+)' data-mean='([^']+)' data-count='(\d+)'", page
-    )
-    assert len(cells) == len(summary) == 3 * 6  # 3 methods x (probability, correct, 3 mask metrics, ms)
+    assert len(summary) == 3 * 6  # 3 methods x (probability, correct, 3 mask metrics, ms)
+    cells = _cells(page, "metric")
+    assert len(cells) == 3 * 4  # per method: its time and the 3 mask metrics; nothing per image
     for method, metric, mean, count in cells:
         values = [float(r[metric]) for r in rows if r["method"] == method and r[metric] is not None]
-        assert int(count) == len(values) == 29
-        assert float(mean) == pytest.approx(np.mean(values), rel=1e-6)
+        assert count == len(values) == 29
+        assert mean == pytest.approx(np.mean(values), rel=1e-6)
         row = next(s for s in summary if s["method"] == method and s["metric"] == metric)
         assert row["mean"] == pytest.approx(np.mean(values), rel=1e-6) and row["count"] == len(values)
-    assert "30 images (29 ok, 1 errors)" in agg.stdout
+    # each method's own time: the three methods cost different amounts, not the batch time repeated
+    ms = {m: v for m, k, v, _ in cells if k == "elapsed_ms"}
+    assert len(set(ms.values())) == 3
+    gae = [r for r in rows if r["method"] == "gae"]
+    accuracy = np.mean([r["correct"] for r in gae])
+    assert f"{accuracy:.3f} (n=29)" in page and page.count("accuracy (images with a label)") == 1
+    assert f"{np.mean([r['probability'] for r in gae]):.4f}," in page
+    assert "30 images (29 ok, 1 error), 90 rows, 1 shard, 3 methods: attention, gae, lnstd" in agg.stdout
     assert re.search(r"error images</td><td[^>]*>1<", page)
     assert "not an image (unrecognised format)" in page
+    # the failed file is named, with its path
+    assert str(run_output.parent / "data" / "images" / "0003.png") in page
+    assert "id='random-weights'" not in page  # the run loaded a checkpoint
+
+
+def _by_hand_concentration(heat: list[float]) -> tuple[float, float]:
+    """Share of the min-max scaled map's mass in its top 10% of tokens, and its entropy over
+    log(tokens), from the definitions with plain Python."""
+    import math
+
+    lo, hi = min(heat), max(heat)
+    p = [(h - lo) / (hi - lo) for h in heat]
+    k = math.ceil(0.1 * len(p))
+    total = sum(p)
+    share = sum(sorted(p, reverse=True)[:k]) / total
+    entropy = -sum(x / total * math.log(x / total) for x in p if x > 0) / math.log(len(p))
+    return share, entropy
+
+
+@pytest.mark.integration
+def test_report_concentration_and_agreement_match_scipy_and_hand_computation(run_output, tmp_path):
+    from scipy.stats import spearmanr
+
+    r = run_cli("report", str(run_output), "--samples", "0", "--out", str(tmp_path / "r.html"))
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "r.html").read_text()
+    rows = [r for r in pq.read_table(run_output / "heatmaps").to_pylist() if r["status"] == "ok"]
+    maps = {(r["image_id"], r["method"]): r["heatmap"] for r in rows}
+    ids = sorted({i for i, _ in maps})
+    stats = {(m, k): (v, n) for m, k, v, n in _cells(page, "stat")}
+    for method in ("attention", "gae", "lnstd"):
+        by_hand = np.array([_by_hand_concentration(maps[(i, method)]) for i in ids])
+        assert stats[(method, "top_share")] == (pytest.approx(by_hand[:, 0].mean(), rel=1e-6), 29)
+        assert stats[(method, "entropy")] == (pytest.approx(by_hand[:, 1].mean(), rel=1e-6), 29)
+    cells = re.findall(r"data-a='([^']+)' data-b='([^']+)' data-rho='([^']+)' data-n='(\d+)'", page)
+    assert len(cells) == 9
+    for a, b, rho, n in cells:
+        per_image = [spearmanr(maps[(i, a)], maps[(i, b)]).statistic for i in ids]  # average ranks
+        assert float(rho) == pytest.approx(np.mean(per_image), abs=1e-9) and int(n) == 29
+        if a == b:
+            assert float(rho) == pytest.approx(1.0)
+
+
+def test_concentration_of_known_maps():
+    from lnstd.report import agreement, concentration
+
+    flat_but_one = np.r_[np.zeros(99), 1.0]  # one token holds everything
+    ramp = np.arange(100.0)  # scaled to k/99: the top 10 tokens hold (90+...+99)/4950
+    share, entropy = concentration(np.stack([flat_but_one, ramp]))
+    assert share[0] == pytest.approx(1.0) and entropy[0] == pytest.approx(0.0)
+    assert share[1] == pytest.approx(sum(range(90, 100)) / 4950)
+    assert np.isnan(concentration(np.ones((1, 10)))[0][0])  # a constant map has no shape
+    # ties share their average rank: [1, 1, 2] and [0, 0, 5] rank the same way
+    rho, n = agreement({"a": np.array([[1.0, 1.0, 2.0]]), "b": np.array([[0.0, 0.0, 5.0]]),
+                        "c": np.array([[2.0, 2.0, 1.0]])})  # fmt: skip
+    assert rho[0, 1] == pytest.approx(1.0) and rho[0, 2] == pytest.approx(-1.0) and n[0, 1] == 1
+
+
+@pytest.mark.integration
+def test_report_of_a_read_only_output_writes_nothing_into_it(run_output, tmp_path):
+    """``lnstd report OUTPUT --out elsewhere`` reads only: every file of the output keeps its name,
+    size and modification time (checked, not assumed: as root, a read-only folder stops nothing)."""
+    import os
+    import stat
+
+    def listing() -> dict[str, tuple[int, int]]:
+        return {
+            p.relative_to(run_output).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(run_output.rglob("*"))
+        }
+
+    before = listing()
+    modes = {p: p.stat().st_mode for p in [run_output, *run_output.rglob("*")] if p.is_dir()}
+    for p in modes:
+        p.chmod(modes[p] & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        r = run_cli("report", str(run_output), "--samples", "3", "--out", str(tmp_path / "elsewhere.html"))
+    finally:
+        for p, mode in modes.items():
+            os.chmod(p, mode)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "elsewhere.html").stat().st_size > 10_000
+    assert listing() == before
 
 
 @pytest.mark.integration
 def test_report_renders_in_chromium_without_network_or_errors(run_output, tmp_path):
     html = run_output / "_report.html"
     shot = tmp_path / "report.png"
-    seen = visit(html, shot)
+    seen = visit(html, shot, width=1280)
     assert seen.requests == [html.resolve().as_uri()], "the page asked for something besides itself"
     assert seen.console_errors == [] and seen.page_errors == []
+    assert seen.scroll_width <= seen.viewport_width == 1280, "the page overflows sideways at 1280 px"
     assert seen.images == 12 * (1 + 3)  # 12 gallery rows (default --samples), the image + 3 methods
     assert seen.broken_images == []
+    assert seen.banner is None  # a checkpoint was loaded
+    assert seen.agreement_cells == 9
     img = Image.open(shot)
-    assert img.size[0] >= 1300 and img.size[1] > 1500
+    assert img.size[0] == 1280 and img.size[1] > 1500
     assert len(set(img.convert("L").resize((64, 64)).getdata())) > 20  # a page with content, not blank
+    # the masks are outlined in the gallery: the contour's green is in the pictures, not in the page's
+    # own colours
+    green = np.all(np.abs(np.asarray(img.convert("RGB"), np.int16) - [0, 255, 128]) < 40, axis=-1)
+    assert green.sum() > 2000
+
+
+@pytest.fixture(scope="module")
+def photos_output(tmp_path_factory) -> Path:
+    """A user's own photos: no labels, no masks, two broken files, a model with random weights."""
+    from .jobhelpers import TINY_ARGS, TINY_MODEL, good_image
+
+    tmp = tmp_path_factory.mktemp("photos")
+    (tmp / "photos").mkdir()
+    for k in range(8):
+        (tmp / "photos" / f"p{k}.jpg").write_bytes(good_image(2 * k))
+    (tmp / "photos" / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp / "photos" / "half.png").write_bytes(good_image(1)[:40])
+    flags = [f for k, v in TINY_ARGS.items() for f in ("--model-arg", f"{k}={v}")]
+    r = run_cli("run", "--input", str(tmp / "photos"), "--output", str(tmp / "out"), "--model",
+                TINY_MODEL, *flags, "--methods", "gae,lnstd,rollout", "--no-progress",
+                "--cpus-per-actor", "0.5")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "lnstd: warning: random weights" in r.stderr  # said in the run's own output too
+    return tmp / "out"
+
+
+@pytest.mark.integration
+def test_report_of_unlabelled_photos_with_random_weights_in_chromium(photos_output, tmp_path):
+    html = photos_output / "_report.html"
+    seen = visit(html, tmp_path / "photos.png", width=1280)
+    assert seen.requests == [html.resolve().as_uri()] and seen.console_errors == [] and seen.page_errors == []
+    assert seen.scroll_width <= seen.viewport_width == 1280, "the page overflows sideways at 1280 px"
+    page = html.read_text()
+    assert seen.banner and "random weights" in seen.banner
+    assert seen.agreement_cells == 9  # 3 x 3 methods
+    assert "no labels" in page and "no masks, so no mask metrics" in page and "outlined" not in page
+    for name in ("broken.jpg", "half.png"):
+        assert str(photos_output.parent / "photos" / name) in page
+    # per-image values appear once: one probability histogram, none per method
+    assert page.count("probability of the explained class</h3>") == 1 and "gae (n=" not in page
+    assert seen.images == 8 * (1 + 3)  # every explained photo (fewer than --samples), image + 3 methods
+    assert seen.broken_images == []
 
 
 @pytest.mark.integration
@@ -142,3 +286,24 @@ def test_report_plots_perturbation_curves_when_present(run_output, tmp_path):
     page = (out / "_report.html").read_text()
     assert "Perturbation curves" in page and "aria-label='deletion_curve'" in page
     assert page.count("<polyline") == 3  # one line per method
+
+
+def test_mask_contour_width():
+    img = Image.new("RGB", (40, 40), (0, 0, 0))
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 10:30] = True
+    arr = np.asarray(contour(img, mask, width=2))
+    green = np.all(arr == [0, 255, 128], axis=-1)
+    assert green.sum() == 20 * 20 - 16 * 16  # a 2-pixel ring inside the 20 x 20 square
+    assert green[10, 10] and green[11, 11] and not green[12, 12] and not green[9, 9]
+
+
+def test_random_weights_is_read_from_the_manifest_or_the_run_identity():
+    from lnstd.report import random_weights
+
+    assert random_weights({"pretrained": False, "checkpoint": None})
+    assert not random_weights({"pretrained": True, "checkpoint": None})
+    assert not random_weights({"pretrained": False, "checkpoint": "/w/toy_vit.safetensors"})
+    assert not random_weights({"pretrained": False, "checkpoint_sha256": "a0cc80"})  # run.json's identity
+    assert random_weights({"pretrained": False, "checkpoint_sha256": None})
+    assert not random_weights({})  # nothing known: no banner

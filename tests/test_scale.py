@@ -130,7 +130,7 @@ def test_a_second_run_is_refused_before_listing_or_ray(tmp_path, monkeypatch, no
                                *model_flags(ckpt), "--methods", "gae", "--no-progress")  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "is being written by another run" in err, err
     assert time.time() - t0 < 30
-    assert sorted(p.name for p in (tmp_path / "out" / "_lnstd").iterdir()) == ["lease.json"]
+    assert sorted(p.name for p in (tmp_path / "out" / "_lnstd").iterdir()) == ["lease.json", "lease.lock"]
 
 
 # --- nothing in the temp folder; the output's own leftovers are cleaned ------------------------------
@@ -218,3 +218,23 @@ def test_a_refresh_killed_after_the_plan_grew_leaves_no_stale_success(tmp_path):
     rows = read_rows(out, ["image_id"])
     assert sorted(r["image_id"] for r in rows) == [f"i{k:02d}.png" for k in range(14)]
     assert (out / "_SUCCESS").exists()
+
+
+def test_pretrained_weights_that_cannot_be_had_fail_before_ray_in_seconds(tmp_path, monkeypatch, no_ray):  # noqa: F811
+    """No cached weights and no hub (offline): one line naming --pretrained and the way out,
+    before Ray (importing it fails here) and without the hub client's minute of retries."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(good_image(1))
+    t0 = time.time()
+    args = ["--model", "vit_tiny_patch16_224", "--pretrained", "--no-progress"]
+    code, err = cli_in_process(
+        "run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *args
+    )
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--pretrained: the weights of vit_tiny_patch16_224" in err and "--checkpoint" in err
+    assert time.time() - t0 < 30 and not (tmp_path / "out").exists()

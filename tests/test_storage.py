@@ -79,3 +79,17 @@ def test_parquet_readers_skip_a_killed_writers_temporary(tmp_path):
     # exactly what write_bytes would leave if killed between writing and renaming
     pq.write_table(pa.table({"x": [3]}), folder / ".part-00001.parquet.tmp-0123")
     assert pq.read_table(folder)["x"].to_pylist() == [1, 2]
+
+
+@pytest.mark.integration
+def test_write_new_creates_once_and_never_replaces(tmp_path, s3_server, monkeypatch):
+    """A part is published only if its name is free (local: a hard link; S3: If-None-Match)."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    opts = storage.StorageOptions(s3_endpoint=s3_server.endpoint, region="us-east-1")
+    s3_server.client().create_bucket(Bucket="once")
+    for uri in (str(tmp_path / "d" / "part-00000.parquet"), "s3://once/d/part-00000.parquet"):
+        assert storage.write_new(uri, b"first", opts) is True
+        assert storage.write_new(uri, b"second", opts) is False
+        assert storage.read_bytes(uri, opts) == b"first"
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["part-00000.parquet"]  # no temporary left

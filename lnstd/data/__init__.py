@@ -1,7 +1,7 @@
 """Data sources, decoding and preprocessing."""
 
 from .decode import DecodeError, decode_image, decode_mask
-from .sources import IMAGE_EXTENSIONS, Item, Source, open_source, read_mat_sample
+from .sources import IMAGE_EXTENSIONS, Item, Source, mat_ref, open_source, read_mat_sample
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -10,6 +10,7 @@ __all__ = [
     "Source",
     "decode_image",
     "decode_mask",
+    "mat_ref",
     "open_source",
     "read_mat_sample",
 ]

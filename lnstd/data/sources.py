@@ -2,11 +2,20 @@
 
 Every source streams :class:`Item` records in a deterministic order, so fixed-size shards get the
 same ids on every run (what resume relies on), and a listing of millions never sits in memory.
+
+Names are data: any name a file system allows is an input. A local name that is not UTF-8 keeps
+its bytes in a ``file://`` URI with percent-escapes (:func:`lnstd.storage.local_uri`; its id is its
+relative path escaped the same way), which every reader turns back into the same bytes. A file that
+is not a regular file (a FIFO, socket or device) is an input with the error "not a regular file",
+never opened. ``path#index`` references exist only for ``.mat`` inputs (:func:`mat_ref`).
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
+import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,7 +24,7 @@ import numpy as np
 from .. import storage
 from ..errors import InputError, one_line
 
-__all__ = ["IMAGE_EXTENSIONS", "Item", "Source", "open_source"]
+__all__ = ["IMAGE_EXTENSIONS", "Item", "Source", "mat_ref", "open_source"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -53,18 +62,51 @@ class Source:
         """Fail early, in one line, if the input cannot be read at all (missing, wrong format)."""
         next(iter(self.items()), None)
 
+    def notice(self) -> str:
+        """What the last listing left out and why (empty when nothing), for the plan's line."""
+        return ""
+
 
 class FolderSource(Source):
     """Every image file under a folder or S3 prefix, recursively; id = path relative to the root."""
 
     unique_ids = True
 
+    def __init__(self, uri: str, opts: storage.StorageOptions) -> None:
+        super().__init__(uri, opts)
+        self.unreadable: list[str] = []  # subfolders the last listing could not read
+
     def items(self) -> Iterator[Item]:
         root = self.uri.rstrip("/")
-        if not storage.is_s3(root):
-            root = storage.resolve(root, self.opts)[1]
-        for uri in storage.list_files(self.uri, IMAGE_EXTENSIONS, self.opts):
-            yield Item(image_id=uri[len(root) + 1 :], uri=uri)
+        if storage.is_s3(root):
+            for uri in storage.list_files(self.uri, IMAGE_EXTENSIONS, self.opts):
+                yield Item(image_id=uri[len(root) + 1 :], uri=uri)
+            return
+        root = storage.resolve(root, self.opts)[1]
+        self.unreadable = []
+        for path, regular in storage.walk_local(root, IMAGE_EXTENSIONS, self.unreadable):
+            rel = path[len(root) + 1 :]
+            yield Item(_id_text(rel), storage.local_uri(path),
+                       problem=None if regular else storage.NotRegularFileError.reason)  # fmt: skip
+
+    def notice(self) -> str:
+        if not self.unreadable:
+            return ""
+        first = os.path.relpath(self.unreadable[0], storage.resolve(self.uri, self.opts)[1])
+        n = len(self.unreadable)
+        return (
+            f"{n} subfolder{'s' if n > 1 else ''} could not be read, their images are not in the plan "
+            f"(first: {storage.local_uri(first)!r}; once readable, a rerun with --refresh-input adds them)"
+        )
+
+
+def _id_text(rel: str) -> str:
+    """A relative path as an id: itself when UTF-8, else its bytes percent-escaped (lossless)."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return urllib.parse.quote(os.fsencode(rel), safe="/")
 
 
 class ManifestSource(Source):
@@ -126,12 +168,15 @@ class ManifestSource(Source):
 
 
 def _absolute(base: str, uri: str) -> str:
-    """A manifest's URI as an absolute path or URI (relative ones are relative to the manifest)."""
+    """A manifest's URI as a normalised absolute path or URI (relative ones are relative to the
+    manifest): ``./a.png``, ``a.png`` and ``x/../a.png`` name one input, and so one uri."""
     if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    if "://" in uri or os.path.isabs(uri):
+        uri = storage.resolve(uri)[1]
+    elif "://" in uri:
         return uri
-    return storage.join(base, uri)
+    if storage.is_s3(base) and not os.path.isabs(uri):
+        return storage.join(base, posixpath.normpath(uri))
+    return storage.local_uri(os.path.normpath(os.path.join(base, uri)))
 
 
 def _label(value: object) -> tuple[int | None, str | None]:
@@ -178,12 +223,23 @@ class MatSource(Source):
             yield Item(image_id=f"{os.path.basename(self.uri)}#{i:05d}", uri=ref, mask_uri=ref)
 
 
+_MAT_REF = re.compile(r"\.mat#(\d+)$", re.IGNORECASE)
+
+
+def mat_ref(uri: str) -> tuple[str, int] | None:
+    """``path.mat#i`` -> (path, i), or None for any other uri (``x.mat#1.png`` is a PNG)."""
+    m = _MAT_REF.search(uri)
+    return (uri[: m.start() + 4], int(m.group(1))) if m else None
+
+
 def read_mat_sample(ref: str) -> tuple[np.ndarray, np.ndarray]:
     """``path#i`` -> (image uint8 (H, W, 3), mask bool (H, W)), transposed as docs/methods.md states."""
     import h5py
 
-    path, _, idx = ref.rpartition("#")
-    i = int(idx)
+    parsed = mat_ref(ref)
+    if parsed is None:
+        raise ValueError(f"not a .mat reference: {ref!r}")
+    path, i = parsed
     with h5py.File(path, "r") as f:
         img = np.array(f[f["/value/img"][i, 0]]).transpose(2, 1, 0)
         mask = np.array(f[f[f["/value/gt"][i, 0]][0, 0]]).transpose(1, 0)
