@@ -41,12 +41,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "viz":
-        return importlib.import_module(".viz", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
+    try:  # a submodule (lnstd.viz, lnstd.arch, ...), as an eager __init__ would have bound it
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
