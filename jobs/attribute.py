@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -500,12 +501,16 @@ class Scheduler:
 
 
 # --- the run -------------------------------------------------------------------------------------
-def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+def run(
+    cfg: RunConfig, progress: bool = True, finish: Callable[[dict[str, Any], Lease], None] | None = None
+) -> dict[str, Any]:
     """Run the job to completion (or resume it); returns the manifest written into the output.
 
     Order: validate (no writes) -> claim the output's lease (a second run stops here, in seconds)
     -> check the recorded run -> commit the plan (first run) -> start Ray and the actors -> shards
-    -> manifest. A run that fails before its first shard on a fresh output leaves nothing behind.
+    -> manifest -> ``finish(manifest, lease)`` (the CLI writes the report there, under the lease's
+    fence). A run that fails before its first shard on a fresh output leaves nothing behind; a rerun
+    of a finished output changes nothing in it (``finish`` is not called).
 
     Raises:
         LnstdError subclasses for everything a user can act on (bad flags, model, input, output,
@@ -531,9 +536,12 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                 return done
         if committed:
             _log(f"resuming: {len(committed)} of {plan.shards} shards already committed")
-        return _attribute(
+        manifest = _attribute(
             cfg, opts, run_id, plan, source, lease, committed, prior, resumed, t_start, progress
         )
+        if finish is not None:  # e.g. the report: written while this run still holds the output
+            finish(manifest, lease)
+        return manifest
     except BaseException:
         # A fresh output whose run failed before its first shard committed (a flag, the model, the
         # cluster's resources): nothing of it is worth keeping, so nothing is left behind.

@@ -16,7 +16,6 @@ __version__ = "0.1.0"
 _LAZY = {
     "Explainer": ".explain",
     "Explanation": ".explain",
-    "explain": ".explain",
     "UnsupportedModelError": ".arch",
     "list_methods": ".methods",
     "register": ".methods",
@@ -62,14 +61,36 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
-    if name == "viz":
-        return importlib.import_module(".viz", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
+    try:  # a submodule (lnstd.viz, lnstd.arch, ...), as an eager __init__ would have bound it
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+class _Package(types.ModuleType):
+    """``lnstd.explain`` is the function, as it was when this package imported eagerly, although a
+    submodule has the same name (the import system binds a loaded submodule on its package; here
+    that binding is kept aside instead of hiding the function)."""
+
+    @property
+    def explain(self) -> Any:
+        from .explain import explain
+
+        return explain
+
+    @explain.setter
+    def explain(self, module: Any) -> None:  # the import system binding the submodule
+        self.__dict__["_explain_module"] = module
+
+
+sys.modules[__name__].__class__ = _Package

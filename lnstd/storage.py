@@ -197,19 +197,32 @@ def read_bytes(uri: str, opts: StorageOptions | None = None) -> bytes:
     return retry(read, f"reading {uri}")
 
 
+def _temporary(path: str, data: bytes) -> str:
+    """``data`` written and synced to a temporary beside ``path``; returns its name. A dot-name:
+    Parquet dataset readers skip it, so a writer killed mid-write leaves nothing that a reader of
+    the folder would take for data (remove_temporaries clears it later)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return tmp
+
+
 def write_new(uri: str, data: bytes, opts: StorageOptions | None = None) -> bool:
     """Create ``uri`` with ``data``, complete or not at all, only if nothing is there yet; False if
     something is (it is left as it is). Local: a temporary, then a hard link to the name (which
     fails if the name exists). S3: ``PutObject`` with ``If-None-Match: *`` (a conditional create)."""
     fs, path = resolve(uri, opts)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        tmp = _temporary(path, data)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.link(tmp, path)
             return True
         except FileExistsError:
@@ -241,15 +254,8 @@ def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> No
     """
     fs, path = resolve(uri, opts)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # A dot-name: Parquet dataset readers skip it, so a writer killed mid-write leaves nothing
-        # that a reader of the folder would take for data (remove_temporaries clears it later).
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        tmp = _temporary(path, data)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

@@ -164,18 +164,26 @@ def test_a_killed_run_leaves_nothing_in_the_temp_folder_and_the_rerun_cleans_the
     assert not [p.name for p in scratch.iterdir() if p.name.startswith("lnstd-plan-")]
 
 
+def _job(tmp_path: Path, images: int) -> tuple[Path, list[str]]:
+    """A folder of ``images`` small images and the arguments of a quick run over it: (out, args)."""
+    ckpt = tiny_checkpoint(tmp_path)
+    _add_images(tmp_path / "in", range(images))
+    out = tmp_path / "out"
+    return out, ["run", "--input", str(tmp_path / "in"), "--output", str(out), *model_flags(ckpt), *QUICK]
+
+
+def _add_images(folder: Path, ks: range) -> None:
+    folder.mkdir(exist_ok=True)
+    for k in ks:
+        (folder / f"i{k:02d}.png").write_bytes(good_image(2 * k + 1))
+
+
 # --- outputs that heal --------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_a_truncated_and_an_empty_part_are_rewritten_by_the_rerun(tmp_path):
     import pyarrow.parquet as pq
 
-    ckpt = tiny_checkpoint(tmp_path)
-    (tmp_path / "in").mkdir()
-    for k in range(12):
-        (tmp_path / "in" / f"i{k:02d}.png").write_bytes(good_image(2 * k + 1))
-    out = tmp_path / "out"
-    args = ["run", "--input", str(tmp_path / "in"), "--output", str(out), *model_flags(ckpt),
-            *QUICK]  # fmt: skip
+    out, args = _job(tmp_path, 12)
     assert run_cli(*args).returncode == 0
     part0, part2 = out / "heatmaps" / "part-00000.parquet", out / "heatmaps" / "part-00002.parquet"
     part0.write_bytes(part0.read_bytes()[: part0.stat().st_size // 2])  # torn
@@ -193,16 +201,9 @@ def test_a_truncated_and_an_empty_part_are_rewritten_by_the_rerun(tmp_path):
 
 @pytest.mark.integration
 def test_a_refresh_killed_after_the_plan_grew_leaves_no_stale_success(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path)
-    (tmp_path / "in").mkdir()
-    for k in range(8):
-        (tmp_path / "in" / f"i{k:02d}.png").write_bytes(good_image(2 * k + 1))
-    out = tmp_path / "out"
-    args = ["run", "--input", str(tmp_path / "in"), "--output", str(out), *model_flags(ckpt),
-            *QUICK]  # fmt: skip
+    out, args = _job(tmp_path, 8)
     assert run_cli(*args).returncode == 0 and (out / "_SUCCESS").exists()
-    for k in range(8, 14):
-        (tmp_path / "in" / f"i{k:02d}.png").write_bytes(good_image(2 * k + 1))
+    _add_images(tmp_path / "in", range(8, 14))
     proc = subprocess.Popen([sys.executable, "-m", "lnstd", *args, "--refresh-input"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     plan = out / "_lnstd" / "plan" / "plan.json"
