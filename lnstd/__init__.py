@@ -47,19 +47,6 @@ __all__ = [
 ]
 
 
-class _Package(types.ModuleType):
-    """The package's module type: importing the submodule ``lnstd.explain`` (which the import system
-    binds as the package attribute ``explain``) must not hide the function ``lnstd.explain``."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
