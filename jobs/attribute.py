@@ -88,7 +88,7 @@ def validate(cfg: RunConfig, opts: storage.StorageOptions) -> Source:
     if cfg.checkpoint_sha256 is None and cfg.checkpoint:
         raise ModelError(f"checkpoint not found: {cfg.checkpoint}")
     name, model = check_model(cfg.model, cfg.checkpoint, **cfg.model_args)
-    if cfg.pretrained and not cfg.checkpoint:
+    if cfg.pretrained and not cfg.checkpoint and not str(cfg.model).startswith("hf:"):
         check_pretrained(name)  # cached or reachable, in seconds (the hub client retries a minute)
     if not cfg.methods:  # the default: every method that applies to this model
         from lnstd.arch import get_adapter
