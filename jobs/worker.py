@@ -83,6 +83,7 @@ def SCHEMA_FIELDS(heat: pa.DataType) -> list[tuple[str, pa.DataType]]:
         ("error_detail", pa.string()),
         ("shard", pa.int32()),
         ("elapsed_ms", pa.float32()),
+        ("completeness", pa.float32()),
     ]
 
 
@@ -332,6 +333,9 @@ class ShardWorker:
                     "heatmap": heat_col,
                     "grid_h": pa.array(np.full(n, gh, np.int32)),
                     "grid_w": pa.array(np.full(n, gw, np.int32)),
+                    "completeness": pa.array(out.completeness[m].cpu().numpy())
+                    if m in out.completeness
+                    else pa.nulls(n, pa.float32()),
                 }
                 for name in MASK_METRICS:
                     full = np.full(n, np.nan, np.float32)
@@ -398,6 +402,7 @@ def _cat(parts: list[lnstd.Explanation]) -> lnstd.Explanation:
         targets=torch.cat([p.targets for p in parts]),
         predicted=torch.cat([p.predicted for p in parts]),
         probabilities=torch.cat([p.probabilities for p in parts]),
+        completeness={m: torch.cat([p.completeness[m] for p in parts]) for m in parts[0].completeness},
     )
 
 

@@ -189,9 +189,7 @@ def evaluate(
             rout = random_explainer(x, out.targets)
             for m in methods:
                 collect[f"{m} (randomised model)"].update(rout.heatmaps[m], masks)
-                sanity[m].append(
-                    spearman(out.heatmaps[m], rout.heatmaps[m]).cpu().numpy()
-                )
+                sanity[m].append(spearman(out.heatmaps[m], rout.heatmaps[m]).cpu().numpy())
         n += x.shape[0]
         if progress:
             progress(x.shape[0])
