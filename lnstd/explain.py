@@ -129,9 +129,7 @@ class Explainer:
             get_method(name)  # unknown names fail before anything else
         self.model = model
         self.adapter = get_adapter(model)
-        if capture is None:
-            pass
-        elif capture not in CAPTURE_MODES:
+        if capture is not None and capture not in CAPTURE_MODES:
             raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
         elif capture == "fused" and not self.adapter.supports_fused_capture():
             raise UnsupportedModelError(
@@ -211,11 +209,11 @@ class Explainer:
                     result = PassResult(self.adapter, images.shape[0], session.features, feature_grads)
                     if session.walk is not None:
                         result.relevance_totals = session.walk.patch_totals
-                    score = logits.detach().gather(1, targets[:, None])[:, 0]
+                    explained = logits.detach().gather(1, targets[:, None])[:, 0]
                     for name, m in self._shared.items():
                         heat = runner.heatmap(name) if name in self._chains else m.compute(result)
                         heatmaps[name] = heat.float()
-                        c = m.completeness(heatmaps[name], score, result)
+                        c = m.completeness(heatmaps[name], explained, result)
                         if c is not None:
                             complete[name] = c.float()
         else:
@@ -223,11 +221,11 @@ class Explainer:
                 logits = self.model(images).float()
             targets = _targets(target, logits)
         logits = logits.detach()
-        score = logits.gather(1, targets[:, None])[:, 0]
+        explained = logits.gather(1, targets[:, None])[:, 0]
         for name, m in self.methods.items():
             if isinstance(m, PassMethod):
                 heatmaps[name] = m.explain(images, targets, autocast).float()
-                c = m.completeness(heatmaps[name], score, None)
+                c = m.completeness(heatmaps[name], explained, None)
                 if c is not None:
                     complete[name] = c.float()
         if self._exact is not None:
