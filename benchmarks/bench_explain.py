@@ -6,6 +6,8 @@ one batched call over a loop of single images. Ratios, not absolute times: this 
 and noisy. ``capture`` is how the attention and its gradient are read (``Explainer(capture=...)``):
 ``fused`` keeps the fused attention kernel and rebuilds them from q, k, v; ``unfused`` runs timm's
 unfused attention path; both give the same maps, and their rows show what the fused path saves.
+``default`` is what ``Explainer`` picks when no capture is given (per device; benchmarks/README.md,
+"The capture default"); its rows are labelled with the capture it resolved to.
 
     python benchmarks/bench_explain.py                          # CPU, batch 4, fp32, both captures
     python benchmarks/bench_explain.py --device cuda --precision bf16 \
@@ -93,15 +95,19 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
         for method in [*methods, "all"]:
             try:
                 ex = lnstd.Explainer(
-                    model, methods if method == "all" else [method], precision=args.precision, capture=capture
+                    model,
+                    methods if method == "all" else [method],
+                    precision=args.precision,
+                    capture=None if capture == "default" else capture,
                 )
             except UnsupportedModelError as exc:
                 print(f"{name} {capture} {method}: skipped ({exc})")
                 continue
-            keys.append((capture, method))
-            fns[f"{capture}:{method}"] = lambda ex=ex: ex(x)
+            label = f"default ({ex.capture_for(device)})" if capture == "default" else capture
+            keys.append((label, method))
+            fns[f"{label}:{method}"] = lambda ex=ex: ex(x)
             if method != "all" and capture == loop_capture and not args.no_loop:
-                fns[f"loop:{capture}:{method}"] = lambda ex=ex: [ex(s) for s in singles]
+                fns[f"loop:{label}:{method}"] = lambda ex=ex: [ex(s) for s in singles]
     t = timed_all(fns, device, args.repeats)
     rows = []
     for capture, method in keys:
@@ -148,7 +154,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="default 4 on the CPU, 64 on a GPU")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--methods", default="", help="comma list (default: every method, lnstd.list_methods())")
-    p.add_argument("--captures", default="fused,unfused", help="comma list of Explainer capture modes")
+    p.add_argument(
+        "--captures",
+        default="fused,unfused",
+        help="comma list of Explainer capture modes, and 'default' (the Explainer's choice for the device)",
+    )
     p.add_argument(
         "--loop-images", type=int, default=None, help="single images in the loop (default 2 CPU, 16 GPU)"
     )

@@ -122,7 +122,7 @@ def _add_method_flags(p: argparse.ArgumentParser, default: str = DEFAULT_METHODS
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument(
         "--capture", choices=["fused", "unfused"], default=None,
-        help="how attention is read (default: fused where exact; both give the same maps)",
+        help="how attention is read (default: unfused on the CPU, fused on CUDA where exact; same maps)",
     )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from .explain import Explainer
 from .metrics.mask import mask_metrics
 from .metrics.perturbation import PERTURBATION_METRICS, auc, perturbation_curves
+from .metrics.rank import spearman
 from .metrics.registry import eval_metrics, higher_is_better
 from .metrics.segmentation import SegmentationMeter
 
@@ -65,14 +66,6 @@ def randomized_copy(model: nn.Module, seed: int = 1) -> nn.Module:
     if hasattr(clone, "init_weights"):
         clone.init_weights()
     return clone.eval()
-
-
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row Spearman rank correlation of (B, n) tensors."""
-    ra = a.argsort(1).argsort(1).double()
-    rb = b.argsort(1).argsort(1).double()
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp(min=1e-12)
 
 
 class _Collector:
@@ -196,9 +189,7 @@ def evaluate(
             rout = random_explainer(x, out.targets)
             for m in methods:
                 collect[f"{m} (randomised model)"].update(rout.heatmaps[m], masks)
-                sanity[m].append(
-                    _spearman(out.heatmaps[m].flatten(1), rout.heatmaps[m].flatten(1)).cpu().numpy()
-                )
+                sanity[m].append(spearman(out.heatmaps[m], rout.heatmaps[m]).cpu().numpy())
         n += x.shape[0]
         if progress:
             progress(x.shape[0])

@@ -35,6 +35,9 @@ class Explanation:
         elapsed_ms: method name -> milliseconds the batch cost that method: its own computation
             plus an equal share of the forward/backward pass it shares with the other methods (so
             the values add up to the whole call).
+        completeness: method name -> (B,) float32, for the methods that define it (``attnlrp``: the
+            map's sum over the explained logit; ``transformer_attribution``: the share of the LRP
+            walk's relevance that reaches the patch tokens; docs/lrp.md, "Completeness").
     """
 
     heatmaps: dict[str, torch.Tensor]
@@ -84,6 +87,8 @@ class _Clock:
         self.charge(None)
         shared = (self.mark - self.start) * 1000 - sum(self.own.values())
         return {m: self.own.get(m, 0.0) + (shared / len(sharers) if m in sharers else 0.0) for m in methods}
+
+    completeness: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _targets(target: int | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
@@ -135,11 +140,15 @@ class Explainer:
             ``DeiTForImageClassification[WithTeacher]`` or ``SwinForImageClassification`` (lnstd/hf.py).
         methods: names from :func:`lnstd.list_methods`.
         precision: "fp32", or "bf16"/"fp16" to run the model under autocast; the relevance
-            arithmetic is float32 either way.
+            arithmetic is float32 either way. The methods with an LRP walk in the shared pass
+            (``transformer_attribution``, ``lnstd`` on its base) read float32 activations: under
+            bf16/fp16 they get a float32 pass of their own (docs/lrp.md, "Numerics").
         capture: "fused" keeps the model's fused attention kernel and rebuilds each block's
             attention and its gradient from q, k, v (memory of one block at a time); "unfused"
-            reads them off timm's unfused attention path. Default: fused where the architecture
-            allows it exactly, else unfused. Both give the same maps.
+            reads them off timm's unfused attention path. Default (None): per device, the faster
+            of the two where both are exact: fused on CUDA, unfused on CPU
+            (benchmarks/README.md, "The capture default"); unfused where the architecture has no
+            exact fused capture. Both give the same maps.
         **options: method options (``lnstd methods`` lists them): ``name=value`` goes to every
             method that declares ``name`` (e.g. ``blocks=2``), ``**{"lnstd.std": "multiply"}`` to
             one method.
@@ -172,26 +181,48 @@ class Explainer:
         self._hf = view(model)
         self.model = model = self._hf.model if self._hf is not None else model
         self.adapter = get_adapter(model)
-        if capture is None:
-            capture = "fused" if self.adapter.supports_fused_capture() else "unfused"
-        elif capture not in CAPTURE_MODES:
+        if capture is not None and capture not in CAPTURE_MODES:
             raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
         elif capture == "fused" and not self.adapter.supports_fused_capture():
             raise UnsupportedModelError(
                 f"capture='fused' is not available for {type(model).__name__} (its attention cannot be "
                 "rebuilt exactly from q and k); use capture='unfused'"
             )
-        self.capture = capture
+        self.capture_request = capture
         self.precision = precision
         per = split_options(methods, options)
         self.methods: dict[str, Method] = {
             name: get_method(name)(self.adapter, **per[name]) for name in methods
         }
-        self._shared = {n: m for n, m in self.methods.items() if not isinstance(m, PassMethod)}
+        shared = {n: m for n, m in self.methods.items() if not isinstance(m, PassMethod)}
+        # The LRP walk's divisions amplify the rounding of the activations it reads (docs/lrp.md):
+        # under bf16/fp16 the methods that read it run in a float32 pass of their own.
+        walk = [n for n, m in shared.items() if m.needs().relevance] if precision != "fp32" else []
+        self._exact = (
+            Explainer(
+                model, walk, capture=capture, **{f"{n}.{k}": v for n in walk for k, v in per[n].items()}
+            )
+            if walk
+            else None
+        )
+        self._shared = {n: m for n, m in shared.items() if n not in walk}
         self._chains = {n: m for n, m in self._shared.items() if isinstance(m, ChainMethod)}
         self._needs = Needs()
         for m in self._shared.values():
             self._needs.add(m.needs())
+
+    @property
+    def capture(self) -> str:
+        """The capture used for the model where it is now (see ``capture`` above)."""
+        return self.capture_for(next(self.model.parameters()).device)
+
+    def capture_for(self, device: torch.device) -> str:
+        """The capture used for inputs on ``device``: the one asked for, else the device's default."""
+        if self.capture_request is not None:
+            return self.capture_request
+        if not self.adapter.supports_fused_capture():
+            return "unfused"
+        return "fused" if device.type == "cuda" else "unfused"
 
     @property
     def options(self) -> dict[str, dict[str, Any]]:
@@ -215,8 +246,10 @@ class Explainer:
         autocast = self._autocast(images.device)
         clock = _Clock(images.device)
         heatmaps: dict[str, torch.Tensor] = {}
+        complete: dict[str, torch.Tensor] = {}
         if self._shared:
-            with Session(self.model, self.adapter, self._needs, self.capture) as session:
+            capture = self.capture_for(images.device)
+            with Session(self.model, self.adapter, self._needs, capture) as session:
                 session.batch = images.shape[0]
                 if session.walk is not None:  # the LRP relevance walk serves only the methods that need it
                     users = [n for n, m in self._shared.items() if m.needs().relevance]
@@ -258,20 +291,37 @@ class Explainer:
                 with torch.no_grad():
                     feature_grads = session.backward(score, feed, targets)
                     result = PassResult(self.adapter, images.shape[0], session.features, feature_grads)
+                    if session.walk is not None:
+                        result.relevance_totals = session.walk.patch_totals
+                    explained = logits.detach().gather(1, targets[:, None])[:, 0]
                     clock.charge(None)
                     for name, m in self._shared.items():
                         heat = runners[name].heatmap(name) if name in runners else m.compute(result)
                         heatmaps[name] = heat.float()
+                        c = m.completeness(heatmaps[name], explained, result)
+                        if c is not None:
+                            complete[name] = c.float()
                         clock.charge(name)
         else:
             with restored(self.model, self.adapter, unfused=False), torch.no_grad(), autocast():
                 logits = self.model(images).float()
             targets = _targets(target, logits)
+        logits = logits.detach()
+        explained = logits.gather(1, targets[:, None])[:, 0]
         for name, m in self.methods.items():
             if isinstance(m, PassMethod):
                 clock.charge(None)
                 heatmaps[name] = m.explain(images, targets, autocast).float()
+                c = m.completeness(heatmaps[name], explained, None)
+                if c is not None:
+                    complete[name] = c.float()
                 clock.charge(name)
+        if self._exact is not None:  # the LRP walk's methods under bf16/fp16: their float32 pass
+            clock.charge(None)
+            exact = self._exact(images, targets)
+            heatmaps.update(exact.heatmaps)
+            complete.update(exact.completeness)
+            clock.charge(list(exact.heatmaps))
         heatmaps = {name: heatmaps[name] for name in self.methods}
         elapsed = clock.split(list(self.methods), list(self._shared) or list(self.methods))
         logits = logits.detach()
@@ -283,6 +333,7 @@ class Explainer:
             predicted=logits.argmax(dim=1),
             probabilities=probs.gather(1, targets[:, None]).squeeze(1),
             elapsed_ms=elapsed,
+            completeness={name: complete[name] for name in self.methods if name in complete},
         )
 
 

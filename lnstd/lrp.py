@@ -28,6 +28,7 @@ from .arch.base import (
     AttentionParts,
     LRPOperands,
     UnsupportedModelError,
+    is_rms_norm,
     merge_qkv,
     split_qkv,
     token_std,
@@ -132,7 +133,8 @@ class AttentionRelevance:
     asked for upwards, the head, the mergings in between). :meth:`start` sends the one-hot target
     through the head; :meth:`step` must then see every block from the last down to the lowest, in
     that order: it stores ``R_A`` (B * nW, heads, T, T) in the block's view as
-    ``"attention_relevance"`` and carries the relevance to the block's input.
+    ``"attention_relevance"``, carries the relevance to the block's input and keeps the part of it on
+    the patch tokens, per image, in :attr:`patch_totals` (``transformer_attribution``'s completeness).
     """
 
     def __init__(self, adapter: Adapter, blocks: set[int]) -> None:
@@ -143,6 +145,8 @@ class AttentionRelevance:
         self.merges = {i: m for i, m in adapter.lrp_merges().items() if i > self.lowest}
         self.saved: dict[int, dict[str, Any]] = {}
         self.r: torch.Tensor | None = None  # (B, N, C) at the output of the next block down
+        # block -> (B,) relevance reaching the patch tokens of its input (prefix tokens left out)
+        self.patch_totals: dict[int, torch.Tensor] = {}
 
     def install(self, register: Register) -> None:
         """Register the capture hooks (``register`` keeps the handles for removal)."""
@@ -242,9 +246,6 @@ class AttentionRelevance:
         r_out = r_out.reshape(r_out.shape[0], t, v.shape[1], -1).transpose(1, 2)
         r_a, r_v = bilinear_relevance(view.attention, v, r_out)
         view.cache["attention_relevance"] = r_a
-        if i == self.lowest:
-            self.r = None
-            return
         # softmax and attention dropout: identity; the scale and the logits' bias/mask are constants;
         # q/k norms and the L2 normalisation of cosine attention: identity; a rotary embedding: Linear
         r_q, r_kt = bilinear_relevance(ops.q.float(), ops.k.float().transpose(-2, -1), r_a)
@@ -259,6 +260,10 @@ class AttentionRelevance:
         r_in = linear_relevance(s["attn_in"].float(), ops.weight.float(), r_qkv)
         r_norm1 = wm.from_windows(r_in.reshape(batch, wm.num_windows, t, -1))  # norm1: identity
         r = clone_relevance(x, r_x, r_norm1)
+        self.patch_totals[i] = self.adapter.to_grid(r.sum(dim=-1), view.shape).sum(dim=(1, 2))
+        if i == self.lowest:
+            self.r = None
+            return
         if i in self.merges:  # patch merging: reduction Linear, norm (identity), 2x2 layout undone
             m = self.merges[i]
             red = s["reduction_in"].float()
@@ -301,7 +306,7 @@ def _norm_rule(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable:
 
 
 def _check_norm(module: nn.Module) -> None:
-    channel_norm = isinstance(module, nn.LayerNorm) or type(module).__name__ in ("RmsNorm", "RMSNorm")
+    channel_norm = isinstance(module, nn.LayerNorm) or is_rms_norm(module)
     if not channel_norm or len(tuple(getattr(module, "normalized_shape", ()))) != 1:
         raise UnsupportedModelError(
             f"attnlrp has no rule for {type(module).__name__}: it knows LayerNorm and RMSNorm over channels"

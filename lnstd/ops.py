@@ -15,15 +15,22 @@ def upsample(heat: torch.Tensor, size: tuple[int, int] | int) -> torch.Tensor:
     return F.interpolate(heat[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
+# A spread of at most this many float32 units in the last place of a map's magnitude is rounding:
+# bilinear upsampling of a constant map spreads it by up to 2 (measured over sizes and values).
+ROUNDING_ULPS = 4
+
+
 def minmax(heat: torch.Tensor) -> torch.Tensor:
     """Scale each map of (B, ...) to [0, 1]; constant maps become all zeros.
 
-    A map whose spread is float rounding (below 1e-6 of its magnitude, as bilinear upsampling
-    of a constant map produces) counts as constant, rather than having its noise stretched.
+    A map whose spread is what float32 cannot resolve (``ROUNDING_ULPS`` units of float32 precision
+    of its magnitude, as bilinear upsampling of a constant map produces) counts as constant, rather
+    than having its rounding stretched; any larger spread is signal and is stretched.
     """
     flat = heat.reshape(heat.shape[0], -1).float()
     lo = flat.min(dim=1, keepdim=True).values
     span = flat.max(dim=1, keepdim=True).values - lo
-    constant = span <= 1e-6 * flat.abs().amax(dim=1, keepdim=True)
+    resolution = ROUNDING_ULPS * torch.finfo(torch.float32).eps
+    constant = span <= resolution * flat.abs().amax(dim=1, keepdim=True)
     out = (flat - lo) / torch.where(constant, torch.ones_like(span), span)
     return torch.where(constant, torch.zeros_like(out), out).reshape(heat.shape)

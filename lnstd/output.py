@@ -75,6 +75,7 @@ def row_fields(heat: pa.DataType) -> list[tuple[str, pa.DataType]]:
         ("error_detail", pa.string()),
         ("shard", pa.int32()),
         ("elapsed_ms", pa.float32()),
+        ("completeness", pa.float32()),
     ]
 
 

@@ -3,7 +3,8 @@
 Every per-block operator is kept in window layout, (B, nW, T, T): a ViT block is a single window of
 all N tokens, a Swin block has one window per (shifted) local window. The dense N x N matrix never
 exists; only the readout vector ``v`` (one row, or the column sums, of R) is carried, top-down:
-``v <- v + v M_b`` (residual chains) or ``v <- v M_b`` (rollout, raw attention).
+``v <- v + v M_b`` (residual chains, whose identity part is carried apart from the rest) or
+``v <- v M_b`` (rollout, raw attention).
 """
 
 from __future__ import annotations
@@ -80,14 +81,19 @@ class ChainRunner:
     """Carries every chain method's readout vector down the blocks as the blocks arrive.
 
     Blocks must be fed in descending order (the order the backward pass visits them); each method
-    reads only the blocks it selected (the last k, contiguous). ``v <- v + v M_b`` for residual
-    chains (``R_b = R_{b-1} + M_b R_{b-1}``), ``v <- v M_b`` otherwise.
+    reads only the blocks it selected (the last k, contiguous). ``v <- v M_b`` for chains without
+    the identity (rollout, raw attention). Residual chains (``R_b = R_{b-1} + M_b R_{b-1}``, so
+    ``v <- v + v M_b``) carry the readout of the identity, ``v0`` (the start vector, moved down
+    through the mergings), and the off-identity part ``d`` separately: ``d <- d + (v0 + d) M_b``,
+    and the map is read from ``d``. For pooled models ``v0`` is a constant on the patch tokens that
+    can be orders of magnitude above ``d``; summed in float32 it would round ``d`` away.
     """
 
     def __init__(self, adapter: Adapter, methods: dict[str, ChainLike]) -> None:
         self.adapter = adapter
         self.methods = methods
-        self._v: dict[str, torch.Tensor] = {}
+        self._v: dict[str, torch.Tensor] = {}  # v (no identity) or d (residual)
+        self._v0: dict[str, torch.Tensor] = {}  # residual chains: the identity's readout
         self._shape: dict[str, torch.Size] = {}
 
     def feed(self, view: BlockView) -> None:
@@ -100,14 +106,22 @@ class ChainRunner:
                 if view.index != m.blocks[-1]:
                     raise RuntimeError(f"{name}: block {view.index} arrived before the last block")
                 v = self.adapter.readout_start(view.shape, mat.shape[0], mat.device)
+                if m.residual:
+                    v0, v = v, torch.zeros_like(v)
             else:
                 v = self.adapter.step_down(self._v[name], self._shape[name], view.shape)
-            vm = apply(v, mat, view.wm)
-            self._v[name] = v + vm if m.residual else vm
+                if m.residual:
+                    v0 = self.adapter.step_down(self._v0[name], self._shape[name], view.shape)
+            if m.residual:
+                self._v[name] = v + apply(v0 + v, mat, view.wm)
+                self._v0[name] = v0
+            else:
+                self._v[name] = apply(v, mat, view.wm)
             self._shape[name] = view.shape
 
     def heatmap(self, name: str) -> torch.Tensor:
-        """The (B, h, w) map of method ``name`` once all its blocks were fed."""
+        """The (B, h, w) map of method ``name`` once all its blocks were fed (residual chains: the
+        off-identity part, docs/methods.md "Readout")."""
         if name not in self._v:
             raise RuntimeError(f"{name}: no block was fed")
         return self.adapter.to_grid(self._v[name], self._shape[name])

@@ -298,6 +298,9 @@ class RowBuilder:
                     "heatmap": heat_col,
                     "grid_h": pa.array(np.full(n, gh, np.int32)),
                     "grid_w": pa.array(np.full(n, gw, np.int32)),
+                    "completeness": pa.array(out.completeness[m].cpu().numpy())
+                    if m in out.completeness
+                    else pa.nulls(n, pa.float32()),
                 }
                 for name in MASK_METRICS:
                     full = np.full(n, np.nan, np.float32)
@@ -333,6 +336,7 @@ def _cat(parts: list[lnstd.Explanation]) -> lnstd.Explanation:
         predicted=torch.cat([p.predicted for p in parts]),
         probabilities=torch.cat([p.probabilities for p in parts]),
         elapsed_ms={m: sum(p.elapsed_ms[m] for p in parts) for m in parts[0].heatmaps},
+        completeness={m: torch.cat([p.completeness[m] for p in parts]) for m in parts[0].completeness},
     )
 
 

@@ -177,15 +177,19 @@ def reference_heatmap(
         n = mats_A[k].shape[-1]
         if R is None:
             R = torch.eye(n, dtype=torch.float64)
+            R0 = R.clone()  # the identity's part of R: the mergings alone
             if not residual:
                 R = per_block(k)
                 prev = k
                 continue
         elif swin and grids[k] != grids[prev]:
             R = merge_matrix(grids[k], grids[prev]) @ R
+            R0 = merge_matrix(grids[k], grids[prev]) @ R0
         M = per_block(k)
         R = R + M @ R if residual else M @ R
         prev = k
+    if residual:  # residual chains: the map is read from R minus its identity part (METHODS readout)
+        R = R - R0
 
     if swin:
         H, W = grids[sel[0]]

@@ -320,8 +320,9 @@ def ta_rope(parts, R):
 
 
 @torch.no_grad()
-def ta_attention_relevance(model, image, target):
-    """R_A of every block (window layout (nW, heads, T, T)), walking the authors' relprop down."""
+def ta_attention_relevance(model, image, target, with_input=False):
+    """R_A of every block (window layout (nW, heads, T, T)), walking the authors' relprop down; with
+    ``with_input``, also the relevance of the first block's input tokens, (N, C)."""
     m, rec, _ = record(model, image)
     grid = _is_grid(m)
     blocks = _blocks(m)
@@ -392,7 +393,7 @@ def ta_attention_relevance(model, image, target):
             red_in = rec[f"merge{s}.reduction.in"]
             r4 = ta_linear(red_in.reshape(-1, red_in.shape[-1]), m.layers[s].downsample.reduction.weight, R)
             R = unmerge(r4.reshape(*red_in.shape[:2], -1), rec[f"merge{s}.in"].shape[:2])
-    return out
+    return (out, R) if with_input else out
 
 
 # --- AttnLRP (Achtibat et al. 2024), explicit rules ------------------------------------------------------

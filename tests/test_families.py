@@ -143,7 +143,7 @@ MODELS = {
     "beit": make_beit,
     "beit_token": make_beit_token,
 }
-# family, prefix tokens, default capture, std side of every block
+# family, prefix tokens, default capture on CUDA (CPU: always unfused), std side of every block
 FACTS = {
     "deit": ("deit", 2, "fused", "key"),
     "swinv2": ("swinv2", 0, "unfused", "query"),
@@ -161,7 +161,9 @@ def test_adapter_facts(arch):
     ad = get_adapter(model)
     family, prefix, capture, side = FACTS[arch]
     assert (ad.family, ad.num_prefix) == (family, prefix)
-    assert lnstd.Explainer(model, ["gae"]).capture == capture
+    ex = lnstd.Explainer(model, ["gae"])
+    assert ex.capture_for(torch.device("cuda")) == capture
+    assert ex.capture == ex.capture_for(torch.device("cpu")) == "unfused"
     assert {b.std_side for b in ad.blocks} == {side}
 
 

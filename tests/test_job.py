@@ -303,7 +303,8 @@ def test_missing_credentials_say_which(tmp_path):
 
 
 def test_topk_targets_png_column_and_partial_masks(ckpt, tmp_path):
-    """--target topk:2 writes one row per image x method x class; --save-png at the image's size."""
+    """--target topk:2 writes one row per image x method x class; --save-png at the image's size;
+    ``completeness`` is filled for attnlrp only."""
     import csv
     import io
 
@@ -320,12 +321,15 @@ def test_topk_targets_png_column_and_partial_masks(ckpt, tmp_path):
             mask.save(tmp_path / "in" / f"m{k}.png")
             w.writerow([n, k % 5, f"m{k}.png" if k % 2 else ""])
     r = run_cli("run", "--input", str(tmp_path / "in" / "list.csv"), "--output", str(tmp_path / "out"),
-                *model_flags(ckpt), "--methods", "gae,gradcam", "--target", "topk:2", "--save-png",
+                *model_flags(ckpt), "--methods", "gae,gradcam,attnlrp", "--target", "topk:2", "--save-png",
                 "--batch-size", "4", *FAST)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_rows(tmp_path / "out")
-    assert len(rows) == 6 * 2 * 2
-    assert len({(r["image_id"], r["method"], r["target"]) for r in rows}) == 24
+    assert len(rows) == 6 * 3 * 2
+    assert len({(r["image_id"], r["method"], r["target"]) for r in rows}) == 36
+    for row in rows:
+        assert (row["completeness"] is not None) == (row["method"] == "attnlrp")
+        assert row["method"] != "attnlrp" or 0 < abs(row["completeness"]) < 10
     for row in rows:
         png = Image.open(io.BytesIO(row["heatmap_png"]))
         assert png.size == (row["width"], row["height"])

@@ -135,3 +135,25 @@ def test_auc_is_the_trapezoid_rule():
     np.testing.assert_allclose(
         auc(curve).numpy(), [0.9, np.trapezoid([1 - 0.1 * k for k in range(10)], dx=0.1)], rtol=1e-6
     )
+
+
+def test_spearman_with_ties_equals_scipy():
+    """Grad-CAM-like maps (ReLU zeros) and coarse values tie; ties share their average rank, as in
+    scipy.stats.spearmanr, instead of being ordered by position."""
+    from scipy.stats import rankdata, spearmanr
+
+    from lnstd.metrics.rank import average_ranks, spearman
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.relu(torch.randn(6, 7, 7, generator=g))  # about half the cells tie at 0
+    b = torch.relu(torch.randn(6, 7, 7, generator=g) + 0.3 * a)
+    b[3] = torch.round(b[3] * 2) / 2  # ties at several values
+    b[4] = a[4] * 3  # the same ranking: 1
+    assert (a == 0).float().mean() > 0.3
+    expected = [spearmanr(x, y).statistic for x, y in zip(a.flatten(1).numpy(), b.flatten(1).numpy())]
+    torch.testing.assert_close(
+        spearman(a, b), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12
+    )
+    assert spearman(a, b)[4] == pytest.approx(1.0, abs=1e-12)
+    torch.testing.assert_close(average_ranks(b.flatten(1)), torch.tensor(rankdata(b.flatten(1), axis=1)))
+    assert spearman(torch.zeros(1, 9), torch.randn(1, 9, generator=g)).item() == 0  # no ranking at all

@@ -21,6 +21,7 @@ __all__ = [
     "UnsupportedModelError",
     "WindowMap",
     "biased_qkv",
+    "is_rms_norm",
     "merge_qkv",
     "split_qkv",
     "token_std",
@@ -226,6 +227,13 @@ class WindowMap:
         return out[:, : self.num_tokens]
 
 
+def is_rms_norm(norm: nn.Module) -> bool:
+    """timm's ``RmsNorm`` or torch's ``RMSNorm`` (subclasses included)."""
+    from timm.layers import RmsNorm
+
+    return isinstance(norm, (RmsNorm, getattr(nn, "RMSNorm", RmsNorm)))
+
+
 def token_std(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What a LayerNorm divides each token by: ``sqrt(Var_channels(x) + eps)``, biased, float32.
 
@@ -235,7 +243,7 @@ def token_std(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     eps = float(getattr(norm, "eps", 1e-6) or 1e-6)
     if isinstance(norm, nn.LayerNorm):
         return torch.sqrt(x.var(dim=-1, unbiased=False) + eps)
-    if type(norm).__name__ in ("RmsNorm", "RMSNorm"):
+    if is_rms_norm(norm):
         return torch.sqrt(x.pow(2).mean(dim=-1) + eps)
     raise UnsupportedModelError(
         f"token std: norm1 of type {type(norm).__name__} is not a LayerNorm or RMSNorm"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from timm.models.beit import Attention, Block
 
 from .base import BlockRef, LRPOperands, biased_qkv, split_qkv
 from .tokens import lrp_block, token_blocks
@@ -33,9 +34,9 @@ class BeitAdapter(ViTAdapter):
     def _find_blocks(self) -> list[BlockRef]:
         return token_blocks(
             self.model,
-            {"Block": "key"},
+            {Block: "key"},
             self.family,
-            lambda blk, post: lrp_block(blk, post, "Attention", blk.attn.proj),
+            lambda blk, post: lrp_block(blk, post, Attention, blk.attn.proj),
         )
 
     def lrp_operands(self, block: BlockRef, x: torch.Tensor, kwargs: dict[str, Any]) -> LRPOperands:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
+from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
 
 from .base import BlockRef, LRPOperands, UnsupportedModelError, biased_qkv, split_qkv
 from .tokens import lrp_block, token_blocks
@@ -37,9 +38,9 @@ class EvaAdapter(ViTAdapter):
     def _find_blocks(self) -> list[BlockRef]:
         return token_blocks(
             self.model,
-            {"EvaBlock": "key", "EvaBlockPostNorm": "query"},
+            {EvaBlock: "key", EvaBlockPostNorm: "query"},
             self.family,
-            lambda blk, post: lrp_block(blk, post, "EvaAttention", blk.attn.norm),
+            lambda blk, post: lrp_block(blk, post, EvaAttention, blk.attn.norm),
         )
 
     def lrp_operands(self, block: BlockRef, x: torch.Tensor, kwargs: dict[str, Any]) -> LRPOperands:

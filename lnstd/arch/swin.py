@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from timm.layers import ClassifierHead, Mlp
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 from torch import nn
 
 from .base import (
@@ -15,6 +17,7 @@ from .base import (
     UnsupportedModelError,
     WindowMap,
 )
+from .vit import runs_forward_of
 
 __all__ = ["SwinAdapter", "swin_window_index"]
 
@@ -42,6 +45,7 @@ class SwinAdapter(Adapter):
     """Token space of a block = its stage grid (H_s x W_s, row-major); no prefix tokens."""
 
     family = "swin"
+    merging: type[nn.Module] = PatchMerging  # timm's patch merging of this family
 
     def __init__(self, model: nn.Module) -> None:
         pool = getattr(model, "global_pool", "avg")
@@ -59,15 +63,20 @@ class SwinAdapter(Adapter):
             for blk in stage.blocks:
                 attn = getattr(blk, "attn", None)
                 drop = getattr(attn, "attn_drop", None)
-                if drop is None or not hasattr(attn, "fused_attn") or not hasattr(blk, "shift_size"):
+                if (
+                    not isinstance(blk, SwinTransformerBlock)
+                    or drop is None
+                    or not hasattr(attn, "fused_attn")
+                    or not hasattr(blk, "shift_size")
+                ):
                     raise UnsupportedModelError(
                         f"{type(self.model).__name__} block {len(refs)} ({type(blk).__name__}) "
                         "is not a timm SwinTransformerBlock with WindowAttention"
                     )
-                fused = type(attn).__name__ == "WindowAttention" and hasattr(attn, "qkv")
+                fused = runs_forward_of(attn, WindowAttention) and hasattr(attn, "qkv")
                 mlp = blk.mlp
                 lrp = None
-                if fused and type(mlp).__name__ == "Mlp":
+                if fused and isinstance(mlp, Mlp):
                     lrp = LRPRef(
                         proj=attn.proj,
                         mid=blk.norm2,
@@ -135,7 +144,7 @@ class SwinAdapter(Adapter):
 
     def lrp_head(self) -> HeadRef | None:
         head = self.model.head
-        if type(head).__name__ != "ClassifierHead" or not isinstance(getattr(head, "fc", None), nn.Linear):
+        if not isinstance(head, ClassifierHead) or not isinstance(getattr(head, "fc", None), nn.Linear):
             return None
         norms = [m.norm for m in self.lrp_merges().values()] + [self.model.norm]
         return HeadRef(tokens=self.model.norm, fc=head.fc, norms=tuple(norms))
@@ -144,7 +153,7 @@ class SwinAdapter(Adapter):
         merges, first = {}, 0
         for stage in self.model.layers:
             ds = stage.downsample
-            if type(ds).__name__ == "PatchMerging":
+            if isinstance(ds, self.merging):
                 merges[first] = MergeRef(ds, ds.norm, ds.reduction)
             elif not isinstance(ds, nn.Identity):
                 raise UnsupportedModelError(f"Swin downsample {type(ds).__name__} is not timm's PatchMerging")

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.swin_transformer_v2 import PatchMerging, SwinTransformerV2Block
 from torch import nn
 
 from .base import BlockRef, LRPOperands, LRPRef, UnsupportedModelError, biased_qkv, split_qkv
@@ -32,6 +34,7 @@ class SwinV2Adapter(SwinAdapter):
     """
 
     family = "swinv2"
+    merging = PatchMerging
     lrp_normalize_calls = True
 
     def _find_blocks(self) -> list[BlockRef]:
@@ -40,7 +43,7 @@ class SwinV2Adapter(SwinAdapter):
             for blk in stage.blocks:
                 attn = getattr(blk, "attn", None)
                 if (
-                    type(blk).__name__ != "SwinTransformerV2Block"
+                    not isinstance(blk, SwinTransformerV2Block)
                     or getattr(attn, "attn_drop", None) is None
                     or not hasattr(attn, "logit_scale")
                 ):
@@ -65,7 +68,7 @@ def _with_lrp(ref: BlockRef) -> BlockRef:
     """``x + drop_path1(norm1(attn(x)))``, then ``x + drop_path2(norm2(mlp(x)))`` (reshaped to tokens)."""
     blk, attn = ref.block, ref.attn
     mlp = blk.mlp
-    if type(mlp).__name__ != "Mlp":
+    if not isinstance(mlp, Mlp):
         return replace(ref, lrp_problem=f"its MLP is a {type(mlp).__name__}, not timm's Mlp")
     norms = tuple(m for m in (blk.norm1, blk.norm2, mlp.norm) if not isinstance(m, nn.Identity))
     lrp = LRPRef(

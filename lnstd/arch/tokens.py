@@ -14,7 +14,7 @@ __all__ = ["lrp_block", "token_blocks"]
 
 def token_blocks(
     model: nn.Module,
-    std_side: Mapping[str, str],
+    std_side: Mapping[type[nn.Module], str],
     family: str,
     lrp: Callable[[nn.Module, bool], LRPRef | str],
 ) -> list[BlockRef]:
@@ -23,8 +23,8 @@ def token_blocks(
     Args:
         model: a model whose ``blocks`` each hold ``norm1`` and an ``attn`` with an ``attn_drop``
             dropout (where timm's unfused path exposes the attention probabilities).
-        std_side: accepted block class name -> where its norm1 sits: ``"key"`` (pre-norm, before
-            the attention) or ``"query"`` (post-norm, after it).
+        std_side: accepted block class (subclasses included) -> where its norm1 sits: ``"key"``
+            (pre-norm, before the attention) or ``"query"`` (post-norm, after it).
         family: the family name, for the error message.
         lrp: (block, whether it is post-norm) -> its LRP view, or why the LRP rules do not know it.
     """
@@ -33,12 +33,12 @@ def token_blocks(
         attn = getattr(blk, "attn", None)
         drop = getattr(attn, "attn_drop", None)
         norm1 = getattr(blk, "norm1", None)
-        side = std_side.get(type(blk).__name__)
+        side = next((s for cls, s in std_side.items() if isinstance(blk, cls)), None)
         if side is None or not isinstance(drop, nn.Dropout) or norm1 is None:
             raise UnsupportedModelError(
                 f"{type(model).__name__} block {i} is a {type(blk).__name__} with "
                 f"{type(attn).__name__} attention; lnstd supports {family} blocks of type "
-                f"{', '.join(std_side)} with timm's attention"
+                f"{', '.join(cls.__name__ for cls in std_side)} with timm's attention"
             )
         refs.append(
             BlockRef(i, 0, blk, norm1, attn, drop, std_side=side, **lrp_fields(lrp(blk, side == "query")))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+from timm.layers import Attention, GluMlp, Mlp, SwiGLU
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from .base import Adapter, BlockRef, HeadRef, LRPRef, UnsupportedModelError, WindowMap
 
-__all__ = ["ViTAdapter", "lrp_block", "lrp_fields", "lrp_mlp"]
+__all__ = ["ViTAdapter", "lrp_block", "lrp_fields", "lrp_mlp", "runs_forward_of"]
 
 
 class ViTAdapter(Adapter):
@@ -37,20 +39,16 @@ class ViTAdapter(Adapter):
             drop = getattr(attn, "attn_drop", None)
             # Pre-norm blocks only: in ResPostBlock norm1 follows attention, so its input is
             # not what attention mixes, and parallel blocks have no single attention.
-            if (
-                type(blk).__name__ != "Block"
-                or drop is None
-                or norm1 is None
-                or not hasattr(attn, "fused_attn")
-            ):
+            if not isinstance(blk, Block) or drop is None or norm1 is None or not hasattr(attn, "fused_attn"):
                 raise UnsupportedModelError(
                     f"{type(self.model).__name__} block {i} is a {type(blk).__name__} with "
                     f"{type(attn).__name__} attention; lnstd supports timm's pre-norm Block with "
                     "its standard Attention"
                 )
             # The fused capture rebuilds A from q, k: exact for timm's plain Attention (no mask,
-            # no rotary embedding); other attention classes are captured unfused.
-            fused = type(attn).__name__ == "Attention" and all(
+            # no rotary embedding) computed by its own forward (a subclass may keep it); other
+            # attention modules are captured unfused.
+            fused = runs_forward_of(attn, Attention) and all(
                 hasattr(attn, a) for a in ("qkv", "q_norm", "k_norm", "norm", "scale")
             )
             refs.append(
@@ -59,7 +57,7 @@ class ViTAdapter(Adapter):
                     qkv=attn.qkv if fused else None,
                     qk_norm=(attn.q_norm, attn.k_norm) if fused else None,
                     out=attn.norm if fused else None,
-                    **(lrp_fields(lrp_block(blk, False, "Attention", attn.norm)) if fused else {}),
+                    **(lrp_fields(lrp_block(blk, False, Attention, attn.norm)) if fused else {}),
                 )
             )  # fmt: skip
         if not refs:
@@ -126,16 +124,21 @@ def _norms(*modules: nn.Module) -> tuple[nn.Module, ...]:
     return tuple(m for m in modules if not isinstance(m, nn.Identity))
 
 
+def runs_forward_of(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """``module`` is a ``cls`` (or a subclass) whose forward is ``cls``'s own: what a rule that reads
+    the forward's intermediate tensors needs, whatever the class is called."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
 def lrp_mlp(mlp: nn.Module) -> tuple[nn.Module | None, tuple[nn.Module, ...]] | None:
-    """timm's MLPs as the LRP rules see them: (fc1, ()) for ``Mlp``; (None, the modules whose outputs
-    hold the two factors of the gated product) for ``SwiGLU`` (separate ``fc1_g``, ``fc1_x``) and
-    ``GluMlp`` (one ``fc1`` holding both halves); None for any other MLP."""
-    kind = type(mlp).__name__
-    if kind == "Mlp":
+    """timm's MLPs (and subclasses) as the LRP rules see them: (fc1, ()) for ``Mlp``; (None, the
+    modules whose outputs hold the two factors of the gated product) for ``SwiGLU`` (separate
+    ``fc1_g``, ``fc1_x``) and ``GluMlp`` (one ``fc1`` holding both halves); None for any other MLP."""
+    if isinstance(mlp, Mlp):
         return mlp.fc1, ()
-    if kind == "SwiGLU":
+    if isinstance(mlp, SwiGLU):
         return None, (mlp.fc1_g, mlp.fc1_x)
-    if kind == "GluMlp":
+    if isinstance(mlp, GluMlp):
         return None, (mlp.fc1,)
     return None
 
@@ -145,9 +148,9 @@ def lrp_fields(view: LRPRef | str) -> dict[str, LRPRef | str]:
     return {"lrp": view} if isinstance(view, LRPRef) else {"lrp_problem": view}
 
 
-def lrp_block(blk: nn.Module, post: bool, attention: str, out: nn.Module) -> LRPRef | str:
+def lrp_block(blk: nn.Module, post: bool, attention: type[nn.Module], out: nn.Module) -> LRPRef | str:
     """The LRP view of a block ``x + drop_path1(...attn...)``, ``+ drop_path2(...mlp...)`` (pre- or
-    post-norm, layer-scale inside the branch) whose attention is of class ``attention``.
+    post-norm, layer-scale inside the branch) whose attention is an ``attention`` (or a subclass).
 
     Args:
         blk: the block (``norm1``, ``attn``, ``norm2``, ``mlp``, ``drop_path1``, ``drop_path2``).
@@ -156,8 +159,11 @@ def lrp_block(blk: nn.Module, post: bool, attention: str, out: nn.Module) -> LRP
         out: the module whose input is the attention output ``A V`` (heads merged).
     """
     attn, mlp = blk.attn, blk.mlp
-    if type(attn).__name__ != attention:
-        return f"its {type(attn).__name__} attention is not {attention}, for which the LRP rules are written"
+    if not isinstance(attn, attention):
+        return (
+            f"its {type(attn).__name__} attention is not {attention.__name__}, for which the LRP rules "
+            "are written"
+        )
     if getattr(attn, "gate", None) is not None:
         return "its attention output is gated (x * sigmoid(gate(x))), for which no LRP rule is implemented"
     parts = lrp_mlp(mlp)

@@ -15,7 +15,7 @@ import torch
 from ..arch.base import Adapter
 from ..capture import restored
 from ..lrp import ModifiedGradients
-from .base import PassMethod, register
+from .base import PassMethod, PassResult, register
 
 __all__ = ["AttnLRP"]
 
@@ -43,3 +43,9 @@ class AttnLRP(PassMethod):
                 raise RuntimeError("the patch embedding did not run")
             (grad,) = torch.autograd.grad(score, rules.tokens)
             return self.adapter.embedding_grid(rules.tokens.detach().float() * grad.float())
+
+    def completeness(
+        self, heat: torch.Tensor, score: torch.Tensor, ctx: PassResult | None
+    ) -> torch.Tensor | None:
+        """The map's sum over the explained logit, where the relevance starts."""
+        return heat.double().sum(dim=(1, 2)).div(score.double()).float()

@@ -155,6 +155,14 @@ class Method:
         """Heatmap (B, h, w), float32, after the shared pass."""
         raise NotImplementedError
 
+    def completeness(
+        self, heat: torch.Tensor, score: torch.Tensor, ctx: PassResult | None
+    ) -> torch.Tensor | None:
+        """(B,) share of the explained relevance the map accounts for (docs/lrp.md, "Completeness"),
+        or None where the method defines none. ``heat``: its maps; ``score``: (B,) the explained logits;
+        ``ctx``: the shared pass (None for a method with a pass of its own)."""
+        return None
+
 
 @dataclass
 class PassResult:
@@ -164,6 +172,8 @@ class PassResult:
     batch: int
     features: dict[int, torch.Tensor]  # attention input per block (norm1 output; post-norm: block input)
     feature_grads: dict[int, torch.Tensor]  # dy/d(features) per block
+    # LRP walk: block -> (B,) relevance on the patch tokens of the block's input (lnstd.lrp)
+    relevance_totals: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class ChainMethod(Method):

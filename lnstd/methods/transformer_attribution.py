@@ -14,7 +14,7 @@ import torch
 
 from ..arch.base import Adapter
 from ..capture import BlockView, Needs
-from .base import BLOCKS, ChainMethod, register
+from .base import BLOCKS, ChainMethod, PassResult, register
 
 __all__ = ["TransformerAttribution"]
 
@@ -37,3 +37,10 @@ class TransformerAttribution(ChainMethod):
 
     def block_matrix(self, view: BlockView) -> torch.Tensor:
         return self.relevance_attention(view)
+
+    def completeness(
+        self, heat: torch.Tensor, score: torch.Tensor, ctx: PassResult | None
+    ) -> torch.Tensor | None:
+        """The walk's relevance on the patch tokens at the first chained block's input, over the one it
+        starts with (1, the one-hot target)."""
+        return None if ctx is None else ctx.relevance_totals[self.blocks[0]]

@@ -52,6 +52,8 @@ _ALL = (
     Metric("deletion_auc", False, "image", False, "target probability as the most relevant pixels go"),
     Metric("insertion_auc", True, "image", False, "target probability as the most relevant pixels come in"),
     Metric("elapsed_ms", False, "image", True, "attribution time per image in its batch (ms)"),
+    Metric("completeness", True, "image", True,
+           "LRP methods: share of the explained relevance the map accounts for (docs/lrp.md; 1 = all)"),
 )  # fmt: skip
 
 METRICS: dict[str, Metric] = {m.name: m for m in _ALL}
@@ -69,4 +71,5 @@ def column_metrics() -> list[str]:
 
 def eval_metrics() -> list[str]:
     """Figures of ``lnstd eval``, in table order."""
-    return [m.name for m in _ALL if m.name not in ("probability", "correct", "elapsed_ms", "foreground_iou")]
+    skip = ("probability", "correct", "elapsed_ms", "foreground_iou", "completeness")
+    return [m.name for m in _ALL if m.name not in skip]
