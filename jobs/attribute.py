@@ -42,6 +42,7 @@ from typing import Any
 
 from lnstd import output as layout
 from lnstd import storage
+from lnstd.config import RunConfig
 from lnstd.data import Source, open_source
 from lnstd.errors import (
     ConfigMismatchError,
@@ -53,7 +54,6 @@ from lnstd.errors import (
 )
 from lnstd.sysinfo import peak_rss_mb
 
-from .config import RunConfig
 from .lease import Lease
 from .plan import Plan
 

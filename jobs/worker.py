@@ -23,12 +23,12 @@ import pyarrow.parquet as pq
 
 from lnstd import output as layout
 from lnstd import storage
+from lnstd.config import RunConfig
 from lnstd.data import Item
 from lnstd.errors import ModelError
 from lnstd.rows import Loaded, RowBuilder
 from lnstd.sysinfo import peak_rss_mb
 
-from .config import RunConfig
 from .lease import Lease
 from .plan import Plan
 

@@ -186,8 +186,8 @@ def _demo(args: argparse.Namespace) -> tuple[str, str, str, list[tuple[str, Any]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import RunConfig
     from .jobs.attribute import run
-    from .jobs.config import RunConfig
     from .models import checkpoint_config
 
     if args.spec is not None:  # only an abbreviation (--spe X) gets past expand_specs

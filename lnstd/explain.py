@@ -46,6 +46,7 @@ class Explanation:
     predicted: torch.Tensor
     probabilities: torch.Tensor
     elapsed_ms: dict[str, float] = field(default_factory=dict)
+    completeness: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _Clock:
@@ -87,8 +88,6 @@ class _Clock:
         self.charge(None)
         shared = (self.mark - self.start) * 1000 - sum(self.own.values())
         return {m: self.own.get(m, 0.0) + (shared / len(sharers) if m in sharers else 0.0) for m in methods}
-
-    completeness: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _targets(target: int | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:

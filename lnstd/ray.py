@@ -65,7 +65,7 @@ class Attributor:
         save_png: bool = False,
         s3_endpoint: str | None = None,
     ) -> None:
-        from .jobs.config import RunConfig
+        from .config import RunConfig
 
         self.column, self.id_column, self.label_column = column, id_column, label_column
         cfg = RunConfig(

@@ -31,7 +31,7 @@ from .errors import ModelError, one_line
 from .metrics.mask import MASK_METRICS, mask_metrics
 
 if TYPE_CHECKING:
-    from .jobs.config import RunConfig
+    from .config import RunConfig
 
 __all__ = ["MISSING", "Loaded", "RowBuilder"]
 

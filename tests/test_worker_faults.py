@@ -10,13 +10,13 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from lnstd.jobs.config import RunConfig
 from lnstd.jobs.plan import Plan
 from lnstd.jobs.worker import ShardWorker
 from PIL import Image
 
 from lnstd import output as layout
 from lnstd import storage
+from lnstd.config import RunConfig
 from lnstd.data import open_source
 
 from .jobhelpers import TINY_ARGS, TINY_MODEL, good_image, tiny_checkpoint
