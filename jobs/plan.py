@@ -27,7 +27,6 @@ import io
 import itertools
 import json
 import time
-from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -381,6 +380,39 @@ def _write_parts(
     return parts, inputs, shards
 
 
+class _Hashes:
+    """8-byte hashes in fixed chunks of a million (no reallocation that would hold two copies)."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+        self.fill = self.CHUNK
+
+    def append(self, h: int) -> None:
+        if self.fill == self.CHUNK:
+            self.chunks.append(np.empty(self.CHUNK, np.uint64))
+            self.fill = 0
+        self.chunks[-1][self.fill] = h
+        self.fill += 1
+
+    def repeated(self) -> set[int]:
+        """The values that occur more than once. Each chunk is sorted in place; repeats within a
+        chunk are neighbours, repeats across chunks are found pairwise (no concatenated copy)."""
+        if self.chunks:
+            self.chunks[-1] = self.chunks[-1][: self.fill]
+        for c in self.chunks:
+            c.sort()
+        found: set[int] = set()
+        for i, a in enumerate(self.chunks):
+            found.update(a[1:][a[1:] == a[:-1]].tolist())
+            for b in self.chunks[i + 1 :]:  # b is sorted: a binary search per value of a
+                at = np.minimum(np.searchsorted(b, a), len(b) - 1)
+                found.update(a[b[at] == a].tolist())
+        self.chunks = []
+        return found
+
+
 class _Repeats:
     """The duplicate check of a listing whose ids are not unique by construction (a manifest).
 
@@ -389,8 +421,8 @@ class _Repeats:
     a second pass that keeps only those candidates. Memory: 16 bytes per input."""
 
     def __init__(self) -> None:
-        self.ids = array("Q")
-        self.uris = array("Q")
+        self.ids = _Hashes()
+        self.uris = _Hashes()
 
     def watch(self, items: Iterator[Item]) -> Iterator[Item]:
         for item in items:
@@ -400,11 +432,9 @@ class _Repeats:
 
     def verify(self, source: Source) -> list[tuple[int, str, str]]:
         """The true repeats as (row, "image_id" | "uri", value), rows counted from 1, in order."""
-        suspects = [_repeated(np.frombuffer(a, dtype=np.uint64)) for a in (self.ids, self.uris)]
-        self.ids, self.uris = array("Q"), array("Q")
-        if not any(len(s) for s in suspects):
+        suspect = [self.ids.repeated(), self.uris.repeated()]
+        if not any(suspect):
             return []
-        suspect = [set(s.tolist()) for s in suspects]
         seen: set[tuple[str, str]] = set()
         repeats = []
         for row, item in enumerate(source.items(), start=1):
@@ -422,12 +452,6 @@ class _Repeats:
             else:
                 seen.update(keys)
         return repeats
-
-
-def _repeated(hashes: np.ndarray) -> np.ndarray:
-    """The hash values that occur more than once."""
-    values, counts = np.unique(hashes, return_counts=True)
-    return values[counts > 1]
 
 
 def _repeats_message(source: Source, repeats: list[tuple[int, str, str]]) -> str:
