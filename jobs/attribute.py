@@ -419,12 +419,15 @@ class Scheduler:
         self.nodes: dict[str, int] = {}
         self.actor_rss = 0.0
         self.t_ready = time.time()
+        self.t_done: float | None = None
         fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
         self.bar = tqdm(total=sizes.inputs, unit="img", disable=not progress, mininterval=1.0,
                         file=sys.stderr, dynamic_ncols=True, bar_format=fmt)  # fmt: skip
 
     def rate(self) -> float:
-        return self.counts["images"] / max(time.time() - self.t_ready, 1e-9)
+        """Images per second of the attribution phase (so far, or in all once it is over)."""
+        end = self.t_done if self.t_done is not None else time.time()
+        return self.counts["images"] / max(end - self.t_ready, 1e-9)
 
     def run(self, skipped_images: int) -> None:
         import ray
@@ -460,6 +463,7 @@ class Scheduler:
             ready, _ = ray.wait(self.pool.waiting, num_returns=1, timeout=1.0)
             if ready:
                 self._collect(ready[0])
+        self.t_done = time.time()  # the attribution phase ends here: the bar and the summary agree
         self.bar.set_postfix_str(f"{self.rate():.1f} img/s", refresh=False)
         self.bar.close()
 
@@ -737,8 +741,8 @@ def _attribute(
     done = sched.counts if sched else {"shards_done": 0, "ok": 0, "errors": 0, "images": 0}
     failed = sched.failed if sched else []
     t_ready = sched.t_ready if sched else time.time()
-    attribution_s = time.time() - t_ready
-    images_per_s = done["images"] / attribution_s if attribution_s > 0 else 0.0
+    attribution_s = (sched.t_done or time.time()) - t_ready if sched else 0.0
+    images_per_s = sched.rate() if sched else 0.0
     images = plan.inputs
     # What the output holds now, from the parts themselves (each checked against the plan and this
     # run): _SUCCESS only if every shard of the plan is there and good.
