@@ -443,4 +443,5 @@ def test_error_reasons_are_stable_and_path_free(ckpt, tmp_path):
         assert str(tmp_path) not in text and " at 0x" not in text and "\n" not in text
         assert row["source"].startswith(str(tmp_path))  # the path lives in source
     agg = run_cli("aggregate", str(tmp_path / "out"))
-    assert " images: corrupt or truncated image" in agg.stdout and agg.stdout.count("corrupt or truncated image") == 1
+    assert " images: corrupt or truncated image" in agg.stdout
+    assert agg.stdout.count("corrupt or truncated image") == 1

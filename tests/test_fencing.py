@@ -69,6 +69,7 @@ def _digest_parts(out: Path) -> dict[str, str]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # two runs end to end, paused and resumed: about 40 s
 def test_a_paused_run_whose_lease_was_taken_over_changes_nothing_when_it_resumes(tmp_path):
     """Driver A and its actor are paused (SIGSTOP) mid-run; A's lease expires; B takes the output
     over with --overwrite and other methods and finishes; then A's actor and driver resume. A's

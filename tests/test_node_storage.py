@@ -18,7 +18,7 @@ import pytest
 
 from .jobhelpers import ROOT, good_image, model_flags, tiny_checkpoint
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # two `ray start` nodes: about a minute
 
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -180,6 +180,7 @@ def _add_images(folder: Path, ks: range) -> None:
 
 # --- outputs that heal --------------------------------------------------------------------------------
 @pytest.mark.integration
+@pytest.mark.slow  # two runs: about 40 s (the part checks alone: test_worker_faults, by default)
 def test_a_truncated_and_an_empty_part_are_rewritten_by_the_rerun(tmp_path):
     import pyarrow.parquet as pq
 
@@ -200,6 +201,7 @@ def test_a_truncated_and_an_empty_part_are_rewritten_by_the_rerun(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # three runs, one killed: about 50 s
 def test_a_refresh_killed_after_the_plan_grew_leaves_no_stale_success(tmp_path):
     out, args = _job(tmp_path, 8)
     assert run_cli(*args).returncode == 0 and (out / "_SUCCESS").exists()

@@ -124,3 +124,34 @@ def test_an_unreadable_mat_file_is_each_inputs_error_row(tmp_path):
     rows = _rows(tmp_path / "out")
     assert len(rows) == 6 and {r["error"] for r in rows} == {"unreadable"}
     assert all("OSError" in r["error_detail"] for r in rows)
+
+
+def test_the_driver_counts_only_parts_that_are_readable_complete_and_this_runs(tmp_path):
+    """The check a rerun makes of every committed part (and the driver before _SUCCESS): a torn, an
+    empty and another run's part are left out of the totals; with the lease, they are removed."""
+    from lnstd.jobs.attribute import _verify_parts
+    from lnstd.jobs.lease import Lease
+
+    ckpt = tiny_checkpoint(tmp_path)
+    _images(tmp_path / "in", 8)
+    out = tmp_path / "out"
+    worker = _worker(tmp_path / "in", out, ckpt, batch_size=4, shard_size=2)
+    for shard in range(4):
+        assert worker.process(shard)["ok"] == 2
+    cfg = RunConfig(**{**worker.cfg.to_dict()})
+    plan = Plan.load(str(out), storage.StorageOptions())
+    committed = {0, 1, 2, 3}
+    totals = _verify_parts(cfg, storage.StorageOptions(), plan, committed, "test-run", heal=None)
+    assert totals == {"images": 8, "ok": 8, "errors": 0} and committed == {0, 1, 2, 3}
+    part = [Path(layout.part_uri(str(out), s)) for s in range(4)]
+    part[0].write_bytes(part[0].read_bytes()[:200])  # torn
+    part[1].write_bytes(b"")  # empty
+    other = set(committed)
+    assert _verify_parts(cfg, storage.StorageOptions(), plan, other, "another-run", heal=None)["images"] == 0
+    assert other == set()  # written by another run: none counts
+    lease = Lease(str(out), storage.StorageOptions())
+    lease.acquire()
+    totals = _verify_parts(cfg, storage.StorageOptions(), plan, committed, "test-run", heal=lease)
+    lease.release()
+    assert totals == {"images": 4, "ok": 4, "errors": 0} and committed == {2, 3}
+    assert not part[0].exists() and not part[1].exists() and part[2].exists()
