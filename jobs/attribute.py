@@ -195,6 +195,11 @@ def _ray_init(cfg: RunConfig) -> bool:
         raise ResourceError(
             f"--address {address}: no Ray cluster answers there ({_last_line(exc)})"
         ) from None
+    except Exception as exc:  # Ray's own start-up failures (a node that timed out, an overloaded GCS)
+        where = f"--address {address}" if address else "this machine's Ray cluster"
+        raise ResourceError(
+            f"{where} could not start ({_last_line(exc)}); run the same command again, or -v for Ray's log"
+        ) from None
     finally:
         os.chdir(here)
     return bool(address)
