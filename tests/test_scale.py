@@ -241,3 +241,19 @@ def test_pretrained_weights_that_cannot_be_had_fail_before_ray_in_seconds(tmp_pa
     assert code == 2 and err.count("\n") == 1, err
     assert "--pretrained: the weights of vit_tiny_patch16_224" in err and "--checkpoint" in err
     assert time.time() - t0 < 30 and not (tmp_path / "out").exists()
+
+
+def test_ray_that_cannot_start_is_one_line_not_an_internal_error(tmp_path, monkeypatch):
+    """Ray's own start-up failure (seen when many clusters start at once on a busy machine) is the
+    user's one line, exit 2, and the fresh output is left empty."""
+    import ray
+
+    def timed_out(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", timed_out)
+    out, args = _job(tmp_path, 2)
+    code, err = cli_in_process(*args)
+    assert code == 2 and err.count("\n") == 2, err  # the plan line, then the error
+    assert "this machine's Ray cluster could not start (The current node timed out" in err
+    assert not out.exists()
