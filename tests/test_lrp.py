@@ -113,26 +113,20 @@ def zero_offsets(model):
     return model
 
 
-@pytest.mark.parametrize("arch", list(MODELS))
-def test_attnlrp_conserves_all_but_what_the_softmax_rule_absorbs(arch):
-    """With every additive offset zeroed (biases, LayerNorm offsets, position embeddings, relative
-    position biases), every rule but the softmax's passes on exactly the relevance it receives: the
-    relevance of the first block's input tokens equals the target logit minus what each softmax rule
-    keeps (sum R_A - sum R_logits, measured here from A and the gradient reaching it)."""
-    model = zero_offsets(MODELS[arch]())
+def watch_attnlrp(model, x, methods):
+    """``methods`` (attnlrp among them) on ``x`` with hooks that keep the first block's input,
+    every block's A, and their gradients in attnlrp's modified backward pass (float64)."""
     blocks = get_adapter(model).blocks
     for b in blocks:
-        b.attn.fused_attn = False  # so that A is a tensor this test can watch
-    x = images_for(model, batch=2, seed=5)
+        b.attn.fused_attn = False  # so that A is a tensor the hooks can watch
     seen, handles = {}, []
 
     def watch(key):
         def hook(_m, args, out=None):
             t = args[0] if out is None else out
-            if not t.requires_grad:  # the no-grad forward that finds the targets
-                return
-            seen[key] = t.detach().double()
-            t.register_hook(lambda g: seen.__setitem__(key + ".grad", g.detach().double()))
+            if t.requires_grad:  # not the no-grad forward that finds the targets
+                seen[key] = t.detach().double()
+                t.register_hook(lambda g: seen.__setitem__(key + ".grad", g.detach().double()))
 
         return hook
 
@@ -140,10 +134,22 @@ def test_attnlrp_conserves_all_but_what_the_softmax_rule_absorbs(arch):
     for b in blocks:
         handles.append(b.attn_drop.register_forward_hook(lambda m, a, o, k=b.index: watch(f"A{k}")(m, a, o)))
     try:
-        out = lnstd.Explainer(model, ["attnlrp"])(x)
+        out = lnstd.Explainer(model, methods)(x)
     finally:
         for h in handles:
             h.remove()
+    return out, seen, blocks
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_attnlrp_conserves_all_but_what_the_softmax_rule_absorbs(arch):
+    """With every additive offset zeroed (biases, LayerNorm offsets, position embeddings, relative
+    position biases), every rule but the softmax's passes on exactly the relevance it receives: the
+    relevance of the first block's input tokens equals the target logit minus what each softmax rule
+    keeps (sum R_A - sum R_logits, measured here from A and the gradient reaching it)."""
+    model = zero_offsets(MODELS[arch]())
+    x = images_for(model, batch=2, seed=5)
+    out, seen, blocks = watch_attnlrp(model, x, ["attnlrp"])
     logit = out.logits.double().gather(1, out.targets[:, None])[:, 0]
     inputs = (seen["x0"] * seen["x0.grad"]).reshape(2, -1).sum(1)
     absorbed = torch.zeros(2, dtype=torch.float64)

@@ -15,7 +15,7 @@ from lnstd.relevance import ChainRunner
 from .helpers import images_for, make_swin, make_vit_avg_reg, make_vit_token, sharpen
 from .reference import reference_heatmap
 from .reference_lrp import ta_attention_relevance
-from .test_lrp import offsets, zero_offsets
+from .test_lrp import offsets, watch_attnlrp, zero_offsets
 from .test_lrp_families import _eva, make_beit2
 
 ALL = ["attention", "rollout", "gae", "lnstd", "gradcam", "transformer_attribution", "attnlrp"]
@@ -110,34 +110,6 @@ def test_bf16_maps_follow_fp32_on_random_weight_vit_s16_and_swin_t(name):
     _bf16_agrees(model, torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
 
 
-def _watch_attnlrp(model, x):
-    """attnlrp on ``x`` with hooks that keep the first block's input, every block's A, and their
-    gradients in attnlrp's modified backward pass (float64)."""
-    blocks = get_adapter(model).blocks
-    for b in blocks:
-        b.attn.fused_attn = False  # so that A is a tensor the hooks can watch
-    seen, handles = {}, []
-
-    def watch(key):
-        def hook(_m, args, out=None):
-            t = args[0] if out is None else out
-            if t.requires_grad:  # not the no-grad forward that finds the targets
-                seen[key] = t.detach().double()
-                t.register_hook(lambda g: seen.__setitem__(key + ".grad", g.detach().double()))
-
-        return hook
-
-    handles.append(blocks[0].block.register_forward_pre_hook(watch("x0")))
-    for b in blocks:
-        handles.append(b.attn_drop.register_forward_hook(lambda m, a, o, k=b.index: watch(f"A{k}")(m, a, o)))
-    try:
-        out = lnstd.Explainer(model, ["attnlrp", "gae"])(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out, seen, blocks
-
-
 @pytest.mark.parametrize("make", [make_vit_token, make_vit_avg_reg, make_swin])
 def test_attnlrp_completeness_is_the_conservation_by_hand(make):
     """With every offset zeroed the rules pass on all the logit but what the softmax rules keep and
@@ -145,7 +117,7 @@ def test_attnlrp_completeness_is_the_conservation_by_hand(make):
     completeness = (y_c - sum_b (sum R_A_b - sum R_logits_b) - R(prefix tokens)) / y_c."""
     model = zero_offsets(sharpen(make()))
     x = images_for(model, batch=2, seed=5)
-    out, seen, blocks = _watch_attnlrp(model, x)
+    out, seen, blocks = watch_attnlrp(model, x, ["attnlrp", "gae"])
     logit = out.logits.double().gather(1, out.targets[:, None])[:, 0]
     kept = torch.zeros(2, dtype=torch.float64)
     for b in blocks:
