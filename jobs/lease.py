@@ -232,7 +232,7 @@ class Lease:
             self._etag, self._written = r["ETag"], time.time()
             return True
         except client.exceptions.ClientError as exc:
-            refused = _precondition(exc) or _missing(exc)
+            refused = storage.precondition_failed(exc) or _missing(exc)
             if not refused and not _server_error(exc):
                 raise
             error: Exception = exc
@@ -293,7 +293,7 @@ class Lease:
                 client.head_object(Bucket=bucket, Key=key, IfMatch=self._etag)
                 return True
             except client.exceptions.ClientError as exc:
-                if not (_precondition(exc) or _missing(exc)):
+                if not (storage.precondition_failed(exc) or _missing(exc)):
                     raise
         h, etag = self._read()  # a follower, or our ETag changed: compare the body
         if not self._holds(h) or h is None or time.time() - h.heartbeat > self.ttl:
@@ -383,10 +383,6 @@ def _lost(output: str) -> str:
 def _code(exc: Exception) -> str:
     resp = getattr(exc, "response", {}) or {}
     return str(resp.get("Error", {}).get("Code", ""))
-
-
-def _precondition(exc: Exception) -> bool:
-    return _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict")
 
 
 def _missing(exc: Exception) -> bool:

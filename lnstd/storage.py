@@ -34,6 +34,7 @@ __all__ = [
     "list_files",
     "list_names",
     "local_uri",
+    "precondition_failed",
     "read_bytes",
     "remove_temporaries",
     "resolve",
@@ -215,6 +216,12 @@ def _temporary(path: str, data: bytes) -> str:
     return tmp
 
 
+def precondition_failed(exc: Exception) -> bool:
+    """An S3 conditional write (If-Match / If-None-Match) was refused: the condition did not hold."""
+    code = str(((getattr(exc, "response", {}) or {}).get("Error", {}) or {}).get("Code", ""))
+    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict")
+
+
 def write_new(uri: str, data: bytes, opts: StorageOptions | None = None) -> bool:
     """Create ``uri`` with ``data``, complete or not at all, only if nothing is there yet; False if
     something is (it is left as it is). Local: a temporary, then a hard link to the name (which
@@ -238,10 +245,9 @@ def write_new(uri: str, data: bytes, opts: StorageOptions | None = None) -> bool
             client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
             return True
         except client.exceptions.ClientError as exc:
-            code = (getattr(exc, "response", {}) or {}).get("Error", {}).get("Code")
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if precondition_failed(exc):
                 return False
-            raise OSError(f"{code}: {exc}") from exc
+            raise OSError(str(exc)) from exc
 
     return retry(put, f"writing {uri}")
 
