@@ -100,15 +100,13 @@ class _Groups:
     def index(self, code: np.ndarray, cls: np.ndarray | None = None) -> np.ndarray:
         """Global group ids of rows keyed by method code (and class); new keys get new groups.
         A dense lookup table (methods x classes) maps keys without sorting the rows."""
-        if cls is None:
-            keys, width = code, 1
-        else:
+        width = 1
+        if cls is not None:
             lo = int(cls.min()) if len(cls) else 0
             width = int(cls.max()) + 1 if len(cls) else 1
             if lo < 0 or width > 1 << 22:  # unusual class values: sort instead of a table
                 uniq, inv = np.unique(code * (1 << 40) + cls, return_inverse=True)
                 return self._ids(uniq)[inv.reshape(-1)]
-            keys = code * width + cls
         rows = int(code.max()) + 1 if len(code) else 0
         if self._lut.shape[0] < rows or self._lut.shape[1] < width:
             grown = np.full((max(rows, self._lut.shape[0]), max(width, self._lut.shape[1])), -1, np.int64)
@@ -126,7 +124,6 @@ class _Groups:
             )
             self._lut.reshape(-1)[fresh] = ids
             gid = self._lut.reshape(-1)[flat_keys]
-        del keys
         return gid
 
     def _ids(self, keys: np.ndarray) -> np.ndarray:
