@@ -751,8 +751,12 @@ def _attribute(
     images = plan.inputs
     # What the output holds now, from the parts themselves (each checked against the plan and this
     # run): _SUCCESS only if every shard of the plan is there and good.
-    present = _committed(cfg, opts)
-    final = _verify_parts(cfg, opts, plan, present, run_id, heal=None)
+    # The parts checked before the run (``committed``, ``prior``) cannot have changed since: parts are
+    # created, never replaced, and only this run's holder deletes. Only the others are read now.
+    new = _committed(cfg, opts) - committed
+    final = _verify_parts(cfg, opts, plan, new, run_id, heal=None)
+    final = {k: final[k] + prior[k] for k in final}
+    present = committed | new
     complete = not failed and present >= set(range(plan.shards)) and final["images"] == images
     ok, errors = final["ok"], final["errors"]
     elapsed = time.time() - t_start
