@@ -46,9 +46,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lnstd import output as layout
 from lnstd import storage
 from lnstd.errors import LeaseLostError, OutputLockedError
+from lnstd.output import LEASE, LEASE_LOCK, Output
 
 __all__ = ["Holder", "Lease", "LeaseLostError"]
 
@@ -91,18 +91,16 @@ class Lease:
     """Claim, renew, verify and release the lease of one output.
 
     Args:
-        output: the run's output (local folder or s3:// prefix).
-        opts: storage options.
+        out: the run's output (local folder or s3:// prefix).
         ttl: seconds without a heartbeat after which the lease counts as abandoned.
         run_id: recorded in the lease for whoever reads it.
     """
 
-    def __init__(
-        self, output: str, opts: storage.StorageOptions, ttl: float = 60.0, run_id: str = ""
-    ) -> None:
-        self.uri = layout.uri(output, layout.LEASE)
-        self.output = output
-        self.opts = opts
+    def __init__(self, out: Output, ttl: float = 60.0, run_id: str = "") -> None:
+        self.out = out
+        self.uri = out.path(LEASE)
+        self.output = out.uri
+        self.opts = out.opts
         self.ttl = ttl
         self.me = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), 0.0, 0.0, ttl, run_id)
         self.lost = threading.Event()
@@ -111,16 +109,14 @@ class Lease:
         self._mu = threading.Lock()  # one lease operation at a time in this process
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._s3 = storage.is_s3(output)
+        self._s3 = out.s3
         self._s3_client: Any = None
 
     @classmethod
-    def follow(
-        cls, output: str, opts: storage.StorageOptions, token: str, generation: int, ttl: float = 60.0
-    ) -> Lease:
+    def follow(cls, out: Output, token: str, generation: int, ttl: float = 60.0) -> Lease:
         """A view of a lease another process holds (e.g. an actor's view of its driver's lease):
         it never claims or renews, it only :meth:`verify` s and :meth:`fenced` s commits."""
-        lease = cls(output, opts, ttl=ttl)
+        lease = cls(out, ttl=ttl)
         lease.me.token, lease.me.generation = token, generation
         return lease
 
@@ -161,12 +157,6 @@ class Lease:
         h, _ = self._read()
         return h if h is not None and h.alive() else None
 
-    def check(self) -> None:
-        """Raise if another run holds the output now."""
-        h = self.holder()
-        if h is not None and h.token != self.me.token:
-            raise OutputLockedError(_held(self.output, h))
-
     def _mine(self, h: Holder | None) -> bool:
         """``h`` was written by this run (a released lease included)."""
         return h is not None and h.token == self.me.token and h.generation == self.me.generation
@@ -174,6 +164,11 @@ class Lease:
     def _holds(self, h: Holder | None) -> bool:
         """``h`` says this run holds the lease."""
         return self._mine(h) and h is not None and not h.released
+
+    def name_run(self, run_id: str) -> None:
+        """Record the run's id in the lease (from its next heartbeat on), for whoever reads it."""
+        with self._mu:
+            self.me.run_id = run_id
 
     # --- claiming --------------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -340,7 +335,7 @@ class Lease:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """The lease's exclusive lock (local outputs): ``flock`` on ``_lnstd/lease.lock``."""
-        path = storage.resolve(layout.uri(self.output, layout.LEASE_LOCK), self.opts)[1]
+        path = self.out.local_path(LEASE_LOCK)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

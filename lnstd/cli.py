@@ -235,25 +235,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     from .report import RANDOM_WEIGHTS, random_weights
 
-    def report(manifest: dict[str, Any], lease: Any) -> None:
-        """The report page, written under the run's lease (its fence guards the write)."""
-        from .report import write_report
-        from .storage import StorageOptions
-
-        try:
-            uri = write_report(cfg.output, opts=StorageOptions.from_env(cfg.s3_endpoint), guard=lease.fenced)
-            print(f"lnstd: report -> {uri}", file=sys.stderr)
-        except Exception as exc:  # the heatmaps are written: a report failure must not hide that
-            print(f"lnstd: warning: no report ({type(exc).__name__}: {one_line(exc)})", file=sys.stderr)
-            if args.traceback or args.verbose:
-                traceback.print_exc()
-
     with native_output_to_log(args.verbose):
-        # a rerun with nothing to do keeps the real run's report (run() does not call finish then)
-        manifest = run(cfg, progress=args.progress, finish=report if args.report else None)
+        # a rerun with nothing to do keeps the real run's report (run() writes none then)
+        manifest = run(cfg, progress=args.progress, report=args.report, traceback_on_error=args.traceback)
         if random_weights({"checkpoint": cfg.checkpoint, "pretrained": cfg.pretrained}):
             print(f"lnstd: warning: {RANDOM_WEIGHTS}", file=sys.stderr)
-    counts = manifest["counts"]
+    counts = manifest.counts
     return 1 if counts["shards_failed"] or (args.fail_on_errors and counts["errors"]) else 0
 
 

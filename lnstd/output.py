@@ -9,7 +9,11 @@ pointed at the output folder gets the heatmap rows and nothing else.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
@@ -27,14 +31,13 @@ __all__ = [
     "REPORT",
     "RUN",
     "SHARD_COUNTS",
+    "STATE",
     "SUCCESS",
     "Footer",
-    "part_footer",
+    "Manifest",
+    "Output",
     "part_name",
-    "part_uri",
-    "read_state",
     "row_fields",
-    "shard_counts",
     "shard_of",
 ]
 
@@ -43,6 +46,7 @@ SUCCESS = "_SUCCESS"  # every shard of the plan is committed
 MANIFEST = "_manifest.json"  # configuration, versions, counts and timings of the last run
 REPORT = "_report.html"  # the report page
 AGGREGATE = "_aggregate"  # summary.csv, per_class.csv, counts.json
+STATE = "_lnstd"  # the run's own state: run.json, the lease, the plan, node probes
 RUN = "_lnstd/run.json"  # the configuration that decides the results (what a resume must match)
 LEASE = "_lnstd/lease.json"  # who holds the output while a run is active
 LEASE_LOCK = "_lnstd/lease.lock"  # local outputs: flock'ed around every change and check of the lease
@@ -84,9 +88,11 @@ def part_name(shard: int) -> str:
     return f"part-{shard:05d}.parquet"
 
 
-def part_uri(output: str, shard: int) -> str:
-    """Where shard ``shard``'s heatmaps are committed."""
-    return uri(output, HEATMAPS, part_name(shard))
+def shard_of(name: str) -> int | None:
+    """The shard number of a committed part file name, or None for any other name."""
+    if name.startswith("part-") and name.endswith(".parquet") and name[5:-8].isdigit():
+        return int(name[5:-8])
+    return None
 
 
 @dataclass(frozen=True)
@@ -98,71 +104,189 @@ class Footer:
     run_id: str
 
 
-def part_footer(output: str, shard: int, opts: storage.StorageOptions) -> Footer | None:
-    """The footer of shard ``shard``'s part, or None if the part is missing or unreadable
-    (truncated, empty, not Parquet)."""
-    import pyarrow.parquet as pq
+@dataclass
+class Manifest:
+    """``_manifest.json``: what a run did (configuration, versions, counts, timings). ``noop`` marks
+    a rerun that found the output finished (it is never written)."""
 
-    fs, path = storage.resolve(part_uri(output, shard), opts)
-    try:
-        with fs.open_input_file(path) as f:
-            meta = pq.read_metadata(f)
-        kv = meta.metadata or {}
-        counts = json.loads(kv.get(SHARD_COUNTS, b"{}"))
-        return Footer(counts, meta.num_rows, kv.get(b"lnstd.run_id", b"").decode())
-    except (OSError, ValueError):
-        return None
+    run_id: str
+    counts: dict[str, int]
+    config: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    input_check: dict[str, Any] | None = None
+    failed_shards: list[dict[str, Any]] = field(default_factory=list)
+    nodes: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    driver_peak_rss_mb: float = 0.0
+    actor_peak_rss_mb: float = 0.0
+    noop: bool = False
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        """From the JSON object (unknown keys ignored, so older and newer manifests both read)."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "noop"})
 
-def shard_counts(output: str, shard: int, opts: storage.StorageOptions) -> dict[str, int]:
-    """The counts a committed shard recorded in its Parquet footer (empty if unreadable)."""
-    footer = part_footer(output, shard, opts)
-    return footer.counts if footer else {}
-
-
-def shard_of(name: str) -> int | None:
-    """The shard number of a committed part file name, or None for any other name."""
-    if name.startswith("part-") and name.endswith(".parquet") and name[5:-8].isdigit():
-        return int(name[5:-8])
-    return None
-
-
-def uri(output: str, *parts: str) -> str:
-    """``output`` joined with layout names."""
-    return storage.join(output, *parts)
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d.pop("noop")
+        return json.dumps(d, indent=1).encode()
 
 
-def read_state(
-    output: str, name: str, opts: storage.StorageOptions, keys: dict[str, type] | None = None
-) -> dict | None:
-    """The JSON state file ``name`` of ``output`` (None when absent).
+Guard = Callable[[], AbstractContextManager[Any]]
 
-    Raises:
-        OutputError: the file is not JSON, not an object, or lacks one of ``keys`` or has it of
-            another type (a torn write, a hand edit): one line naming the file and what to do.
+
+class Output:
+    """A run's output (local folder or S3 prefix) and its storage options: where each file of the
+    layout lives, and reading and writing them. The one place that knows the layout.
+
+    Args:
+        uri: the output (a local path, ``file://`` or ``s3://``).
+        opts: storage options (endpoint); ``None``: from the environment.
     """
-    where = uri(output, name)
-    try:
-        data = storage.read_bytes(where, opts)
-    except FileNotFoundError:
-        return None
-    try:
-        state = json.loads(data)
-        if not isinstance(state, dict):
-            raise ValueError(f"a JSON {type(state).__name__}, not an object")
-        for key, kind in (keys or {}).items():
-            if not isinstance(state.get(key), kind):
-                raise ValueError(f"no valid {key!r}")
-    except ValueError as exc:  # UnicodeDecodeError too
-        raise OutputError(damaged(output, where, f"damaged ({one_line(exc, 80)})")) from None
-    return state
 
+    def __init__(self, uri: str, opts: storage.StorageOptions | None = None) -> None:
+        self.uri = uri
+        self.opts = opts if opts is not None else storage.StorageOptions.from_env()
 
-def damaged(output: str, where: str, what: str) -> str:
-    """The one line for a state file of ``output`` that is ``what`` (missing, damaged): which file,
-    and what to do."""
-    if where.startswith(uri(output, "_lnstd") + "/"):
-        todo = f"rerun with --overwrite to start the output afresh, or delete {uri(output, '_lnstd')}/"
-    else:
-        todo = "rerun the same lnstd run to rewrite it, or delete it"
-    return f"{where} is {what}; {todo}"
+    def __repr__(self) -> str:
+        return f"Output({self.uri!r})"
+
+    @property
+    def s3(self) -> bool:
+        return storage.is_s3(self.uri)
+
+    def path(self, *names: str) -> str:
+        """``names`` joined below the output (a URI of the same kind)."""
+        return storage.join(self.uri, *names)
+
+    def local_path(self, *names: str) -> str:
+        """The file-system path of ``names`` (local outputs)."""
+        return storage.resolve(self.path(*names), self.opts)[1]
+
+    # --- the dataset: heatmaps/part-NNNNN.parquet ------------------------------------------------
+    def part(self, shard: int) -> str:
+        """Where shard ``shard``'s heatmaps are committed."""
+        return self.path(HEATMAPS, part_name(shard))
+
+    def committed(self) -> set[int]:
+        """The shards that have a part file (not yet checked)."""
+        names = storage.list_names(self.path(HEATMAPS), self.opts)
+        return {s for s in (shard_of(n) for n in names) if s is not None}
+
+    def footer(self, shard: int) -> Footer | None:
+        """The footer of shard ``shard``'s part, or None if the part is missing or unreadable
+        (truncated, empty, not Parquet)."""
+        import pyarrow.parquet as pq
+
+        fs, path = storage.resolve(self.part(shard), self.opts)
+        try:
+            with fs.open_input_file(path) as f:
+                meta = pq.read_metadata(f)
+            kv = meta.metadata or {}
+            counts = json.loads(kv.get(SHARD_COUNTS, b"{}"))
+            return Footer(counts, meta.num_rows, kv.get(b"lnstd.run_id", b"").decode())
+        except (OSError, ValueError):
+            return None
+
+    # --- state files -----------------------------------------------------------------------------
+    def read_state(self, name: str, keys: dict[str, type] | None = None) -> dict | None:
+        """The JSON state file ``name`` (None when absent).
+
+        Raises:
+            OutputError: the file is not JSON, not an object, or lacks one of ``keys`` or has it of
+                another type (a torn write, a hand edit): one line naming the file and what to do.
+        """
+        where = self.path(name)
+        try:
+            data = storage.read_bytes(where, self.opts)
+        except FileNotFoundError:
+            return None
+        try:
+            state = json.loads(data)
+            if not isinstance(state, dict):
+                raise ValueError(f"a JSON {type(state).__name__}, not an object")
+            for key, kind in (keys or {}).items():
+                if not isinstance(state.get(key), kind):
+                    raise ValueError(f"no valid {key!r}")
+        except ValueError as exc:  # UnicodeDecodeError too
+            raise OutputError(self.damaged(where, f"damaged ({one_line(exc, 80)})")) from None
+        return state
+
+    def read_run(self) -> dict[str, Any] | None:
+        """``run.json``: the recorded run's id and identity (None: none recorded)."""
+        return self.read_state(RUN, {"run_id": str, "identity": dict})
+
+    def write_run(self, run_id: str, identity: dict[str, Any]) -> None:
+        body = json.dumps({"run_id": run_id, "identity": identity}, indent=1).encode()
+        storage.write_bytes(self.path(RUN), body, self.opts)
+
+    def read_manifest(self) -> Manifest | None:
+        """The last run's manifest (None when absent). Raises OutputError when damaged."""
+        state = self.read_state(MANIFEST, {"run_id": str, "counts": dict})
+        return Manifest.from_dict(state) if state is not None else None
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        storage.write_bytes(self.path(MANIFEST), manifest.to_json(), self.opts)
+
+    def complete(self) -> bool:
+        """``_SUCCESS`` is there: every shard of the plan was committed."""
+        return storage.exists(self.path(SUCCESS), self.opts)
+
+    def mark_complete(self) -> None:
+        storage.write_bytes(self.path(SUCCESS), b"", self.opts)
+
+    def probe(self, token: str) -> str:
+        """Where a run writes the token its actors read back (do they see the output?)."""
+        return self.path(STATE, f"probe-{token}")
+
+    # --- whole-output changes --------------------------------------------------------------------
+    def holds_results(self) -> bool:
+        """Anything is there but the lease's own files (a fresh output holds nothing else)."""
+        lease = {LEASE, LEASE_LOCK}
+        if self.s3:
+            state = [f"{STATE}/{n}" for n in storage.list_names(self.path(STATE), self.opts)]
+            if any(n not in lease for n in state):
+                return True
+            folders = [self.uri, *(self.path(sub) for sub in (HEATMAPS, PLAN, AGGREGATE))]
+            return any(storage.list_names(f, self.opts) for f in folders)
+        path = self.local_path()
+        if not os.path.isdir(path):
+            return False
+        for root, _, files in os.walk(path):
+            rel = os.path.relpath(root, path)
+            for name in files:
+                if os.path.normpath(os.path.join(rel, name)) not in lease:
+                    return True
+        return False
+
+    def clear_results(self) -> None:
+        """Delete the heatmaps, the plan and every record of a run (``--overwrite``, or a failed run
+        on a fresh output); the lease's files stay (never deleted: every process must lock the same
+        lock file, and generations only grow)."""
+        for sub in (HEATMAPS, AGGREGATE, PLAN):
+            storage.delete_tree(self.path(sub), self.opts)
+        for name in (MANIFEST, SUCCESS, REPORT, RUN):
+            storage.delete_file(self.path(name), self.opts)
+        for name in storage.list_names(self.path(STATE), self.opts):
+            if name.startswith("probe-"):
+                storage.delete_file(self.path(STATE, name), self.opts)
+
+    def mark_incomplete(self) -> None:
+        """The output stops claiming completeness (before it changes): no ``_SUCCESS``, no manifest."""
+        for name in (SUCCESS, MANIFEST):
+            storage.delete_file(self.path(name), self.opts)
+
+    def remove_temporaries(self) -> None:
+        """Temporaries of writers killed earlier (in the output's top folder and heatmaps/)."""
+        for folder in (self.uri, self.path(HEATMAPS)):
+            storage.remove_temporaries(folder, self.opts)
+
+    def damaged(self, where: str, what: str) -> str:
+        """The one line for a state file that is ``what`` (missing, damaged): which file, and what
+        to do."""
+        if where.startswith(self.path(STATE) + "/"):
+            todo = f"rerun with --overwrite to start the output afresh, or delete {self.path(STATE)}/"
+        else:
+            todo = "rerun the same lnstd run to rewrite it, or delete it"
+        return f"{where} is {what}; {todo}"

@@ -262,13 +262,14 @@ def test_lease_unit_local_and_s3(tmp_path, s3_server, monkeypatch):
 
     from lnstd import storage
     from lnstd.errors import OutputLockedError
+    from lnstd.output import Output
 
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     s3_server.client().create_bucket(Bucket="leases")
     opts = storage.StorageOptions(s3_endpoint=s3_server.endpoint, region="us-east-1")
     for output in (str(tmp_path / "o"), "s3://leases/o"):
-        a, b = Lease(output, opts, ttl=0.8), Lease(output, opts, ttl=0.8)
+        a, b = Lease(Output(output, opts), ttl=0.8), Lease(Output(output, opts), ttl=0.8)
         a.acquire()
         with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
             b.acquire()

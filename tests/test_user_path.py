@@ -116,7 +116,7 @@ def test_an_interrupt_message_does_not_share_the_progress_bars_line(monkeypatch)
 
 
 def test_job_log_lines_do_not_share_the_progress_bars_line(monkeypatch):
-    from lnstd.jobs.attribute import _log
+    from lnstd.jobs.console import log as _log
     from tqdm import tqdm
 
     err = io.StringIO()
