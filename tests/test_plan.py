@@ -36,5 +36,5 @@ def test_refresh_adds_exactly_the_new_inputs_whatever_their_id_digest(tmp_path):
     assert [it.image_id for it in diff.added_items] == ["new-a.png", "new-b.png"]
     assert plan.extend(diff.added_items) == [43]
     reread = Plan.load(Output(str(tmp_path / "out")))
-    ids = [it.image_id for _, items in reread.iter_shards() for it in items]
+    ids = [it.image_id for s in range(reread.shards) for it in reread.read_shard(s)]
     assert ids == [*names, "new-a.png", "new-b.png"] and reread.shards == 44
