@@ -567,8 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_aggregate)
     p = sub.add_parser("verify", help="check an output against its manifest and plan (exit 0 / 1)")
     p.add_argument("output", metavar="OUTPUT")
-    p.add_argument("--repair", action="store_true",
-                   help="remove, under the output's lease, the heatmap files no committed run wrote")  # fmt: skip
+    p.add_argument(
+        "--repair", action="store_true", help="remove, under the output's lease, what no committed run wrote"
+    )
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
     _common(p)
     p.set_defaults(func=_cmd_verify)
