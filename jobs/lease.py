@@ -48,7 +48,7 @@ from typing import Any
 
 from lnstd import storage
 from lnstd.errors import LeaseLostError, OutputError, OutputLockedError
-from lnstd.output import LEASE, LEASE_LOCK, Output
+from lnstd.output import LEASE, LEASE_LOCK, Output, not_a_file
 
 __all__ = ["Holder", "Lease", "LeaseLostError"]
 
@@ -147,7 +147,7 @@ class Lease:
         except FileNotFoundError:
             return None, None
         except IsADirectoryError:
-            raise OutputError(_not_a_file(self.uri)) from None
+            raise OutputError(not_a_file(self.uri)) from None
         holder = _parse(data)
         if holder is None:  # written by hand or by an old version, torn: judge it by its age
             age = time.time() - os.path.getmtime(path) if os.path.exists(path) else 0.0
@@ -342,7 +342,7 @@ class Lease:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except (IsADirectoryError, NotADirectoryError, FileExistsError):
-            raise OutputError(_not_a_file(self.out.path(LEASE_LOCK))) from None
+            raise OutputError(not_a_file(self.out.path(LEASE_LOCK))) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -374,10 +374,6 @@ def _held(output: str, h: Holder) -> str:
         f"{output} is being written by another run ({h.describe()}); wait for it to finish, or if it "
         f"was killed, rerun once its lease expires ({h.ttl:.0f} s after its last heartbeat)"
     )
-
-
-def _not_a_file(where: str) -> str:
-    return f"{where} is not a file (a folder is in its place); remove it and rerun"
 
 
 def _lost(output: str) -> str:

@@ -39,6 +39,7 @@ __all__ = [
     "Footer",
     "Manifest",
     "Output",
+    "not_a_file",
     "part_name",
     "row_fields",
     "shard_of",
@@ -180,6 +181,8 @@ class Output:
         """
         if not self.s3:
             path = storage.resolve(uri, self.opts)[1]
+            if os.path.isdir(path):
+                raise OutputError(not_a_file(uri))
             tmp = storage.stage_local(path, data)
             try:
                 with self._fenced():
@@ -270,9 +273,21 @@ class Output:
         return self.path(HEATMAPS, part_name(shard))
 
     def committed(self) -> set[int]:
-        """The shards that have a part file (not yet checked)."""
-        names = storage.list_names(self.path(HEATMAPS), self.opts)
-        return {s for s in (shard_of(n) for n in names) if s is not None}
+        """The shards that have a part file (not yet checked).
+
+        Raises:
+            OutputError: a folder (or anything but a file) has a part's name.
+        """
+        fs, path = storage.resolve(self.path(HEATMAPS), self.opts)
+        sel = storage.pafs.FileSelector(path, allow_not_found=True, recursive=False)
+        found = set()
+        for info in storage.retry(lambda: fs.get_file_info(sel), f"listing {self.path(HEATMAPS)}"):
+            shard = shard_of(info.base_name)
+            if shard is not None and info.type != storage.pafs.FileType.File:
+                raise OutputError(not_a_file(self.path(HEATMAPS, info.base_name)))
+            if shard is not None:
+                found.add(shard)
+        return found
 
     def footer(self, shard: int) -> Footer | None:
         """The footer of shard ``shard``'s part, or None if the part is missing or unreadable
@@ -302,6 +317,8 @@ class Output:
             data = storage.read_bytes(where, self.opts)
         except FileNotFoundError:
             return None
+        except (IsADirectoryError, storage.NotRegularFileError):
+            raise OutputError(not_a_file(where)) from None
         try:
             state = json.loads(data)
             if not isinstance(state, dict):
@@ -330,8 +347,16 @@ class Output:
         self.write(self.path(MANIFEST), manifest.to_json())
 
     def complete(self) -> bool:
-        """``_SUCCESS`` is there: every shard of the plan was committed."""
-        return storage.exists(self.path(SUCCESS), self.opts)
+        """``_SUCCESS`` is there: every shard of the plan was committed.
+
+        Raises:
+            OutputError: a folder is in its place.
+        """
+        fs, path = storage.resolve(self.path(SUCCESS), self.opts)
+        kind = storage.retry(lambda: fs.get_file_info(path), f"checking {self.path(SUCCESS)}").type
+        if kind == storage.pafs.FileType.Directory:
+            raise OutputError(not_a_file(self.path(SUCCESS)))
+        return kind == storage.pafs.FileType.File
 
     def mark_complete(self, run_id: str) -> None:
         """Write ``_SUCCESS`` (its body names the run and generation, so no two are the same object)."""
@@ -394,3 +419,8 @@ class Output:
         else:
             todo = "rerun the same lnstd run to rewrite it, or delete it"
         return f"{where} is {what}; {todo}"
+
+
+def not_a_file(where: str) -> str:
+    """The one line for a folder (or a device, a FIFO) where the output has a file."""
+    return f"{where} is not a file (a folder or another kind of entry is in its place); remove it and rerun"

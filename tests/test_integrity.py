@@ -275,3 +275,107 @@ def test_another_runs_part_landing_mid_run_is_removed_and_its_shard_done_again(c
     assert ids == {run_id} and (out / "_SUCCESS").exists()
     assert _rows(out) == sorted((f"i{k}.png", "gae") for k in range(8))
     assert _verify(out)[0] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("release", ["mid-run", "after-success"])
+def test_s3_a_part_held_past_the_fence_never_lands_in_the_next_runs_output(
+    ckpt, tmp_path, s3_server, release
+):
+    """Attack 3: a proxy holds run A's publication of a part after A's fence check; A's driver is
+    paused until its lease expires; B takes the output (--overwrite, another input and method); the
+    held request is released while B runs, or after B's _SUCCESS. Was: A's part landed in B's
+    output (a mixed dataset under _SUCCESS, and every later run failed on a shard not in the plan)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    from .jobhelpers import good_image, model_flags
+    from .s3proxy import FaultProxy
+
+    env = {**os.environ, **s3_server.env, "RAY_ADDRESS": ""}
+    bucket = f"attack3-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    out = f"s3://{bucket}/out"
+    for name, n in (("in-a", 8), ("in-b", 2)):
+        (tmp_path / name).mkdir()
+        for k in range(n):
+            (tmp_path / name / f"{name}-{k}.png").write_bytes(good_image(3 * k + len(name)))
+    proxy = FaultProxy(s3_server.endpoint)
+    proxy.hold(lambda method, path, headers: method == "PUT" and "/out/heatmaps/part-00002" in path)
+    common = [
+        *model_flags(ckpt),
+        "--no-progress",
+        "--no-report",
+        "--cpus-per-actor",
+        "0.5",
+        "--shard-size",
+        "2",
+    ]
+    a_args = ["run", "--input", str(tmp_path / "in-a"), "--output", out, "--s3-endpoint", proxy.endpoint,
+              "--lease-ttl", "4", "--actors", "1", "--methods", "gae", *common]  # fmt: skip
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    a = subprocess.Popen([sys.executable, "-m", "lnstd", *a_args], cwd=ROOT, env=env, **quiet)
+    try:
+        assert proxy.held.wait(240), "run A never published shard 2"
+        os.kill(a.pid, signal.SIGSTOP)  # A's driver stops renewing: its lease expires in 4 s
+        time.sleep(6)
+        b_args = [sys.executable, "-m", "lnstd", "run", "--input", str(tmp_path / "in-b"), "--output", out,
+                  "--s3-endpoint", s3_server.endpoint, "--overwrite", "--methods", "gradcam",
+                  *common]  # fmt: skip
+        b = subprocess.Popen(b_args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        if release == "mid-run":
+            client = s3_server.client()
+            deadline = time.time() + 240
+            while time.time() < deadline and b.poll() is None:
+                if client.list_objects_v2(Bucket=bucket, Prefix="out/_lnstd/run.json").get("KeyCount"):
+                    break
+                time.sleep(0.05)
+            proxy.release()
+        _, err = b.communicate(timeout=300)
+        assert b.returncode == 0, err[-2000:]
+        proxy.release()
+        deadline = time.time() + 60
+        while not proxy.landed and time.time() < deadline:
+            time.sleep(0.1)
+        assert proxy.landed and proxy.landed[0] != 200, "A's held write was applied"
+    finally:
+        proxy.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(a.pid, signal.SIGCONT)
+            a.kill()
+        a.wait(60)
+    fs = s3_server.fs()
+    parts = [
+        i.path for i in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(f"{bucket}/out/heatmaps"))
+    ]
+    run_id = json.loads(
+        s3_server.client().get_object(Bucket=bucket, Key="out/_lnstd/run.json")["Body"].read()
+    )["run_id"]
+    tables = [pq.read_table(p, filesystem=fs) for p in parts]
+    assert {pq.read_metadata(p, filesystem=fs).metadata[b"lnstd.run_id"].decode() for p in parts} == {run_id}
+    rows = sorted(
+        (r["image_id"], r["method"]) for t in tables for r in t.select(["image_id", "method"]).to_pylist()
+    )
+    assert rows == [("in-b-0.png", "gradcam"), ("in-b-1.png", "gradcam")]
+    s3_server.client().head_object(Bucket=bucket, Key="out/_SUCCESS")
+    os.environ.update(s3_server.env)
+    code, text = _verify_s3(out, s3_server.endpoint)
+    assert code == 0, text
+
+
+def _verify_s3(out: str, endpoint: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from lnstd.cli import main
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        code = main(["verify", out, "--s3-endpoint", endpoint])
+    return code, text.getvalue()
