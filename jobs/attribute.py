@@ -27,7 +27,7 @@ from lnstd.sysinfo import peak_rss_mb
 
 from .console import log
 from .lease import Lease
-from .scheduler import InputCheck, Scheduler, ShardSource
+from .scheduler import SHARD_TRIES, InputCheck, Scheduler, ShardSource
 from .validate import previous_run, validate
 
 __all__ = ["run", "verify_parts"]
@@ -65,6 +65,7 @@ def run(
     fresh = not out.holds_results()
     lease = Lease(out, ttl=cfg.lease_ttl)
     lease.acquire()
+    out.fence_with(lease.fenced, lease.generation, cfg.lease_ttl)  # every write from here on
     try:
         start = _start(cfg, out, lease, source)
         if not cfg.refresh_input and start.committed >= set(range(start.plan.shards)):
@@ -75,7 +76,7 @@ def run(
             log(f"resuming: {len(start.committed)} of {start.plan.shards} shards already committed")
         manifest = _attribute(cfg, out, lease, source, start, t_start, progress)
         if report:
-            _report(out, lease, traceback_on_error or cfg.verbose)
+            _report(out, traceback_on_error or cfg.verbose)
         return manifest
     except BaseException:
         # A fresh output whose run failed (a flag, the model, the cluster's resources) before a shard
@@ -83,24 +84,29 @@ def run(
         # lease's files stay (its lock is never deleted, its generation only grows).
         try:
             if fresh and not out.committed():
-                with lease.fenced():
-                    out.clear_results()
+                out.clear_results()
         except Exception:  # the lease is lost or the storage failed: leave it to the next run
             pass
         raise
     finally:
-        lease.release()
+        try:
+            lease.release()
+        except OSError as exc:  # e.g. the disk is full: the output is as it was left; say so
+            log(
+                f"warning: could not release the output's lease ({one_line(exc)}); the next run takes it "
+                f"over {cfg.lease_ttl:.0f} s after this one ends"
+            )
 
 
 def _start(cfg: RunConfig, out: Output, lease: Lease, source: Source) -> _Start:
     """Under the lease: check the recorded run, clear an overwritten output, commit the plan (listing
     the input once) or read the committed one, record the run, check the committed parts."""
+    out.sweep_staging()  # first: no delayed write of an earlier holder can be published after this
     previous = previous_run(cfg, out)
     run_id = previous["run_id"] if previous and not cfg.overwrite else uuid.uuid4().hex[:12]
     lease.name_run(run_id)
     if cfg.overwrite:
-        with lease.fenced():  # only the holder of the output deletes what is in it
-            out.clear_results()
+        out.clear_results()
     plan = Plan.load(out)
     if plan is not None and (plan.meta["input"] != cfg.input or plan.meta["shard_size"] != cfg.shard_size):
         if previous is not None:
@@ -117,7 +123,7 @@ def _start(cfg: RunConfig, out: Output, lease: Lease, source: Source) -> _Start:
     out.write_run(run_id, cfg.identity())
     out.remove_temporaries()
     committed = out.committed()
-    prior = verify_parts(out, plan, committed, run_id, len(cfg.methods), cfg.topk, heal=lease)
+    prior = verify_parts(out, plan, committed, run_id, len(cfg.methods), cfg.topk, heal=True)
     return _Start(run_id, plan, resumed, committed, prior)
 
 
@@ -128,17 +134,17 @@ def verify_parts(
     run_id: str,
     methods: int,
     topk: int | None,
-    heal: Lease | None,
+    heal: bool,
 ) -> dict[str, int]:
-    """Check every committed part a run relies on against the plan: its footer is readable, it was
-    written by this run, and it holds its shard's inputs and the rows they make. With ``heal`` (the
-    run's lease), parts that fail are removed under it (their shards run again) and dropped from
-    ``committed``; without, they are only dropped. Returns the totals of the good parts (from their
-    footers)."""
+    """Check every committed part a run relies on against the plan: it is a shard of the plan, its
+    footer is readable, it was written by this run, and it holds its shard's inputs and the rows
+    they make. With ``heal``, parts that fail are removed (through ``out``, under the run's fence;
+    their shards run again) and dropped from ``committed``; without, they are only dropped. Returns
+    the totals of the good parts (from their footers)."""
     totals = {"images": 0, "ok": 0, "errors": 0}
     bad = []
     for s in sorted(committed):
-        f = out.footer(s)
+        f = out.footer(s) if s < plan.shards else None
         good = (
             f is not None
             and f.run_id == run_id
@@ -152,11 +158,10 @@ def verify_parts(
             totals[k] += int(f.counts.get(k, 0))
     for s in bad:
         committed.discard(s)
-    if bad and heal is not None:
-        with heal.fenced():
-            out.mark_incomplete()
-            for s in bad:
-                storage.delete_file(out.part(s), out.opts)
+    if bad and heal:
+        out.mark_incomplete()
+        for s in bad:
+            out.delete(out.part(s))
         shown = ", ".join(str(s) for s in bad[:5]) + (" ..." if len(bad) > 5 else "")
         log(f"{len(bad)} committed part(s) unreadable, short or of another run: rewriting shard(s) {shown}")
     return totals
@@ -203,12 +208,12 @@ def _attribute(
     refresh: queue.Queue[int] | None = queue.Queue() if start.resumed else None
     check = None
     if refresh is not None:
-        check = InputCheck(start.plan, source, cfg.refresh_input, refresh, lease.fenced)
+        check = InputCheck(start.plan, source, cfg.refresh_input, refresh)
     shards = ShardSource(start.plan.shards, start.committed, refresh)
     pool: ReplicaPool | None = None
     sched: Scheduler | None = None
     probe = out.probe(lease.token)
-    storage.write_bytes(probe, start.run_id.encode(), out.opts)
+    out.write(probe, start.run_id.encode())
     try:
         if not shards.exhausted or check is not None:
             external = ray_init(cfg)
@@ -222,18 +227,41 @@ def _attribute(
                 pool, shards, lease.lost, start.plan.inputs, cfg.startup_timeout, out.uri, progress
             )
             sched.run(start.prior["images"])
+            _redo_bad_parts(cfg, out, start, sched, shards)
+            sched.close()
     except BaseException:
         if pool is not None:
             pool.stop()  # no actor of this run starts or commits another shard after it ends
         raise
     finally:
         with contextlib.suppress(Exception):  # else the next run's clean-up removes it
-            storage.delete_file(probe, out.opts)
+            out.delete(probe)
     if check is not None:
         check.join()
         if check.error:
             log(f"warning: the input check failed ({check.error}); the plan was finished as recorded")
     return _finish(cfg, out, lease, start, sched, check, t_start)
+
+
+def _redo_bad_parts(
+    cfg: RunConfig, out: Output, start: _Start, sched: Scheduler, shards: ShardSource
+) -> None:
+    """Before the replicas stop: every part that appeared during the run is checked; one that is not
+    this run's (a delayed write of another run), not a shard of the plan, or short, is removed under
+    the fence and its shard run again (up to the shard's tries)."""
+    checked: set[int] = set()
+    for _ in range(SHARD_TRIES):
+        start.plan.reload()
+        new = out.committed() - start.committed - checked
+        good = set(new)
+        verify_parts(out, start.plan, good, start.run_id, len(cfg.methods), cfg.topk, heal=True)
+        checked |= good
+        redo = sorted(s for s in new - good if s < start.plan.shards and s not in sched.failed_shards)
+        if not redo:
+            return
+        for s in redo:
+            shards.retry(s)
+        sched.run()
 
 
 def _finish(
@@ -251,9 +279,10 @@ def _finish(
     plan.reload()
     out.remove_temporaries()
     # The parts checked before the run cannot have changed since: parts are created, never
-    # replaced, and only this run's holder deletes. Only the others are read now.
+    # replaced, and only this run's holder deletes. Only the others are read now; one that is not
+    # this run's (or not the plan's) is removed.
     new = out.committed() - start.committed
-    final = verify_parts(out, plan, new, start.run_id, len(cfg.methods), cfg.topk, heal=None)
+    final = verify_parts(out, plan, new, start.run_id, len(cfg.methods), cfg.topk, heal=True)
     final = {k: final[k] + start.prior[k] for k in final}
     failed = sched.failed if sched else []
     complete = (
@@ -290,10 +319,9 @@ def _finish(
         driver_peak_rss_mb=peak_rss_mb(),
         actor_peak_rss_mb=sched.actor_rss if sched else 0.0,
     )
-    with lease.fenced():  # the run's record, only while this run holds the output
-        out.write_manifest(manifest)
-        if complete:
-            out.mark_complete()
+    out.write_manifest(manifest)  # the run's record (as every write: only while it holds the output)
+    if complete:
+        out.mark_complete(start.run_id)
     _summary(manifest, out, elapsed)
     return manifest
 
@@ -308,13 +336,15 @@ def _summary(m: Manifest, out: Output, elapsed: float) -> None:
     )
 
 
-def _report(out: Output, lease: Lease, show_traceback: bool) -> None:
+def _report(out: Output, show_traceback: bool) -> None:
     """The report page, written under the run's lease (its fence guards the write). The heatmaps are
     written by now: a report failure is a warning, never the run's failure."""
-    from lnstd.report import write_report
+    from lnstd.output import REPORT
+    from lnstd.report import build_report
 
     try:
-        log(f"report -> {write_report(out.uri, opts=out.opts, guard=lease.fenced)}")
+        out.write(out.path(REPORT), build_report(out.uri, opts=out.opts).encode())
+        log(f"report -> {out.path(REPORT)}")
     except Exception as exc:
         log(f"warning: no report ({type(exc).__name__}: {one_line(exc)})")
         if show_traceback:

@@ -47,8 +47,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lnstd import storage
-from lnstd.errors import LeaseLostError, OutputLockedError
-from lnstd.output import LEASE, LEASE_LOCK, Output
+from lnstd.errors import LeaseLostError, OutputError, OutputLockedError
+from lnstd.output import LEASE, LEASE_LOCK, Output, not_a_file
 
 __all__ = ["Holder", "Lease", "LeaseLostError"]
 
@@ -146,6 +146,8 @@ class Lease:
                 data = f.read()
         except FileNotFoundError:
             return None, None
+        except IsADirectoryError:
+            raise OutputError(not_a_file(self.uri)) from None
         holder = _parse(data)
         if holder is None:  # written by hand or by an old version, torn: judge it by its age
             age = time.time() - os.path.getmtime(path) if os.path.exists(path) else 0.0
@@ -336,8 +338,11 @@ class Lease:
     def _locked(self) -> Iterator[None]:
         """The lease's exclusive lock (local outputs): ``flock`` on ``_lnstd/lease.lock``."""
         path = self.out.local_path(LEASE_LOCK)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except (IsADirectoryError, NotADirectoryError, FileExistsError):
+            raise OutputError(not_a_file(self.out.path(LEASE_LOCK))) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

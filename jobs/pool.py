@@ -8,6 +8,7 @@ methods in the unit tests (so the pool and the scheduler are tested without a cl
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -17,7 +18,8 @@ from typing import Any, Protocol
 import ray
 
 from lnstd.config import RunConfig
-from lnstd.errors import ModelError, OutputError, ResourceError
+from lnstd.errors import LeaseLostError, ModelError, OutputError, ResourceError
+from lnstd.storage import StorageError
 
 from .console import last_line, log
 from .records import ReplicaInfo, ShardResult
@@ -145,6 +147,11 @@ class RayBackend:
         except ray.exceptions.RayActorError as exc:
             raise ActorLost(last_line(exc), init_failed=exc.actor_init_failed) from None
         except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, LeaseLostError):  # every other shard would meet the same: stop now
+                raise LeaseLostError(str(cause)) from None
+            if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+                raise StorageError(f"no space left where the output is written ({last_line(exc)})") from None
             raise CallFailed(last_line(exc)) from None
 
     def kill(self, actor: Any) -> None:

@@ -15,7 +15,6 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from lnstd.data import Source
@@ -150,7 +149,14 @@ class Scheduler:
                 self._collect(ready[0])
         self.t_done = time.time()  # the attribution phase ends here: the bar and the summary agree
         self.bar.set_postfix_str(f"{self.rate():.1f} img/s", refresh=False)
+
+    def close(self) -> None:
+        """Close the progress bar (the loop may run again before: a shard to redo)."""
         self.bar.close()
+
+    @property
+    def failed_shards(self) -> set[int]:
+        return {f["shard"] for f in self.failed}
 
     def _collect(self, ref: Any) -> None:
         if ref in self.pool.starting:
@@ -193,20 +199,12 @@ class InputCheck(threading.Thread):
     queued). The queue is closed with :data:`CLOSED` whatever happens, so the scheduler never waits
     for a check that is over, nor finishes before it is.
 
-    Args:
-        guard: held around the changes of the output (the run's ``Lease.fenced``).
+    Its writes go through the plan's output, under the run's fence.
     """
 
-    def __init__(
-        self,
-        plan: Plan,
-        source: Source,
-        refresh: bool,
-        out: queue.Queue[int],
-        guard: Callable[[], Any],
-    ) -> None:
+    def __init__(self, plan: Plan, source: Source, refresh: bool, out: queue.Queue[int]) -> None:
         super().__init__(name="lnstd-input-check", daemon=True)
-        self.plan, self.source, self.refresh, self.out, self.guard = plan, source, refresh, out, guard
+        self.plan, self.source, self.refresh, self.out = plan, source, refresh, out
         self.diff: PlanDiff | None = None
         self.error: str | None = None
 
@@ -219,8 +217,7 @@ class InputCheck(threading.Thread):
             if self.refresh and self.diff.added_items:
                 # The output stops being complete before the plan grows: a run killed from here on
                 # leaves no _SUCCESS (nor a manifest) that claims the old plan's totals.
-                with self.guard():
-                    self.plan.out.mark_incomplete()
+                self.plan.out.mark_incomplete()
                 new = self.plan.extend(self.diff.added_items)
                 self.diff.added_items = []
                 for shard in new:

@@ -47,6 +47,8 @@ class ShardWorker(RowBuilder):
         # The driver's lease, seen from here: a commit happens only while the driver's run holds it
         # (``fence``: its token and generation; None only for tests of the worker alone).
         self.lease = Lease.follow(self.out, fence[0], fence[1], ttl=self.cfg.lease_ttl) if fence else None
+        if self.lease is not None:  # every write of this actor under its driver's fence
+            self.out.fence_with(self.lease.fenced, self.lease.generation, self.cfg.lease_ttl)
         self.plan: Plan | None = None  # read when the first shard comes (the driver commits it first)
         # Decoding threads sized to the actor's CPUs (PIL releases the GIL while it decodes/resizes).
         self.decoders = ThreadPoolExecutor(max(2, self.threads))
@@ -124,13 +126,14 @@ class ShardWorker(RowBuilder):
             **table.schema.metadata,
             SHARD_COUNTS: json.dumps(counts).encode(),
             b"lnstd.node_id": self.node_id.encode(),
+            b"lnstd.generation": str(self.out.generation).encode(),
         }
         buf = io.BytesIO()
         pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd")
-        with self.lease.fenced() if self.lease else contextlib.nullcontext():
-            # Under the fence: no takeover can interleave (local), or the lease was verified just
-            # before (S3); a part that another attempt committed meanwhile is kept, not replaced.
-            storage.write_new(uri, buf.getvalue(), self.opts)
+        # Published under the driver's fence (Output.write): no takeover can interleave (local), or
+        # a delayed publication finds its staged source removed by the new holder (S3); a part that
+        # another attempt committed meanwhile is kept, not replaced.
+        self.out.write(uri, buf.getvalue(), create_only=True)
         return ShardResult(
             shard, **counts, rows=table.num_rows, peak_rss_mb=peak_rss_mb(), node_id=self.node_id
         )

@@ -512,6 +512,23 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .jobs.verify import repair, verify
+    from .output import Output
+    from .storage import StorageOptions
+
+    out = Output(args.output, StorageOptions.from_env(args.s3_endpoint))
+    if args.repair:
+        removed = repair(out)
+        for uri in removed:
+            print(f"removed {uri}")
+        if removed:
+            print("rerun the same lnstd run to redo the shards whose parts were removed")
+    verdict = verify(out)
+    print(verdict.table())
+    return 0 if verdict.ok else 1
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .methods import get_method, list_methods
 
@@ -548,6 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint", default=None)
     _common(p)
     p.set_defaults(func=_cmd_aggregate)
+    p = sub.add_parser("verify", help="check an output against its manifest and plan (exit 0 / 1)")
+    p.add_argument("output", metavar="OUTPUT")
+    p.add_argument(
+        "--repair", action="store_true", help="remove, under the output's lease, what no committed run wrote"
+    )
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    _common(p)
+    p.set_defaults(func=_cmd_verify)
     p = sub.add_parser("explain", help="overlay PNGs for a few local images (one per method, plus a strip)")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     _add_model_flags(p, required=False)

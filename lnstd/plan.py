@@ -124,10 +124,18 @@ class Plan:
         keys = {"version": int, "input": str, "shard_size": int, "inputs": int, "shards": int, "parts": list}
         meta = out.read_state(f"{PLAN}/plan.json", keys)
         if meta is None:
+            # Part files without plan.json are an interrupted listing, unless a run used the plan
+            # (its run.json, or heatmaps, are there): then the commit point was lost, and listing
+            # again could shift shards under committed parts.
+            if storage.list_names(out.path(PLAN), out.opts) and (
+                out.read_run() is not None or out.committed()
+            ):
+                raise OutputError(out.damaged(out.path(PLAN, "plan.json"), "missing"))
             return None
         if meta["version"] != VERSION:
             raise InputError(f"{out.uri}: plan version {meta['version']} is not {VERSION}")
         plan = cls(out, meta)
+        plan._check_shards()
         plan._check_parts()
         return plan
 
@@ -148,13 +156,29 @@ class Plan:
                 why = f"damaged ({one_line(exc, 80)})"
                 raise OutputError(self.out.damaged(where, why)) from None
 
+    def _check_shards(self) -> None:
+        """plan.json's counts agree with its parts (consecutive shard ranges from 0)."""
+        where = self._file("plan.json")
+        try:
+            expect, inputs = 0, 0
+            for part in self.meta["parts"]:
+                if int(part["first_shard"]) != expect or int(part["last_shard"]) < expect:
+                    raise ValueError
+                expect, inputs = int(part["last_shard"]) + 1, inputs + int(part["inputs"])
+            if expect != self.shards or inputs != self.inputs:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise OutputError(
+                self.out.damaged(where, "damaged (its counts disagree with its parts)")
+            ) from None
+
     def clean(self) -> int:
         """Remove files of the plan's folder that the committed plan does not name (parts of a listing
         or an extension that was interrupted); returns how many. Called under the lease."""
         keep = {"plan.json", *(p["name"] for p in self.meta["parts"])}
         stray = [n for n in storage.list_names(self.out.path(PLAN), self.out.opts) if n not in keep]
         for name in stray:
-            storage.delete_file(self._file(name), self.out.opts)
+            self.out.delete(self._file(name))
         return len(stray)
 
     def reload(self) -> None:
@@ -220,17 +244,17 @@ class Plan:
                 ``dedupe``; the message names the rows).
         """
         folder = out.path(PLAN)
-        storage.delete_tree(folder, out.opts)  # an earlier, uncommitted listing's parts
+        out.delete_tree(folder)  # an earlier, uncommitted listing's parts
         check = None if source.unique_ids else _Repeats()
         items = source.items() if check is None else check.watch(source.items())
         parts, inputs, shards = _write_parts(out, items, 0, 0, shard_size, part_rows)
         if check is not None:
             repeats = check.verify(source)
             if repeats and not dedupe:
-                storage.delete_tree(folder, out.opts)
+                out.delete_tree(folder)
                 raise InputError(_repeats_message(source, repeats))
             if repeats:  # list again, without the later repeats
-                storage.delete_tree(folder, out.opts)
+                out.delete_tree(folder)
                 drop = {row for row, _, _ in repeats}
                 kept = (it for row, it in enumerate(source.items(), start=1) if row not in drop)
                 parts, inputs, shards = _write_parts(out, kept, 0, 0, shard_size, part_rows)
@@ -244,7 +268,7 @@ class Plan:
 
     def _commit(self) -> None:
         """Write ``plan.json``: the commit point of a listing or an extension."""
-        storage.write_bytes(self._file("plan.json"), json.dumps(self.meta, indent=1).encode(), self.out.opts)
+        self.out.write(self._file("plan.json"), json.dumps(self.meta, indent=1).encode())
 
     def digests(self) -> np.ndarray:
         """The sorted, unique 16-byte digests of the plan's image ids (16 bytes per input)."""
@@ -327,7 +351,7 @@ def _write_parts(
         writer.close()
         name = f"part-{first_part + len(parts):05d}.arrow"
         data = buf.getvalue()
-        storage.write_bytes(out.path(PLAN, name), data, out.opts)
+        out.write(out.path(PLAN, name), data)
         first = first_shard + shards - in_part
         parts.append({"name": name, "inputs": part_inputs[0], "first_shard": first,
                       "last_shard": first + in_part - 1, "bytes": len(data)})  # fmt: skip
@@ -341,7 +365,10 @@ def _write_parts(
             break
         if writer is None:
             buf = io.BytesIO()
-            writer = ipc.new_file(buf, SCHEMA, options=_WRITE)
+            # the generation makes each listing's bytes (and S3 ETag) its own: a conditional delete
+            # of an earlier listing's part never matches this one
+            meta = {b"lnstd.generation": str(out.generation).encode()}
+            writer = ipc.new_file(buf, SCHEMA.with_metadata(meta), options=_WRITE)
         writer.write_batch(
             pa.record_batch(
                 [

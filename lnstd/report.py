@@ -14,13 +14,10 @@ The map statistics (concentration, agreement) come from a bounded sample of imag
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import html
 import io
 import json
-from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager
 from dataclasses import asdict
 from typing import Any
 
@@ -695,12 +692,9 @@ def write_report(
     metric: str | None = None,
     out: str | None = None,
     opts: storage.StorageOptions | None = None,
-    guard: Callable[[], ContextManager[Any]] | None = None,
 ) -> str:
-    """Build the report of ``output`` and write it (default ``OUTPUT/_report.html``); returns where.
-    ``guard`` (a run's ``Lease.fenced``) is held around the write alone, not the building."""
+    """Build the report of ``output`` and write it (default ``OUTPUT/_report.html``); returns where."""
     page = build_report(output, samples, metric, opts)
     dest = out or Output(output, opts).path(REPORT)
-    with guard() if guard else contextlib.nullcontext():
-        storage.write_bytes(dest, page.encode(), opts)
+    storage.write_bytes(dest, page.encode(), opts)
     return dest
