@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -106,20 +107,30 @@ def check_limits(head: bytes, size: int, max_pixels: int | None = None) -> None:
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if limit is None:
         return
+    declared = _declared_size(head)
+    if declared is not None and declared[0] * declared[1] > limit:
+        width, height = declared
+        raise DecodeError(TOO_LARGE, f"{width} x {height} pixels, more than the limit of {limit}")
     if size > max_file_bytes(limit):
         raise DecodeError(
             TOO_LARGE, f"a file of {size} bytes (at most {max_file_bytes(limit)} for {limit} pixels)"
         )
+
+
+def _declared_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) as the header in ``head`` states them, or None when it does not tell."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged below
-            width, height = Image.open(io.BytesIO(head)).size
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller judges
+            return Image.open(io.BytesIO(head)).size
     except Image.DecompressionBombError as exc:
         raise DecodeError(TOO_LARGE, _clean(exc)) from None
-    except Exception:  # an unreadable or incomplete header: the full decode says why
-        return
-    if width * height > limit:
-        raise DecodeError(TOO_LARGE, f"{width} x {height} pixels, more than the limit of {limit}")
+    except Exception:  # an unreadable or incomplete header
+        pass
+    # Pillow opens a PNG only once it reaches the first image data; its size is in IHDR, at byte 16
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+        return struct.unpack(">II", head[16:24])
+    return None
 
 
 def decode_image(
