@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lnstd import output as layout
 from lnstd import storage
 from lnstd.config import RunConfig
 from lnstd.data import DecodeError, open_source
 from lnstd.data.decode import HEAD_BYTES, check_limits, max_file_bytes
 from lnstd.data.read import read_image
-from lnstd.jobs.plan import Plan
 from lnstd.jobs.worker import ShardWorker
+from lnstd.output import Output
+from lnstd.plan import Plan
 
 from .jobhelpers import ROOT, TINY_ARGS, TINY_MODEL, good_image, tiny_checkpoint
 
@@ -82,7 +82,7 @@ def test_check_limits_refuses_from_the_size_or_the_header_and_lets_the_rest_thro
 def _worker(inp: Path, out: Path, ckpt: Path) -> ShardWorker:
     cfg = RunConfig(input=str(inp), output=str(out), model=TINY_MODEL, methods=["gae"], checkpoint=str(ckpt),
                     model_args=dict(TINY_ARGS), batch_size=4, shard_size=16)  # fmt: skip
-    Plan.create(str(out), open_source(str(inp)), 16, storage.StorageOptions())
+    Plan.create(Output(str(out)), open_source(str(inp)), 16)
     return ShardWorker(cfg.to_dict(), "test-run")
 
 
@@ -99,9 +99,9 @@ def test_a_100_gb_sparse_png_is_an_error_row_and_only_its_header_is_read(tmp_pat
     before = _rchar()
     res = worker.process(0)
     read = _rchar() - before
-    assert (res["images"], res["ok"], res["errors"]) == (6, 3, 3)
+    assert (res.images, res.ok, res.errors) == (6, 3, 3)
     assert read < 20 * 2**20, f"{read} bytes read"  # headers, the plan, the good images; not 200 GB
-    rows = {r["image_id"]: r for r in pq.read_table(layout.part_uri(str(tmp_path / "out"), 0)).to_pylist()}
+    rows = {r["image_id"]: r for r in pq.read_table(Output(str(tmp_path / "out")).part(0)).to_pylist()}
     assert rows["huge.png"]["error"] == rows["long.png"]["error"] == rows["wide.png"]["error"] == TOO_LARGE
     assert "100000 x 100000 pixels" in rows["wide.png"]["error_detail"]
     assert "100000 x 100000 pixels" in rows["huge.png"]["error_detail"]
@@ -138,7 +138,7 @@ with open("/proc/self/status") as f:
 # Address space for what the small images need, not for the 324 MB a 9000 x 9000 image needs
 resource.setrlimit(resource.RLIMIT_AS, (vm + 160 * 2**20, resource.RLIM_INFINITY))
 res = worker.process(0)
-print(json.dumps(res))
+print(json.dumps({"images": res.images, "ok": res.ok, "errors": res.errors}))
 """
 
 
@@ -158,7 +158,7 @@ def test_an_image_whose_decoding_runs_out_of_memory_is_its_error_row(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert (res["images"], res["ok"], res["errors"]) == (4, 3, 1)
-    rows = {r["image_id"]: r for r in pq.read_table(layout.part_uri(str(tmp_path / "out"), 0)).to_pylist()}
+    rows = {r["image_id"]: r for r in pq.read_table(Output(str(tmp_path / "out")).part(0)).to_pylist()}
     assert rows["big.png"]["status"] == "error" and rows["big.png"]["error"] == "out of memory"
     assert [rows[f"good{k}.png"]["status"] for k in range(3)] == ["ok"] * 3
     # without the cap the same image decodes: the limit, not the file, made it fail

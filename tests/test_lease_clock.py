@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lnstd import storage
 from lnstd.errors import OutputLockedError
 from lnstd.jobs.lease import Holder, Lease
+from lnstd.output import Output
 
 from .jobhelpers import ROOT
 
@@ -24,9 +24,9 @@ AHEAD = 3600.0  # the reader's clock, ahead of the holder's by an hour (ttl: 2 s
 
 _HOLDER = """
 import sys, time
-from lnstd import storage
 from lnstd.jobs.lease import Lease
-lease = Lease(sys.argv[1], storage.StorageOptions(), ttl=2.0, run_id="live")
+from lnstd.output import Output
+lease = Lease(Output(sys.argv[1]), ttl=2.0, run_id="live")
 lease.acquire()
 print("held", flush=True)
 time.sleep(120)
@@ -61,7 +61,7 @@ def test_a_reader_whose_clock_is_ahead_does_not_take_a_live_runs_lease(live):
     assert h.alive(now=time.time() + AHEAD)  # its process runs: held, whatever the clocks say
     assert h.alive(now=time.time())
     with pytest.raises(OutputLockedError, match=f"pid {p.pid}"):
-        Lease(str(out), storage.StorageOptions(), ttl=2.0).acquire()
+        Lease(Output(str(out)), ttl=2.0).acquire()
 
 
 def test_a_paused_holder_is_judged_by_its_heartbeat(live):
@@ -72,7 +72,7 @@ def test_a_paused_holder_is_judged_by_its_heartbeat(live):
     assert h.alive(now=h.heartbeat + 1.0)  # within its ttl: still held
     assert not h.alive(now=h.heartbeat + 3.0)  # past it: a paused run may be taken over
     time.sleep(max(0.0, h.heartbeat + 2.5 - time.time()))
-    taker = Lease(str(out), storage.StorageOptions(), ttl=2.0)
+    taker = Lease(Output(str(out)), ttl=2.0)
     taker.acquire()  # the takeover the fencing tests rely on
     assert _holder(out).token == taker.token and _holder(out).generation == h.generation + 1
     taker.release()
@@ -91,7 +91,7 @@ def test_a_killed_holder_and_a_zombie_lose_the_lease_at_once(live):
 
 
 def test_a_pid_reused_by_a_later_process_is_not_the_holder(tmp_path):
-    lease = Lease(str(tmp_path / "out"), storage.StorageOptions(), ttl=2.0)
+    lease = Lease(Output(str(tmp_path / "out")), ttl=2.0)
     lease.acquire()
     try:
         h = _holder(tmp_path / "out")
