@@ -73,17 +73,19 @@ class Holder:
 
     def alive(self, now: float | None = None) -> bool:
         """Whether the lease is held. Not when released. On this host the holder's process decides
-        first: gone (or its pid reused), the lease is free at once; running, it is held whatever
-        the heartbeat's age says, since the reader's clock may be ahead of the holder's. Otherwise
-        (another host; a paused process, which may be taken over; no process id recorded) the
-        heartbeat decides: held while within its time-to-live of ``now``."""
+        first: gone (or its pid reused), the lease is free at once; another process that runs holds
+        it whatever the heartbeat's age says, since the reader's clock may be ahead of the holder's.
+        Otherwise the heartbeat decides, held while within its time-to-live of ``now``: another
+        host; a paused process (which may be taken over); a lease without a process id; and this
+        very process (one clock, so the age is exact, and that it runs says nothing of a lease
+        in it that stopped renewing)."""
         if self.released:
             return False
         if self.host == socket.gethostname():
             state = _process_state(self.pid, self.process)
             if state == "gone":
                 return False
-            if state == "running":
+            if state == "running" and self.pid != os.getpid():
                 return True
         now = time.time() if now is None else now
         return now - self.heartbeat <= self.ttl

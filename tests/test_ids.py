@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import urllib.parse
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lnstd.data import open_source
@@ -16,7 +16,22 @@ from .jobhelpers import good_image
 
 # Bytes that make escapes interesting (%, hex digits, bytes that are not UTF-8, a UTF-8 pair),
 # mixed with any byte a name may hold.
-_TRICKY = [b"%", b"F", b"f", b"2", b"5", b"a", b"\xff", b"\xc3", b"\xa9", b"\x80", b" ", b"."]
+_TRICKY = [
+    b"%",
+    b"%FF",
+    b"%25",
+    b"%4",
+    b"F",
+    b"f",
+    b"2",
+    b"5",
+    b"\xff",
+    b"\xc3",
+    b"\xa9",
+    b"\x80",
+    b" ",
+    b".",
+]
 _BYTE = st.sampled_from(_TRICKY) | st.binary(min_size=1, max_size=1).filter(
     lambda b: b not in (b"/", b"\x00")
 )
@@ -30,6 +45,7 @@ def _id(raw: bytes) -> str:
 
 @settings(max_examples=300, deadline=None)
 @given(_NAME)
+@example(b"bad%FFname.png")
 def test_an_id_is_utf8_and_gives_the_names_bytes_back(raw):
     image_id = _id(raw)
     image_id.encode("utf-8")  # Parquet strings are UTF-8
