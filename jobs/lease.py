@@ -390,7 +390,7 @@ def _process_id(pid: int) -> str:
 def _process_state(pid: int, process: str) -> str:
     """A holder's process on this host: "gone" (no such pid, a zombie, or a pid that a later
     process reuses), "running" (the very process: its recorded id matches), "paused" (stopped by a
-    signal or a debugger) or "unknown" (no id recorded, or no ``/proc``)."""
+    signal or a debugger) or "unknown" (no id recorded, or its ``/proc`` entry unreadable)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -398,8 +398,8 @@ def _process_state(pid: int, process: str) -> str:
     except PermissionError:
         pass  # exists, owned by someone else
     fields = _stat(pid)
-    if fields is None:
-        return "gone" if os.path.isdir("/proc/self") else "unknown"  # exited since os.kill
+    if fields is None:  # no /proc, or hidden (hidepid), or it exited since os.kill: the heartbeat says
+        return "unknown"
     if fields[0] in (b"Z", b"X"):
         return "gone"
     if process and _process_id(pid) not in ("", process):
