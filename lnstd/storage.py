@@ -489,6 +489,10 @@ def walk_local(
                 if not e.is_symlink():
                     subfolders.append(e.path)
             elif e.name.lower().endswith(extensions):
-                # A FIFO, socket or device is not; a link is judged when it is read.
-                yield e.path, e.is_file() or e.is_symlink()
+                # A FIFO, socket or device is not; a link (a loop too) is judged when it is read.
+                try:
+                    regular = e.is_file()
+                except OSError:  # ELOOP: a link that leads back to itself
+                    regular = False
+                yield e.path, regular or e.is_symlink()
         stack.extend(reversed(subfolders))
