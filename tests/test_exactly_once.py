@@ -259,10 +259,9 @@ def test_two_concurrent_runs_one_proceeds_the_other_names_the_holder(ckpt, tmp_p
 
 
 def test_lease_unit_local_and_s3(tmp_path, s3_server, monkeypatch):
-    from lnstd.jobs.lease import Lease
-
     from lnstd import storage
     from lnstd.errors import OutputLockedError
+    from lnstd.jobs.lease import Lease
     from lnstd.output import Output
 
     for k, v in s3_server.env.items():

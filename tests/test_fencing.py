@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from lnstd.jobs.lease import Lease
-from lnstd.jobs.worker import ShardWorker
 
 from lnstd import storage
 from lnstd.config import RunConfig
 from lnstd.data import open_source
 from lnstd.errors import LeaseLostError
+from lnstd.jobs.lease import Lease
+from lnstd.jobs.worker import ShardWorker
 from lnstd.output import Output
 from lnstd.plan import Plan
 

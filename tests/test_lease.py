@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from lnstd.jobs.lease import Lease
 
 from lnstd import storage
 from lnstd.errors import LeaseLostError, OutputLockedError
+from lnstd.jobs.lease import Lease
 from lnstd.output import Output
 
 from .s3proxy import FaultProxy

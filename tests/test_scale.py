@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from lnstd.jobs.scheduler import CLOSED, ShardSource
 
 from lnstd import storage
 from lnstd.data import Item, Source
+from lnstd.jobs.scheduler import CLOSED, ShardSource
 from lnstd.output import Output
 from lnstd.plan import Plan
 
@@ -276,9 +276,9 @@ def test_a_failed_fresh_run_cleans_under_its_lease_and_a_racing_run_keeps_its_ow
     import threading
 
     import ray
-    from lnstd.jobs.lease import Lease
 
     from lnstd.errors import OutputLockedError
+    from lnstd.jobs.lease import Lease
     from lnstd.output import Output
 
     def timed_out(**kwargs):

@@ -10,12 +10,12 @@ import threading
 import time
 
 import pytest
-from lnstd.jobs.pool import ActorLost, CallFailed, ReplicaPool
-from lnstd.jobs.records import ReplicaInfo, ShardResult
-from lnstd.jobs.scheduler import CLOSED, SHARD_TRIES, Scheduler, ShardSource
 
 from lnstd.config import RunConfig
 from lnstd.errors import LeaseLostError, ModelError, OutputError, ResourceError
+from lnstd.jobs.pool import ActorLost, CallFailed, ReplicaPool
+from lnstd.jobs.records import ReplicaInfo, ShardResult
+from lnstd.jobs.scheduler import CLOSED, SHARD_TRIES, Scheduler, ShardSource
 
 SHARD_IMAGES = 4
 

@@ -10,11 +10,11 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from lnstd.jobs.worker import ShardWorker
 from PIL import Image
 
 from lnstd.config import RunConfig
 from lnstd.data import open_source
+from lnstd.jobs.worker import ShardWorker
 from lnstd.output import Output
 from lnstd.plan import Plan
 
