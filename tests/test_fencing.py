@@ -109,6 +109,9 @@ def test_a_paused_run_whose_lease_was_taken_over_changes_nothing_when_it_resumes
         os.kill(a.pid, signal.SIGCONT)
         a.wait(timeout=120)
         assert a.returncode == 2, seen[-2000:]
+        said = [ln for ln in a.stderr.read().splitlines() if ln.startswith("lnstd: ")]  # -v adds Ray's
+        assert not [ln for ln in said if "retrying" in ln], said  # stops at once: no shard retried
+        assert [ln for ln in said if "lost the output's lease" in ln] == said[-1:], said
         assert _digest_parts(out) == after_b  # nothing of A's landed after B took over
         rows = pq.read_table(out / "heatmaps", columns=["image_id", "method"]).to_pylist()
         assert {r["method"] for r in rows} == {"rollout"} and len(rows) == 160
