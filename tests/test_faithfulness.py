@@ -192,6 +192,20 @@ def test_toy_vit_object_mask_is_more_faithful_than_its_inverse_and_a_random_map(
     assert int((fig["mask"]["deletion_auc"] < fig["inverse"]["deletion_auc"]).sum()) >= 5
 
 
+def test_an_image_scores_the_same_in_any_batch_noise_included():
+    model = SmallNet().eval()
+    images = torch.randn(3, 3, 12, 12)
+    heat = _maps(3, 12, 12, seed=6)
+    t = torch.tensor([0, 1, 2])
+    batch = faithfulness(model, images, heat, t, chunk=7)  # default ROAD noise
+    for i in range(3):
+        one = faithfulness(model, images[i : i + 1], heat[i : i + 1], t[i : i + 1])
+        for k in batch:
+            assert abs(float(batch[k][i]) - float(one[k][0])) < 1e-5, k
+    quiet = faithfulness(model, images, heat, t, metrics=["road"], road_noise=0.0)
+    assert (quiet["road_morf"] - batch["road_morf"]).abs().max() > 1e-6  # the noise is there
+
+
 def test_bf16_forwards_agree_with_fp32():
     model = SmallNet().eval()
     images = torch.randn(2, 3, 12, 12)

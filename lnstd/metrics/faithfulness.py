@@ -154,7 +154,8 @@ def faithfulness(
     probability as the top ``j/steps`` of pixels (ranked by the map upsampled to the image, ties
     at their average rank) are replaced by / shown on ``baseline``. ``road_morf`` / ``road_lerf``:
     the probability after imputing the most / least relevant pixels (:func:`impute`, noise
-    ``road_noise``, seeded by ``seed``), averaged over ``road_percentiles``; ``road_gap`` =
+    ``road_noise``: one field per step from ``seed``, the same for every image, so an image's
+    figures do not depend on its batch), averaged over ``road_percentiles``; ``road_gap`` =
     ``road_lerf - road_morf``. Step images of every image share forwards, ``chunk`` images at a
     time, under autocast to ``dtype`` when given. ``curves`` adds the curves
     (``deletion_curve``, ``insertion_curve``: (B, steps + 1); ``road_morf_curve``,
@@ -194,11 +195,10 @@ def faithfulness(
             slot(("road_lerf", kept))
         want["road_morf"] = [plan.index(("road_morf", _road_kept(q, n))) for q in road_percentiles]
         want["road_lerf"] = [plan.index(("road_lerf", _road_kept(q, n))) for q in road_percentiles]
-    gen = torch.Generator(images.device).manual_seed(seed)
 
     def make(r: range) -> torch.Tensor:
         road = [plan[s] for s in r if plan[s][0].startswith("road")]
-        filled = iter(_road_images(images, ranks, road, road_noise, gen).split(b) if road else [])
+        filled = iter(_road_images(images, ranks, road, road_noise, seed).split(b) if road else [])
         return torch.cat(
             [
                 next(filled) if plan[s][0].startswith("road") else perturbed(images, ranks, plan[s], base)
@@ -236,10 +236,18 @@ def _road_images(
     ranks: torch.Tensor,
     steps: list[tuple[str, int]],
     noise: float,
-    generator: torch.Generator,
+    seed: int,
 ) -> torch.Tensor:
     """The imputed images of several ROAD steps of every image, in one solve: (S*B, C, H, W)."""
     n = ranks.shape[1]
-    h, w = images.shape[-2:]
+    b, c, h, w = images.shape
     known = torch.cat([ranks > n - 1 - k if kind == "road_morf" else ranks < k for kind, k in steps])
-    return impute(images.repeat(len(steps), 1, 1, 1), known.view(-1, h, w), noise, generator=generator)
+    out = impute(images.repeat(len(steps), 1, 1, 1), known.view(-1, h, w))
+    if not noise:
+        return out
+    fields = []
+    for kind, k in steps:  # a step's noise depends on the step alone, not on the batch
+        gen = torch.Generator(images.device).manual_seed(seed * 1_000_003 + 2 * k + (kind == "road_lerf"))
+        fields.append(torch.randn((1, c, h, w), generator=gen, device=images.device).expand(b, c, h, w))
+    unknown = (~known.view(-1, 1, h, w)).to(out.dtype)
+    return out + noise * torch.cat(fields).to(out.dtype) * unknown

@@ -97,6 +97,6 @@ def column_metrics() -> list[str]:
 
 def eval_metrics() -> list[str]:
     """Figures of ``lnstd eval``, in table order."""
-    skip = ("probability", "correct", "elapsed_ms", "foreground_iou", "completeness", "road_morf", "road_lerf",
-            "road_gap")  # fmt: skip
+    skip = ("probability", "correct", "elapsed_ms", "foreground_iou", "completeness",
+            "road_morf", "road_lerf", "road_gap")  # fmt: skip
     return [m.name for m in _ALL if m.name not in skip]
