@@ -48,20 +48,21 @@ def _maps(b: int, h: int, w: int, seed: int) -> torch.Tensor:
     return smooth + 1e-4 * torch.rand(b, h, w, generator=g)  # no ties
 
 
-def test_impute_equals_direct_sparse_solve():
+@pytest.mark.parametrize("solver", ["cg", "direct"])
+def test_impute_equals_direct_sparse_solve(solver):
     torch.manual_seed(0)
     images = torch.randn(3, 3, 20, 26, dtype=torch.float64)
     heat = _maps(3, 20, 26, seed=1)
     for share in (0.1, 0.5, 0.9):
         known = heat < heat.flatten(1).quantile(share, dim=1)[:, None, None]  # impute 1 - share
-        got = impute(images, known)
+        got = impute(images, known, solver=solver)
         for i in range(3):
             want = ref.road_impute(images[i].numpy(), known[i].numpy())
             assert np.abs(got[i].numpy() - want).max() < 1e-5
             # known pixels stay exactly as they were
             assert torch.equal(got[i][:, known[i]], images[i][:, known[i]])
     # float32 input: the same solution, rounded to float32
-    got32 = impute(images.float(), known)
+    got32 = impute(images.float(), known, solver=solver)
     want = ref.road_impute(images[0].numpy(), known[0].numpy())
     assert got32.dtype == torch.float32 and np.abs(got32[0].double().numpy() - want).max() < 1e-5
 
@@ -71,19 +72,23 @@ def test_impute_noise_only_on_imputed_pixels():
     known = torch.rand(2, 16, 16) < 0.5
     clean = impute(images, known)
     noisy = impute(images, known, noise=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(clean, impute(images, known, solver="cg"), atol=1e-5)  # auto = direct here
     diff = noisy - clean
     assert torch.equal(diff[:, :, known[0] & known[1]], torch.zeros_like(diff[:, :, known[0] & known[1]]))
     spread = diff.permute(1, 0, 2, 3)[:, ~known].std()
     assert 0.4 < float(spread) < 0.6  # N(0, 0.5^2) on the imputed pixels
 
 
-def test_road_equals_reference_protocol():
+@pytest.mark.parametrize("solver", ["cg", "direct"])
+def test_road_equals_reference_protocol(solver):
     model = SmallNet().eval()
     torch.manual_seed(1)
     images = torch.randn(3, 3, 14, 18)
     heat = _maps(3, 14, 18, seed=2)
     targets = torch.tensor([0, 3, 4])
-    got = faithfulness(model, images, heat, targets, metrics=["road"], road_noise=0.0, curves=True)
+    got = faithfulness(
+        model, images, heat, targets, metrics=["road"], road_noise=0.0, solver=solver, curves=True
+    )
     for i in range(3):
         morf, lerf = ref.road_curves(
             model, images[i].double().numpy(), heat[i].double().numpy(), int(targets[i]), ROAD_PERCENTILES
@@ -225,6 +230,8 @@ def test_bad_arguments_say_which():
         faithfulness(model, x, h, t, metrics=["pixel_flipping"])
     with pytest.raises(ValueError, match="baseline"):
         faithfulness(model, x, h, t, metrics=["deletion"], baseline="grey")
+    with pytest.raises(ValueError, match="solver must be one of"):
+        faithfulness(model, x, h, t, metrics=["road"], solver="lu")
 
 
 def test_road_equals_pytorch_grad_cam_when_installed():

@@ -24,6 +24,7 @@ __all__ = [
     "FAITHFULNESS",
     "FAITHFULNESS_COLUMNS",
     "ROAD_PERCENTILES",
+    "SOLVERS",
     "faithfulness",
     "forwards_per_image",
     "impute",
@@ -51,24 +52,47 @@ def _neighbours(x: torch.Tensor) -> torch.Tensor:
     return (v[..., :-2] + 2 * v[..., 1:-1] + v[..., 2:] - 4 * x) / 12
 
 
+SOLVERS = ("auto", "cg", "direct")
+# The reference's neighbour weights: 1/6 for the 4 edge neighbours, 1/12 for the 4 diagonal ones.
+_OFFSETS = (((-1, -1), 1 / 12), ((-1, 0), 1 / 6), ((-1, 1), 1 / 12), ((0, -1), 1 / 6),
+            ((0, 1), 1 / 6), ((1, -1), 1 / 12), ((1, 0), 1 / 6), ((1, 1), 1 / 12))  # fmt: skip
+
+
 @torch.no_grad()
 def impute(
     images: torch.Tensor,
     known: torch.Tensor,
     noise: float = 0.0,
+    solver: str = "auto",
     tol: float = 1e-8,
     max_iter: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """ROAD's noisy linear imputation of every image of (B, C, H, W) at once.
+    """ROAD's noisy linear imputation of every image of (B, C, H, W).
 
     Each unknown pixel (``known`` (B, H, W) False) becomes the weighted mean of its in-image
     neighbours (the reference's stencil), known ones fixed: per image and channel the sparse
-    symmetric positive-definite system ``d_i x_i - sum_j w_ij x_j = sum_known w_ij v_j``, solved by
-    Jacobi-preconditioned conjugate gradients in float64 for all images and channels together until
-    every residual is below ``tol`` times its right-hand side. Then ``noise`` times standard normal
-    noise is added to the imputed pixels (0: deterministic).
+    symmetric positive-definite system ``d_i x_i - sum_j w_ij x_j = sum_known w_ij v_j``.
+    ``solver``: ``"cg"``, Jacobi-preconditioned conjugate gradients in float64 for all images and
+    channels at once on their device, until every residual is below ``tol`` times its right-hand
+    side; ``"direct"``, SciPy's sparse LU, one image at a time on the CPU (faster there:
+    benchmarks/README.md); ``"auto"``, direct on the CPU, CG elsewhere. An image with no known
+    pixel becomes 0. Then ``noise`` times standard normal noise is added to the imputed pixels.
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if solver == "direct" or (solver == "auto" and images.device.type == "cpu"):
+        out = _direct(images, known)
+    else:
+        out = _cg(images, known, tol, max_iter)
+    if noise:
+        eps = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+        out = out + noise * eps * (~known.bool())[:, None].to(out.dtype)
+    return out
+
+
+def _cg(images: torch.Tensor, known: torch.Tensor, tol: float, max_iter: int | None) -> torch.Tensor:
+    """:func:`impute` by batched conjugate gradients on the stencil (no matrix is built)."""
     b, c, h, w = images.shape
     x = images.to(torch.float64).reshape(b * c, 1, h, w)
     unknown = (~known.bool()).to(torch.float64)[:, None].expand(b, c, h, w).reshape(b * c, 1, h, w)
@@ -96,11 +120,43 @@ def impute(
         rz_new = (r * z).sum(dim=(1, 2, 3), keepdim=True)
         p = z + torch.where(rz > 0, rz_new / rz.clamp(min=1e-300), 0.0) * p
         rz = rz_new
-    out = torch.where(unknown > 0, sol, x).reshape(b, c, h, w).to(images.dtype)
-    if noise:
-        eps = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
-        out = out + noise * eps * unknown.reshape(b, c, h, w).to(out.dtype)
-    return out
+    return torch.where(unknown > 0, sol, x).reshape(b, c, h, w).to(images.dtype)
+
+
+def _direct(images: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """:func:`impute` by SciPy's sparse direct solve, per image (all channels share one factorisation)."""
+    import numpy as np
+    import scipy.sparse as sp
+    import scipy.sparse.linalg as spl
+
+    b, c, h, w = images.shape
+    imgs = images.detach().to("cpu", torch.float64).numpy().reshape(b, c, h * w)
+    kns = known.bool().cpu().numpy().reshape(b, h * w)
+    out = imgs.copy()
+    for i in range(b):
+        kn, flat = kns[i], imgs[i]
+        idx = np.flatnonzero(~kn)
+        if not len(idx) or not kn.any():
+            out[i][:, idx] = 0.0
+            continue
+        var = np.full(h * w, -1)
+        var[idx] = np.arange(len(idx))
+        y, x = np.divmod(idx, w)
+        diag, rhs = np.zeros(len(idx)), np.zeros((len(idx), c))
+        rows, cols, vals = [np.arange(len(idx))], [np.arange(len(idx))], []
+        for (dy, dx), wt in _OFFSETS:
+            yy, xx = y + dy, x + dx
+            inside = np.flatnonzero((yy >= 0) & (yy < h) & (xx >= 0) & (xx < w))
+            q = yy[inside] * w + xx[inside]
+            diag[inside] += wt
+            fixed = kn[q]
+            rhs[inside[fixed]] += wt * flat[:, q[fixed]].T  # each (row, offset) pair once
+            rows.append(inside[~fixed]), cols.append(var[q[~fixed]])
+            vals.append(np.full(int((~fixed).sum()), -wt))
+        a = sp.csc_matrix((np.concatenate([diag, *vals]), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(len(idx), len(idx)))  # fmt: skip
+        out[i][:, idx] = np.asarray(spl.spsolve(a, rhs)).reshape(len(idx), c).T
+    return torch.from_numpy(out.reshape(b, c, h, w)).to(images.device, images.dtype)
 
 
 def _pull_push(x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -143,6 +199,7 @@ def faithfulness(
     baseline: float | str | torch.Tensor = 0.0,
     road_noise: float = ROAD_NOISE,
     road_percentiles: Sequence[int] = ROAD_PERCENTILES,
+    solver: str = "auto",
     chunk: int = 64,
     dtype: torch.dtype | None = None,
     seed: int = 0,
@@ -155,8 +212,8 @@ def faithfulness(
     at their average rank) are replaced by / shown on ``baseline``. ``road_morf`` / ``road_lerf``:
     the probability after imputing the most / least relevant pixels (:func:`impute`, noise
     ``road_noise``: one field per step from ``seed``, the same for every image, so an image's
-    figures do not depend on its batch), averaged over ``road_percentiles``; ``road_gap`` =
-    ``road_lerf - road_morf``. Step images of every image share forwards, ``chunk`` images at a
+    figures do not depend on its batch; ``solver`` as there), averaged over ``road_percentiles``;
+    ``road_gap`` = ``road_lerf - road_morf``. Step images of every image share forwards, ``chunk`` images at a
     time, under autocast to ``dtype`` when given. ``curves`` adds the curves
     (``deletion_curve``, ``insertion_curve``: (B, steps + 1); ``road_morf_curve``,
     ``road_lerf_curve``: (B, len(road_percentiles))).
@@ -198,7 +255,7 @@ def faithfulness(
 
     def make(r: range) -> torch.Tensor:
         road = [plan[s] for s in r if plan[s][0].startswith("road")]
-        filled = iter(_road_images(images, ranks, road, road_noise, seed).split(b) if road else [])
+        filled = iter(_road_images(images, ranks, road, road_noise, seed, solver).split(b) if road else [])
         return torch.cat(
             [
                 next(filled) if plan[s][0].startswith("road") else perturbed(images, ranks, plan[s], base)
@@ -237,12 +294,13 @@ def _road_images(
     steps: list[tuple[str, int]],
     noise: float,
     seed: int,
+    solver: str,
 ) -> torch.Tensor:
     """The imputed images of several ROAD steps of every image, in one solve: (S*B, C, H, W)."""
     n = ranks.shape[1]
     b, c, h, w = images.shape
     known = torch.cat([ranks > n - 1 - k if kind == "road_morf" else ranks < k for kind, k in steps])
-    out = impute(images.repeat(len(steps), 1, 1, 1), known.view(-1, h, w))
+    out = impute(images.repeat(len(steps), 1, 1, 1), known.view(-1, h, w), solver=solver)
     if not noise:
         return out
     fields = []
