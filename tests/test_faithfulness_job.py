@@ -56,6 +56,13 @@ def test_run_writes_faithfulness_columns_and_aggregate_carries_them(tmp_path):
             assert row[name] == pytest.approx(float(want[name][0]), abs=1e-4), name
     ident = json.loads((out / "_lnstd" / "run.json").read_text())["identity"]
     assert ident["faithfulness"] == ["deletion", "insertion", "road"]
+    page = tmp_path / "r.html"
+    rep = run_cli("report", str(out), "--out", str(page))
+    assert rep.returncode == 0, rep.stderr
+    text = page.read_text()
+    assert "Which map to believe" in text and "On these 2 images, " in text
+    for name in FAITHFULNESS_METRICS:
+        assert text.count(f"data-metric='{name}' data-method=") == 2  # both methods ranked
     agg = run_cli("aggregate", str(out))
     assert agg.returncode == 0, agg.stderr
     summary = pacsv.read_csv(out / "_aggregate" / "summary.csv").to_pylist()
@@ -74,3 +81,27 @@ def test_off_by_default_and_identity_unchanged(tmp_path):
     assert on.identity()["faithfulness"] == ["deletion", "road"]
     with pytest.raises(UsageError, match="--faithfulness takes deletion, insertion, road, got pixelflip"):
         RunConfig(input="a", output="b", model="m", methods=[], faithfulness=["pixelflip"])
+
+
+def test_ranking_known_answer():
+    """A beats B by 0.2 on every image; C equals A up to noise far below the spread: A first, B
+    distinguishable from it, C not; intervals cover the means; lower-is-better reverses the order."""
+    from lnstd.ranking import rank_methods, ranking_section
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.5, 0.1, 300)
+    values = {"B": a - 0.2, "A": a, "C": a + rng.normal(0, 1e-4, 300)}
+    places = rank_methods(values, higher=True)
+    assert [p.method for p in places][2] == "B" and {places[0].method, places[1].method} == {"A", "C"}
+    b = places[2]
+    assert b.distinguishable and b.diff == pytest.approx(-0.2, abs=1e-3) and b.diff_high < 0
+    assert not places[1].distinguishable
+    for p in places:
+        assert p.low < p.mean < p.high and p.mean == pytest.approx(np.mean(values[p.method]))
+    assert rank_methods(values, higher=False)[0].method == "B"
+    rows = [{"image_id": str(i), "target": 0, "method": m, "road_gap": float(v[i])}
+            for m, v in values.items() for i in range(300)]  # fmt: skip
+    html = ranking_section(rows, ["A", "B", "C"])
+    assert "On these 300 images, " in html and "by road_gap" in html
+    assert "not distinguishable from it" in html and "(not distinguishable)" in html
+    assert ranking_section([{**r, "road_gap": None} for r in rows], ["A", "B", "C"]) == ""
