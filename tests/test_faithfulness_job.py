@@ -17,7 +17,7 @@ from lnstd.data.preprocess import Preprocess
 from lnstd.data.toy import write_toy_dataset
 from lnstd.errors import UsageError
 from lnstd.metrics.registry import FAITHFULNESS_METRICS
-from tests.jobhelpers import read_rows, run_cli
+from tests.jobhelpers import cli_in_process, read_rows, run_cli
 
 TOY = Path(lnstd.__file__).parent / "checkpoints" / "toy_vit.safetensors"
 
@@ -105,3 +105,22 @@ def test_ranking_known_answer():
     assert "On these 300 images, " in html and "by road_gap" in html
     assert "not distinguishable from it" in html and "(not distinguishable)" in html
     assert ranking_section([{**r, "road_gap": None} for r in rows], ["A", "B", "C"]) == ""
+
+
+def test_wrong_flag_is_named_and_help_states_the_cost(tmp_path, capsys):
+    from lnstd.metrics.faithfulness import forwards_per_image
+
+    (tmp_path / "in").mkdir()
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--model", "vit_tiny_patch16_224"]
+    code, err = cli_in_process("run", *args, "--faithfulness", "deletion,flip")
+    assert code == 2 and "--faithfulness takes deletion, insertion, road, got flip" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        from lnstd.cli import main
+
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    alone, both = forwards_per_image(["deletion"]), forwards_per_image(["deletion", "insertion"])
+    road, every = forwards_per_image(["road"]), forwards_per_image(["deletion", "insertion", "road"])
+    assert f"deletion or insertion alone {alone} model forwards, both {both}, road {road}" in text
+    assert f"all three {every}," in text
