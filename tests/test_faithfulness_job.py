@@ -111,7 +111,7 @@ def test_wrong_flag_is_named_and_help_states_the_cost(tmp_path, capsys):
     from lnstd.metrics.faithfulness import forwards_per_image
 
     (tmp_path / "in").mkdir()
-    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--model", "vit_tiny_patch16_224"]
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--model", "m"]
     code, err = cli_in_process("run", *args, "--faithfulness", "deletion,flip")
     assert code == 2 and "--faithfulness takes deletion, insertion, road, got flip" in err
     assert len(err.strip().splitlines()) == 1
