@@ -4,9 +4,10 @@
 pixels are removed (lower area is better) or shown on the baseline (higher is better). ``road``
 (Rong et al., ICML 2022): the removed pixels are filled by ROAD's noisy linear imputation rather than
 a constant, at the paper's percentiles, most relevant first (MoRF, lower is better) and least
-relevant first (LeRF, higher is better). The imputation of a whole batch is one batched
-conjugate-gradient solve on the reference's sparse stencil (pytorch-grad-cam's
-``NoisyLinearImputer``). docs/methods.md, "Faithfulness", has the definitions.
+relevant first (LeRF, higher is better). The imputation solves the reference's sparse system
+(pytorch-grad-cam's ``NoisyLinearImputer``): for a whole batch at once by conjugate gradients on an
+accelerator, by a direct sparse solve per image on the CPU. docs/methods.md, "Faithfulness", has the
+definitions.
 """
 
 from __future__ import annotations
@@ -213,8 +214,8 @@ def faithfulness(
     the probability after imputing the most / least relevant pixels (:func:`impute`, noise
     ``road_noise``: one field per step from ``seed``, the same for every image, so an image's
     figures do not depend on its batch; ``solver`` as there), averaged over ``road_percentiles``;
-    ``road_gap`` = ``road_lerf - road_morf``. Step images of every image share forwards, ``chunk`` images at a
-    time, under autocast to ``dtype`` when given. ``curves`` adds the curves
+    ``road_gap`` = ``road_lerf - road_morf``. Step images of every image share forwards, ``chunk``
+    images at a time, under autocast to ``dtype`` when given. ``curves`` adds the curves
     (``deletion_curve``, ``insertion_curve``: (B, steps + 1); ``road_morf_curve``,
     ``road_lerf_curve``: (B, len(road_percentiles))).
 
@@ -228,30 +229,7 @@ def faithfulness(
     n = h * w
     ranks = pixel_ranks(heat.to(images.device), (h, w))
     base = _baseline(images, baseline)
-    ks = [round(j / steps * n) for j in range(steps + 1)]
-    # Each distinct step image once: deletion of none and insertion of all are the image itself,
-    # deletion of all and insertion of none are the baseline.
-    plan: list[tuple[str, int]] = []
-
-    def slot(step: tuple[str, int]) -> int:
-        kind, k = step
-        key = ("keep_top", n) if (kind, k) == ("remove_top", 0) else step
-        key = ("remove_top", n) if key == ("keep_top", 0) else key
-        if key not in plan:
-            plan.append(key)
-        return plan.index(key)
-
-    want = {
-        "deletion": [slot(("remove_top", k)) for k in ks] if "deletion" in metrics else [],
-        "insertion": [slot(("keep_top", k)) for k in ks] if "insertion" in metrics else [],
-    }
-    if "road" in metrics:
-        for q in road_percentiles:
-            kept = _road_kept(q, n)
-            slot(("road_morf", kept))
-            slot(("road_lerf", kept))
-        want["road_morf"] = [plan.index(("road_morf", _road_kept(q, n))) for q in road_percentiles]
-        want["road_lerf"] = [plan.index(("road_lerf", _road_kept(q, n))) for q in road_percentiles]
+    plan, want = _plan(metrics, steps, n, road_percentiles)
 
     def make(r: range) -> torch.Tensor:
         road = [plan[s] for s in r if plan[s][0].startswith("road")]
@@ -278,6 +256,33 @@ def faithfulness(
     if "road" in metrics:
         out["road_gap"] = out["road_lerf"] - out["road_morf"]
     return out
+
+
+def _plan(
+    metrics: Sequence[str], steps: int, n: int, road_percentiles: Sequence[int]
+) -> tuple[list[tuple[str, int]], dict[str, list[int]]]:
+    """The distinct step images of ``metrics`` (kind, k) and, per curve, its points' places among
+    them. Deletion of none and insertion of all are the image itself, deletion of all and insertion
+    of none the baseline: each is forwarded once."""
+    plan: list[tuple[str, int]] = []
+
+    def slot(step: tuple[str, int]) -> int:
+        key = ("keep_top", n) if step == ("remove_top", 0) else step
+        key = ("remove_top", n) if key == ("keep_top", 0) else key
+        if key not in plan:
+            plan.append(key)
+        return plan.index(key)
+
+    ks = [round(j / steps * n) for j in range(steps + 1)]
+    want = {
+        "deletion": [slot(("remove_top", k)) for k in ks] if "deletion" in metrics else [],
+        "insertion": [slot(("keep_top", k)) for k in ks] if "insertion" in metrics else [],
+    }
+    if "road" in metrics:
+        kept = [_road_kept(q, n) for q in road_percentiles]
+        for kind in ("road_morf", "road_lerf"):
+            want[kind] = [slot((kind, k)) for k in kept]
+    return plan, want
 
 
 def _road_kept(q: int, n: int) -> int:
