@@ -153,6 +153,12 @@ def _add_run(sub: Any) -> None:
                    help="on a resume, add inputs that appeared since the plan, as new shards")  # fmt: skip
     p.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the first of repeated manifest ids/uris instead of refusing")  # fmt: skip
+    p.add_argument(
+        "--faithfulness", type=lambda v: [m for m in v.split(",") if m], default=[], metavar="TESTS",
+        help="comma list of deletion,insertion,road: per-row faithfulness columns (off by default). "
+        "Costly: per image and method, deletion or insertion alone 11 model forwards, both 20, road 18 "
+        "plus its imputation (an iterative solve), all three 38, against about 1-3 for the maps",
+    )  # fmt: skip
     p.add_argument("--fail-on-errors", action=argparse.BooleanOptionalAction, default=False,
                    help="exit 1 if any image got an error row (default: only if a shard failed)")  # fmt: skip
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default AWS_ENDPOINT_URL)")
@@ -232,6 +238,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         startup_timeout=args.startup_timeout,
         verbose=args.verbose,
         fail_on_errors=args.fail_on_errors,
+        faithfulness=args.faithfulness,
     )
     from .report import RANDOM_WEIGHTS, random_weights
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lnstd.errors import UsageError
+from lnstd.metrics.registry import FAITHFULNESS
 
 __all__ = ["DECODERS", "RESULT_FIELDS", "RunConfig"]
 
@@ -70,6 +71,7 @@ class RunConfig:
     startup_timeout: float = 600.0
     verbose: bool = False
     fail_on_errors: bool = False
+    faithfulness: list[str] = field(default_factory=list)  # tests per row (metrics/faithfulness.py)
 
     def __post_init__(self) -> None:
         self.input = _absolute(self.input)
@@ -92,6 +94,9 @@ class RunConfig:
             raise UsageError(f"--decode must be one of {', '.join(DECODERS)}, got {self.decode!r}")
         if self.decode == "gpu" and self.gpus_per_actor <= 0:
             raise UsageError("--decode gpu needs --gpus-per-actor > 0 (the actors decode on their GPU)")
+        wrong = [m for m in self.faithfulness if m not in FAITHFULNESS]
+        if wrong:
+            raise UsageError(f"--faithfulness takes {', '.join(FAITHFULNESS)}, got {', '.join(wrong)}")
         if os.path.normpath(self.output) == os.path.normpath(self.input):
             raise UsageError("--output must not be the --input folder")
 
@@ -100,9 +105,13 @@ class RunConfig:
         return int(self.target[5:]) if self.target.startswith("topk:") else None
 
     def identity(self) -> dict[str, Any]:
-        """The result-deciding fields (what resume compares)."""
+        """The result-deciding fields (what resume compares); ``faithfulness`` only when asked for,
+        so the identities of runs without it are those written before it existed."""
         d = asdict(self)
-        return {k: d[k] for k in RESULT_FIELDS}
+        ident = {k: d[k] for k in RESULT_FIELDS}
+        if self.faithfulness:
+            ident["faithfulness"] = sorted(self.faithfulness)
+        return ident
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,8 @@
 Sections: a banner when the model had random weights; the configuration and counts; the first
 failures with their files; the per-image values (prediction, probability, correctness, time), once;
 per method, how concentrated its maps are, what it costs and, with masks, the mask metrics; how
-much the methods agree (a rank-correlation matrix); distributions; a gallery that fits the page.
+much the methods agree (a rank-correlation matrix); with ``--faithfulness``, which map to believe
+(methods ranked with intervals: lnstd/ranking.py); distributions; a gallery that fits the page.
 
 No network requests: styles are inline and every picture is a data: URI. The metric tables are
 ``lnstd aggregate``'s figures (the page is built from the same function, which here only reads).
@@ -35,9 +36,10 @@ from .data.decode import decode_image, decode_mask
 from .data.preprocess import Geometry
 from .errors import InputError, OutputError
 from .metrics.mask import MASK_METRICS as MASK_COLUMNS
-from .metrics.registry import METRICS, column_metrics, higher_is_better
+from .metrics.registry import FAITHFULNESS_METRICS, METRICS, column_metrics, higher_is_better
 from .output import REPORT, Output
 from .plan import Plan
+from .ranking import ranking_section
 from .viz import colorize, contour, overlay
 
 __all__ = [
@@ -421,6 +423,10 @@ def build_report(
     sample = _sample_ids(t, methods)
     out.append(_per_method(ds, sample, methods, stat))
     out.append(_agreement_section(ds, sample, methods))
+    faithful = [m for m in FAITHFULNESS_METRICS if m in metric_cols and t[m].null_count < t.num_rows]
+    if faithful:
+        faith_rows = t.select(["image_id", "method", "target", *faithful]).to_pylist()
+        out.append(ranking_section(faith_rows, methods))
 
     method_metrics = [
         m for m in metric_cols if m not in PER_IMAGE and m != "elapsed_ms" and t[m].null_count < t.num_rows

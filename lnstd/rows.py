@@ -32,6 +32,7 @@ from .data.preprocess import Geometry, Preprocess
 from .data.read import read_image
 from .errors import ModelError, one_line
 from .metrics.mask import MASK_METRICS, mask_metrics
+from .metrics.registry import FAITHFULNESS_METRICS
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -275,6 +276,7 @@ class RowBuilder:
         has_label = np.array([lb is not None for lb in labels])
         label_arr = np.array([-1 if lb is None else lb for lb in labels])
         heat_type = self.schema.field("heatmap").type
+        x = self._stack(good) if self.cfg.faithfulness else None
         tables = []
         for out in outs:
             # The write step: each tensor crosses to host memory once, for the whole batch.
@@ -315,12 +317,29 @@ class RowBuilder:
                     if name in scores:
                         full[with_mask] = scores[name]
                     table[name] = pa.array(full, mask=np.isnan(full))
+                faithful = self._faithfulness(x, h, out.targets) if x is not None else {}
+                for name in FAITHFULNESS_METRICS:
+                    table[name] = pa.array(faithful[name]) if name in faithful else pa.nulls(n, pa.float32())
                 if self.cfg.save_png:
                     table["heatmap_png"] = pa.array(
                         [_png(heat[i].reshape(gh, gw), b.geometry) for i, b in enumerate(good)], pa.binary()
                     )
                 tables.append(pa.table(table).select(self.schema.names).cast(self.schema))
         return tables
+
+    def _faithfulness(
+        self, x: torch.Tensor, heat: torch.Tensor, targets: torch.Tensor
+    ) -> dict[str, np.ndarray]:
+        """The ``--faithfulness`` columns of one method's maps of the batch ``x``, in the model's
+        precision, one forward per ``--batch-size`` step images (lnstd/metrics/faithfulness.py)."""
+        from .explain import PRECISIONS
+        from .metrics.faithfulness import faithfulness
+
+        scores = faithfulness(
+            self.model, x, heat, targets, metrics=self.cfg.faithfulness, chunk=self.cfg.batch_size,
+            dtype=PRECISIONS[self.cfg.precision],
+        )  # fmt: skip
+        return {k: v.cpu().numpy().astype(np.float32) for k, v in scores.items()}
 
     def _error_row(self, b: Loaded, method: str, shard: int) -> dict[str, Any]:
         return {
