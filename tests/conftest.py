@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from .helpers import make_swin, make_vit_avg_reg, make_vit_token, sharpen  # also sets torch's threads
@@ -102,3 +104,18 @@ def s3_server():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """A seeded tiny ViT checkpoint (tests/jobhelpers.py's TINY_MODEL), made once per session."""
+    from .jobhelpers import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Importing Ray fails: an error found before Ray is touched still comes out as the user's one
+    line; anything that needed Ray first would be an internal error."""
+    monkeypatch.setitem(sys.modules, "ray", None)

@@ -33,17 +33,11 @@ from .jobhelpers import (
     model_flags,
     read_rows,
     run_cli,
-    tiny_checkpoint,
 )
 
 pytestmark = pytest.mark.integration
 
 FAST = ["--no-progress", "--no-report", "--cpus-per-actor", "0.5", "--methods", "gae"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def pairs(output: Path) -> collections.Counter:

@@ -17,14 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from .browser import visit
-from .jobhelpers import ROOT, cli_in_process, good_image, model_flags, read_rows, run_cli, tiny_checkpoint
+from .jobhelpers import ROOT, cli_in_process, good_image, model_flags, read_rows, run_cli
 
 CLEAN_ENV = {"RAY_ADDRESS": None}
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 # --- the demo, and its output as a dataset ---------------------------------------------------------
@@ -83,13 +78,6 @@ def test_demo_output_is_a_dataset_readers_can_point_at(tmp_path):
 
 
 # --- fail early, in one line ------------------------------------------------------------------------
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Importing Ray fails: an error found before Ray is touched still comes out as the user's one
-    line; anything that needed Ray first would be an internal error."""
-    monkeypatch.setitem(sys.modules, "ray", None)
-
-
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
