@@ -51,10 +51,6 @@ class Loaded:
     raw: bytes | None = None  # JPEG bytes kept for the GPU decoder
 
 
-class ImageFault(Exception):
-    """A fault of one input found while attributing it (the model raised on that image alone)."""
-
-
 class RowBuilder:
     """One model replica and the rows it makes (the model-side half of the job's actor)."""
 

@@ -125,7 +125,6 @@ class Method:
     needs_gradient: ClassVar[bool] = False
 
     def __init__(self, adapter: Adapter, **options: Any) -> None:
-        adapter.check_method(self.name)
         self.adapter = adapter
         declared = {o.name: o for o in self.options}
         unknown = set(options) - set(declared)
