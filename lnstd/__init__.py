@@ -20,7 +20,7 @@ _LAZY = {
     "list_methods": ".methods",
     "register": ".methods",
     "load_model": ".models",
-    "transform_for": ".models",
+    "transform_for": ".data.preprocess",
     "minmax": ".ops",
     "upsample": ".ops",
     "SaliencyDataset": ".saliency",

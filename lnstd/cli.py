@@ -472,8 +472,8 @@ def _eval_one(args: argparse.Namespace, checkpoint: str | None) -> None:
 
     from . import Explainer, load_model
     from .arch import get_adapter
-    from .data.eval_sets import dataset_batches
     from .data.toy import toy_batch
+    from .eval_sets import dataset_batches
     from .evaluate import ablation, class_sensitivity, evaluate, write_results
     from .methods import applicable_methods
     from .train import toy_tensors
