@@ -111,7 +111,7 @@ class RowBuilder:
         try:
             if item.problem:
                 return Loaded(item, error=item.problem)
-            if self.cfg.target == "label":
+            if self.cfg.targets.kind == "label":
                 if item.label is None:
                     return Loaded(item, error="no label (--target label)")
                 if not 0 <= item.label < self.num_classes:
@@ -170,7 +170,7 @@ class RowBuilder:
             with torch.no_grad():
                 logits = self.model(x)
             return list(logits.topk(min(self.cfg.topk, logits.shape[1]), 1).indices.T)
-        if self.cfg.target == "label":
+        if self.cfg.targets.kind == "label":
             return [torch.tensor(labels, dtype=torch.long, device=self.device)]
         return [None]
 

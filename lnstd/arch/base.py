@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LnstdError
+from ..errors import LnstdError, OptionError
 
 __all__ = [
     "Adapter",
     "AttentionParts",
     "BlockRef",
+    "CaptureUnavailableError",
     "HeadRef",
     "LRPOperands",
     "LRPRef",
@@ -30,6 +31,10 @@ __all__ = [
 
 class UnsupportedModelError(LnstdError, TypeError):
     """Raised when a model (or a method on it) is not one lnstd knows how to explain."""
+
+
+class CaptureUnavailableError(UnsupportedModelError, OptionError):
+    """``capture="fused"`` asked of a model whose attention cannot be rebuilt exactly from q and k."""
 
 
 @dataclass(frozen=True)

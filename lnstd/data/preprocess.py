@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..choices import FITS, Fit
 from ..ops import minmax, upsample
 from .decode import DecodeError, decode_image
 
-__all__ = ["FITS", "Geometry", "Preprocess", "input_size", "transform_for"]
+__all__ = ["Geometry", "Preprocess", "input_size", "transform_for"]
 
-FITS = ("resize", "center-crop")
 _RESAMPLE = {
     "nearest": Image.NEAREST,
     "bilinear": Image.BILINEAR,
@@ -74,7 +74,7 @@ class Preprocess:
         mean: tuple[float, ...] = (0.485, 0.456, 0.406),
         std: tuple[float, ...] = (0.229, 0.224, 0.225),
         interpolation: str = "bicubic",
-        fit: str = "resize",
+        fit: Fit = "resize",
         crop_pct: float = 1.0,
         draft: bool = True,
         reducing_gap: float | None = None,
@@ -93,7 +93,7 @@ class Preprocess:
         self.reducing_gap = reducing_gap
 
     @classmethod
-    def for_model(cls, model: nn.Module, fit: str = "resize", **kwargs: object) -> Preprocess:
+    def for_model(cls, model: nn.Module, fit: Fit = "resize", **kwargs: object) -> Preprocess:
         """The model's own input size, normalisation, interpolation and crop fraction (timm's data
         config)."""
         import timm.data
@@ -233,7 +233,7 @@ def input_size(model: nn.Module) -> tuple[int, int]:
     return tuple(cfg.get("input_size", (3, 224, 224))[1:])  # type: ignore[return-value]
 
 
-def transform_for(model: nn.Module, fit: str = "resize"):
+def transform_for(model: nn.Module, fit: Fit = "resize") -> Preprocess:
     """PIL image -> normalised (3, H, W) tensor with the model's own timm data config.
 
     The same preprocessing as the job (:class:`Preprocess`): ``fit="resize"``

@@ -10,6 +10,7 @@ import torch
 
 from ..arch.base import Adapter
 from ..capture import BlockView, Needs
+from ..errors import OptionError, UnknownOptionError
 from ..relevance import head_mean, mask_padding
 
 __all__ = [
@@ -78,7 +79,7 @@ def resolve_blocks(blocks: str | int, num_blocks: int) -> list[int]:
     if blocks == "all":
         return list(range(num_blocks))
     if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= num_blocks:
-        raise ValueError(f"blocks must be 'all' or an int in 1..{num_blocks}, got {blocks!r}")
+        raise OptionError("blocks", f"blocks must be 'all' or an int in 1..{num_blocks}, got {blocks!r}")
     return list(range(num_blocks - blocks, num_blocks))
 
 
@@ -105,7 +106,7 @@ class Option:
 
     def check(self, value: Any) -> Any:
         if self.choices is not None and value not in self.choices:
-            raise ValueError(f"{self.name} must be one of {self.choices}, got {value!r}")
+            raise OptionError(self.name, f"{self.name} must be one of {self.choices}, got {value!r}")
         return value
 
 
@@ -129,9 +130,10 @@ class Method:
         declared = {o.name: o for o in self.options}
         unknown = set(options) - set(declared)
         if unknown:
-            raise TypeError(
+            raise UnknownOptionError(
+                sorted(unknown)[0],
                 f"{self.name}: unknown option {sorted(unknown)[0]!r}; its options are: "
-                f"{', '.join(declared) or 'none'}"
+                f"{', '.join(declared) or 'none'}",
             )
         self.config: dict[str, Any] = {}
         for name, opt in declared.items():
