@@ -3,24 +3,25 @@
 Problems a user can act on (the project's own error types, :mod:`lnstd.errors`) are printed as one
 line, ``lnstd: error: ...``, with exit code 2. Anything else is a bug: one line saying so, exit code
 1, and the full traceback with ``--traceback`` (or ``-v``). This is the only module of the library
-that imports the job layer (:mod:`lnstd.jobs`).
+that imports the job layer (:mod:`lnstd.jobs`). The work is done by library functions:
+:func:`lnstd.pictures.explain_files` (``explain``), :func:`lnstd.benchmark.evaluate_model`
+(``eval``), ``lnstd.jobs.attribute.run`` (``run``), :mod:`lnstd.jobs.specs` (``--spec``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
 import sys
-import tempfile
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import LnstdError, UsageError, one_line
+from .errors import LnstdError, OptionError, UsageError, one_line
+from .jobs.specs import expand_specs
 
 __all__ = ["build_parser", "main"]
 
@@ -171,7 +172,7 @@ def _add_run(sub: Any) -> None:
     p.set_defaults(func=_cmd_run)
 
 
-def _demo(args: argparse.Namespace) -> tuple[str, str, str, list[tuple[str, Any]]]:
+def _demo(args: argparse.Namespace) -> tuple[str, str, str, dict[str, Any]]:
     """The demo's input: generated known-answer images with masks, and the committed toy ViT."""
     from .data.toy import write_toy_dataset
     from .train import toy_checkpoint
@@ -182,57 +183,30 @@ def _demo(args: argparse.Namespace) -> tuple[str, str, str, list[tuple[str, Any]
     # Inside the output, under a '_' name: dataset readers of the output skip it.
     manifest = write_toy_dataset(os.path.join(output, "_demo-input"), n=DEMO_IMAGES)
     print(f"lnstd: demo: {DEMO_IMAGES} generated images, the trained toy ViT -> {output}", file=sys.stderr)
-    return manifest, output, str(toy_checkpoint("vit")), []
+    return manifest, output, str(toy_checkpoint("vit")), {}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import RunConfig
     from .jobs.attribute import run
     from .models import checkpoint_config
+    from .native_log import native_output_to_log
 
     if args.spec is not None:  # only an abbreviation (--spe X) gets past expand_specs
         raise UsageError("--spec: spell the flag out (--spec NAME or --spec=NAME)")
-    model, checkpoint, model_args = args.model, args.checkpoint, list(args.model_arg)
+    given: dict[str, Any] = {}
     if args.input is None and args.model is None and args.checkpoint is None:
-        args.input, args.output, checkpoint, model_args = _demo(args)
+        given["input"], given["output"], given["checkpoint"], given["model_args"] = _demo(args)
     elif args.input is None:
         raise UsageError("--input is required with --model")
     elif args.model is None and args.checkpoint is None:
         raise UsageError("--model is required with --input")
-    if model is None and checkpoint is not None:
-        model = checkpoint_config(checkpoint).get("model") if os.path.isfile(checkpoint) else None
-        if model is None:
+    checkpoint = given.get("checkpoint", args.checkpoint)
+    if args.model is None and checkpoint is not None:
+        given["model"] = checkpoint_config(checkpoint).get("model") if os.path.isfile(checkpoint) else None
+        if given["model"] is None:
             raise UsageError(f"--model is required: {checkpoint} has no JSON beside it naming the model")
-    cfg = RunConfig(
-        input=args.input,
-        output=args.output or "lnstd-out",
-        model=model,
-        methods=args.methods or [],
-        checkpoint=checkpoint,
-        pretrained=args.pretrained,
-        model_args=dict(model_args),
-        options=dict(args.option),
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor,
-        address=args.address,
-        precision=args.precision,
-        capture=args.capture,
-        target=args.target,
-        fit=args.fit,
-        decode=args.decode,
-        save_png=args.save_png,
-        overwrite=args.overwrite,
-        refresh_input=args.refresh_input,
-        dedupe=args.dedupe,
-        s3_endpoint=args.s3_endpoint,
-        lease_ttl=args.lease_ttl,
-        startup_timeout=args.startup_timeout,
-        verbose=args.verbose,
-        fail_on_errors=args.fail_on_errors,
-    )
+    cfg = RunConfig.from_args(args, **given)
     from .report import RANDOM_WEIGHTS, random_weights
 
     def report(manifest: dict[str, Any], lease: Any) -> None:
@@ -257,75 +231,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if counts["shards_failed"] or (args.fail_on_errors and counts["errors"]) else 0
 
 
-@contextlib.contextmanager
-def native_output_to_log(verbose: bool) -> Iterator[str | None]:
-    """Send what native code writes to file descriptor 2 (Ray's core worker and raylet state dumps,
-    Arrow's and the AWS SDK's retry messages) to a log file, ``$TMPDIR/lnstd-native-*.log``, kept
-    when the body raises and removed otherwise; Python's ``sys.stderr`` (our one-line messages, the
-    progress bar, ``--traceback``) still reaches the user. With ``verbose`` nothing is redirected.
-
-    A small keeper process (:mod:`lnstd._native_log`) writes the log; if this process ends abruptly
-    (native code exits it, so no Python runs to say why), the keeper shows the last native line. Ray is shut
-    down inside, so its teardown is logged too. Yields the log's path (None when verbose).
-    """
-    import subprocess
-
-    if verbose:
-        yield None
-        return
-    try:
-        user_is_fd2 = sys.stderr.fileno() == 2
-    except (AttributeError, OSError, ValueError):  # a captured stream (tests): fd 2 is not the user
-        user_is_fd2 = False
-    sys.stderr.flush()
-    log_fd, path = tempfile.mkstemp(prefix="lnstd-native-", suffix=".log")
-    os.close(log_fd)
-    out_r, out_w = os.pipe()
-    life_r, life_w = os.pipe()  # not inheritable: only this process holds the write end
-    keeper = subprocess.Popen(
-        [sys.executable, "-I", "-S", os.path.join(os.path.dirname(__file__), "_native_log.py"),
-         path, str(out_r), str(life_r)],
-        pass_fds=(out_r, life_r), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    os.close(out_r)
-    os.close(life_r)
-    saved = os.dup(2)
-    before = sys.stderr
-    if user_is_fd2:  # the user's stderr through another descriptor (left open: handlers may hold it)
-        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
-    os.dup2(out_w, 2)
-    os.close(out_w)
-    failed = True
-    try:
-        yield path
-        failed = False
-    finally:
-        with contextlib.suppress(Exception):
-            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-                sys.modules["ray"].shutdown()
-        sys.stderr.flush()
-        os.write(life_w, b"done")  # we finish by ourselves: the keeper need not speak
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(life_w)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            keeper.wait(timeout=10)
-        if user_is_fd2:
-            sys.stderr.flush()
-            sys.stderr = before
-        if not failed or os.path.getsize(path) == 0:
-            os.remove(path)
-
-
-def _explainer(make: Any, *args: Any, **kwargs: Any) -> Any:
-    """Build an Explainer (or run anything that builds one); wrong methods or options are the
-    user's one-line error, naming the option."""
-    try:
-        return make(*args, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"--option: {exc}" if isinstance(exc, TypeError) else str(exc)) from None
-
-
 def _model_name(args: argparse.Namespace) -> str:
     """A folder name for a model's outputs: the timm name, or the checkpoint's stem."""
     if args.checkpoint:
@@ -333,95 +238,27 @@ def _model_name(args: argparse.Namespace) -> str:
     return str(args.model)
 
 
-def _output_stems(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(path, name relative to its argument) -> (path, distinct output stem), each file once.
-
-    A stem is the relative name without its extension; stems that two files share (``a/img.jpg``
-    and ``b/img.jpg``, or ``img.jpg`` and ``img.png``) become the path below the files' common
-    folder, then keep the extension (``img_jpg``), so no file's pictures overwrite another's.
-    """
-    seen: dict[str, str] = {}
-    for path, rel in files:
-        seen.setdefault(os.path.realpath(path), rel)
-    stems = {p: os.path.splitext(rel)[0] for p, rel in seen.items()}
-
-    def clashes() -> dict[str, list[str]]:
-        groups: dict[str, list[str]] = {}
-        for p, stem in stems.items():
-            groups.setdefault(stem, []).append(p)
-        return {k: v for k, v in groups.items() if len(v) > 1}
-
-    for group in clashes().values():
-        root = os.path.commonpath([os.path.dirname(p) for p in group])
-        for p in group:
-            stems[p] = os.path.splitext(os.path.relpath(p, root))[0]
-    for group in clashes().values():
-        for p in group:
-            stems[p] += os.path.splitext(p)[1].replace(".", "_")
-    return [(p, stems[p]) for p in seen]
-
-
 def _cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
-    from . import Explainer, load_model
-    from .arch import get_adapter
-    from .data import IMAGE_EXTENSIONS, DecodeError
-    from .data.preprocess import Preprocess
-    from .methods import applicable_methods
-    from .storage import list_files
-    from .viz import overlay, strip
+    from .config import Target
+    from .models import load_model
+    from .pictures import explain_files, image_files
 
-    files: list[tuple[str, str]] = []  # (path, name relative to its argument)
-    for arg in args.images:
-        if os.path.isdir(arg):
-            files += [(f, os.path.relpath(f, arg)) for f in list_files(arg, IMAGE_EXTENSIONS)]
-        elif os.path.isfile(arg):
-            files.append((arg, os.path.basename(arg)))
-        else:
-            raise UsageError(f"no such image or folder: {arg}")
-    files = _output_stems(files)
+    target = Target.parse(args.target, allowed=("predicted", "class"))
+    files = image_files(args.images)
     torch.manual_seed(0)
     model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
-    methods = args.methods or applicable_methods(get_adapter(model))
-    explainer = _explainer(Explainer, model, methods, precision=args.precision, capture=args.capture,
-                           **dict(args.option))  # fmt: skip
-    prep = Preprocess.for_model(model, args.fit)
-    target = None if args.target == "predicted" else int(args.target)
     out_dir = os.path.join(args.out, _model_name(args))  # outputs of different models stay apart
-    failed = 0
-    for k in range(0, len(files), args.batch_size):
-        chunk, pictures, geoms, originals = [], [], [], []
-        for path, rel in files[k : k + args.batch_size]:
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-                img, geom = prep.decode(data)
-                # the pictures are drawn on the full-size image; decode again only if the model's
-                # input came from a reduced-scale (JPEG draft) decode
-                full = img.size == (geom.width, geom.height)
-                originals.append(img if full else prep.decode_full(data))
-                pictures.append(img)
-                geoms.append(geom)
-                chunk.append((path, rel))
-            except (DecodeError, OSError) as exc:
-                failed += 1
-                print(f"lnstd: skipped {path}: {exc}", file=sys.stderr)
-        if not chunk:
-            continue
-        out = explainer(
-            torch.stack([prep.tensor(im, g) for im, g in zip(pictures, geoms, strict=True)]), target
-        )
-        for i, (_, name) in enumerate(chunk):
-            stem = os.path.join(out_dir, name)
-            os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-            maps = {m: out.heatmaps[m][i] for m in methods}
-            for m, heat in maps.items():
-                overlay(originals[i], heat, geometry=geoms[i]).save(f"{stem}_{m}.png")
-            strip(originals[i], maps, geometry=geoms[i]).save(f"{stem}_strip.png")
-    print(f"lnstd: {len(files) - failed} images explained with {', '.join(methods)} -> {out_dir}"
-          + (f"; {failed} skipped" if failed else ""), file=sys.stderr)  # fmt: skip
-    return 1 if failed else 0
+    done = explain_files(
+        files, out_dir, model, args.methods, target=target.k,
+        fit=args.fit, batch_size=args.batch_size, precision=args.precision, capture=args.capture,
+        options=dict(args.option),
+    )  # fmt: skip
+    skipped = f"; {len(done.skipped)} skipped" if done.skipped else ""
+    print(f"lnstd: {len(files) - len(done.skipped)} images explained with {', '.join(done.methods)} "
+          f"-> {out_dir}{skipped}", file=sys.stderr)  # fmt: skip
+    return 1 if done.skipped else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -452,60 +289,27 @@ def _cmd_train_toy(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .train import toy_checkpoint
+    from .benchmark import default_checkpoints, evaluate_model
 
     if args.model is None and args.checkpoint is None:
-        if args.dataset != "toy":
-            raise UsageError("--model or --checkpoint is required (only --dataset toy has default models)")
-        for arch in ("vit", "swin"):  # the committed known-answer models
-            _eval_one(args, str(toy_checkpoint(arch)))
-        return 0
-    _eval_one(args, args.checkpoint)
+        checkpoints: list[str | None] = list(default_checkpoints(args.dataset))
+    else:
+        checkpoints = [args.checkpoint]
+    for checkpoint in checkpoints:
+        done = evaluate_model(
+            args.dataset, args.model, checkpoint, pretrained=args.pretrained, model_args=dict(args.model_arg),
+            methods=args.methods, precision=args.precision, capture=args.capture, options=dict(args.option),
+            batch_size=args.batch_size, n=args.n, perturbation=not args.no_perturbation,
+            two_object_n=args.two_object_n, with_ablation=args.ablation, out=args.out or "lnstd-eval",
+            progress=not args.no_progress,
+        )  # fmt: skip
+        with open(done.markdown_path) as f:
+            print(f.read())
+        print(
+            f"lnstd: results -> {done.json_path}, {done.markdown_path} ({done.seconds:.0f} s)",
+            file=sys.stderr,
+        )
     return 0
-
-
-def _eval_one(args: argparse.Namespace, checkpoint: str | None) -> None:
-    import time
-
-    import torch
-    from tqdm import tqdm
-
-    from . import Explainer, load_model
-    from .arch import get_adapter
-    from .data.toy import toy_batch
-    from .eval_sets import dataset_batches
-    from .evaluate import ablation, class_sensitivity, evaluate, write_results
-    from .methods import applicable_methods
-    from .train import toy_tensors
-
-    t0 = time.time()
-    torch.manual_seed(0)
-    model = load_model(args.model, checkpoint, args.pretrained, **dict(args.model_arg))
-    methods = args.methods or applicable_methods(get_adapter(model))
-    options = {"precision": args.precision, "capture": args.capture, **dict(args.option)}
-    _explainer(Explainer, model, methods, **options)  # a wrong method or option: one line, before work
-    batches, n = dataset_batches(args.dataset, model, args.batch_size, args.n)
-    name = args.model or os.path.splitext(os.path.basename(checkpoint or "model"))[0]
-    with tqdm(total=n, unit="img", desc=f"eval {name}", file=sys.stderr, disable=args.no_progress) as bar:
-        results = evaluate(
-            model, batches, methods, perturbation=not args.no_perturbation, progress=bar.update, **options
-        )
-    results["dataset"], results["model"] = args.dataset, name
-    if args.dataset == "toy" and args.two_object_n > 0:
-        images, masks, labels = toy_batch(args.two_object_n, 30_000, n_objects=2)
-        results["class_sensitivity"] = class_sensitivity(
-            model, toy_tensors(images), torch.from_numpy(masks), torch.from_numpy(labels), methods, **options
-        )
-    if args.ablation:
-        results["ablation"] = ablation(
-            model, batches, ["all", 2] if len(get_adapter(model).blocks) > 2 else ["all"]
-        )
-    results["seconds"] = round(time.time() - t0, 1)
-    out = os.path.join(args.out or "lnstd-eval", f"{args.dataset.split(':')[0]}-{name}")
-    jpath, mpath = write_results(results, out, f"{name} on {args.dataset}")
-    with open(mpath) as f:
-        print(f.read())
-    print(f"lnstd: results -> {jpath}, {mpath} ({results['seconds']:.0f} s)", file=sys.stderr)
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
@@ -627,64 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _spec_path(name: str) -> str:
-    """A spec file, or the name of one shipped in lnstd.jobs (``folder-local``)."""
-    if os.path.isfile(name):
-        return name
-    from importlib import resources
-
-    shipped = resources.files("lnstd.jobs") / "specs" / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if shipped.is_file():
-        return str(shipped)
-    raise UsageError(f"--spec {name}: no such file (nor a shipped spec of that name)")
-
-
-def spec_to_argv(path: str) -> list[str]:
-    """A job spec (YAML mapping of ``run`` flags to values) -> command-line arguments."""
-    import yaml
-
-    with open(_spec_path(path)) as f:
-        spec = yaml.safe_load(f) or {}
-    if not isinstance(spec, dict):
-        raise UsageError(f"--spec {path}: expected a mapping of flag names to values")
-    argv: list[str] = []
-    for key, value in spec.items():
-        flag = f"--{str(key).replace('_', '-')}"
-        if value is True:
-            argv.append(flag)
-        elif value is False:
-            argv.append(f"--no-{flag[2:]}")
-        elif value is None:
-            continue
-        elif isinstance(value, dict):  # model-arg / option: {num_classes: 10}
-            for k, v in value.items():
-                argv += [flag, f"{k}={json.dumps(v)}"]
-        elif isinstance(value, list):
-            argv += [flag, ",".join(str(v) for v in value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
-def expand_specs(argv: list[str]) -> list[str]:
-    """Replace ``--spec FILE`` (or ``--spec=FILE``) after ``run`` by the file's flags; flags given on
-    the command line win (they are placed after the spec's, and argparse keeps the last value)."""
-    i = next((k for k, a in enumerate(argv) if a == "--spec" or a.startswith("--spec=")), None)
-    if i is None:
-        return argv
-    if argv[i] == "--spec":
-        if i + 1 >= len(argv):
-            raise UsageError("--spec needs a file")
-        name, rest = argv[i + 1], [*argv[:i], *argv[i + 2 :]]
-    else:
-        name, rest = argv[i].partition("=")[2], [*argv[:i], *argv[i + 1 :]]
-    if not name:
-        raise UsageError("--spec needs a file")
-    spec = spec_to_argv(name)
-    cmd = rest.index("run") + 1 if "run" in rest else 0
-    return [*rest[:cmd], *spec, *rest[cmd:]]
-
-
 def _end_progress_bars() -> None:
     """Close the progress bars an interrupt left open: each ends its line, so the next message
     starts on a line of its own."""
@@ -708,7 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LnstdError as exc:
         if show:
             traceback.print_exc()
-        print(f"lnstd: error: {one_line(exc, 10_000)}", file=sys.stderr)
+        flag = f"{exc.flag}: " if isinstance(exc, OptionError) else ""  # the flag the user typed
+        print(f"lnstd: error: {flag}{one_line(exc, 10_000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _end_progress_bars()

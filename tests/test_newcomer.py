@@ -262,3 +262,21 @@ def test_explain_and_eval_name_a_wrong_option_in_one_line(no_ray, tmp_path):
         assert code == 2 and err.count("\n") == 1, err
         assert "std must be one of" in err or "unknown option 'stdd'" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+def test_capture_fused_on_a_model_without_a_fused_path_names_the_capture_flag(no_ray, tmp_path):
+    """BEiT's attention cannot be rebuilt exactly from q and k: the error names --capture, the flag
+    the user typed (it used to say --option), in one line, before any picture is drawn."""
+    img = tmp_path / "a.png"
+    img.write_bytes(good_image(2))
+    beit = ["--model", "beit_base_patch16_224", *[f for kv in ("img_size=32", "patch_size=8", "embed_dim=32",
+            "depth=1", "num_heads=2", "num_classes=3") for f in ("--model-arg", kv)]]  # fmt: skip
+    code, err = cli_in_process("explain", str(img), *beit, "--out", str(tmp_path / "o"), "--capture", "fused")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("lnstd: error: --capture: capture='fused' is not available for Beit"), err
+    assert "--option" not in err and not (tmp_path / "o").exists()
+    code, err = cli_in_process(
+        "explain", str(img), *beit, "--out", str(tmp_path / "o"), "--capture", "unfused"
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o" / "beit_base_patch16_224").iterdir())[-1] == "a_strip.png"

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 SCRIPT = r"""
 import ctypes, os, sys
-from lnstd.cli import native_output_to_log
+from lnstd.native_log import native_output_to_log
 libc = ctypes.CDLL(None)
 dump = b"[raylet] state dump line 1\n[raylet] state dump line 2\n"
 for mode in ("ok", "fail", "verbose"):
@@ -64,7 +64,7 @@ def test_native_diagnostics_go_to_a_log_and_the_user_sees_lnstds_lines():
 
 def test_a_killed_run_with_nothing_native_to_say_leaves_no_log_and_no_line():
     script = (
-        "import os, signal\nfrom lnstd.cli import native_output_to_log\n"
+        "import os, signal\nfrom lnstd.native_log import native_output_to_log\n"
         "with native_output_to_log(verbose=False) as log:\n"
         "    print(log, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
     )

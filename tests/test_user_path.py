@@ -12,7 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from lnstd.cli import build_parser, expand_specs
+from lnstd.cli import build_parser
+from lnstd.jobs.specs import expand_specs
 from lnstd.train import toy_checkpoint
 
 from .jobhelpers import ROOT, cli_in_process, good_image
@@ -178,3 +179,55 @@ def test_readme_has_one_exit_code_table_with_every_code():
     codes = re.findall(r"^\| `?(\d+)`? \|", table.group(0), re.M)
     assert set(codes) >= {"0", "1", "2", "130"}
     assert "lnstd explain" in table.group(0)
+
+
+# --- the run's configuration from its flags -------------------------------------------------------------
+def test_every_run_flag_reaches_its_config_field(tmp_path):
+    """RunConfig.from_args maps each flag to the field of its name: every field but the checkpoint's
+    is set here to a value other than its default, and read back."""
+    from dataclasses import fields
+
+    from lnstd.config import RunConfig
+
+    args = build_parser().parse_args([
+        "run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", "m",
+        "--methods", "gae,lnstd", "--model-arg", "depth=2", "--option", "blocks=1", "--batch-size", "3",
+        "--shard-size", "5", "--actors", "2", "--gpus-per-actor", "0.5", "--cpus-per-actor", "2",
+        "--address", "auto", "--precision", "bf16", "--capture", "fused", "--target", "topk:3",
+        "--fit", "center-crop", "--decode", "gpu", "--save-png", "--overwrite", "--refresh-input", "--dedupe",
+        "--s3-endpoint", "http://x", "--lease-ttl", "7", "--startup-timeout", "9", "-v", "--fail-on-errors",
+        "--pretrained",
+    ])  # fmt: skip
+    expect = dict(
+        input=str(tmp_path / "in"), output=str(tmp_path / "out"), model="m", methods=["gae", "lnstd"],
+        model_args={"depth": 2}, options={"blocks": 1}, batch_size=3, shard_size=5, actors=2,
+        gpus_per_actor=0.5, cpus_per_actor=2.0, address="auto", precision="bf16", capture="fused",
+        target="topk:3", fit="center-crop", decode="gpu", save_png=True, overwrite=True, refresh_input=True,
+        dedupe=True, s3_endpoint="http://x", lease_ttl=7.0, startup_timeout=9.0, verbose=True,
+        fail_on_errors=True, pretrained=True,
+    )  # fmt: skip
+    cfg = RunConfig.from_args(args)
+    assert {f.name for f in fields(RunConfig)} - set(expect) == {"checkpoint", "checkpoint_sha256"}
+    assert {k: getattr(cfg, k) for k in expect} == expect
+    defaults = RunConfig(input="i", output="o", model="m", methods=[])
+    assert all(getattr(defaults, k) != v for k, v in expect.items() if k not in ("model",))
+    assert cfg.identity()["target"] == "topk:3" and cfg.topk == 3  # recorded as written
+    given = RunConfig.from_args(args, model="n", checkpoint=None, model_args={})
+    assert (given.model, given.model_args, given.methods) == ("n", {}, ["gae", "lnstd"])
+
+
+def test_a_target_is_parsed_once_into_its_kind():
+    from lnstd.config import Target
+    from lnstd.errors import UsageError
+
+    for text, kind, k in [("predicted", "predicted", None), ("label", "label", None), ("topk:5", "topk", 5)]:
+        target = Target.parse(text)
+        assert (target.kind, target.k, str(target)) == (kind, k, text)
+    assert Target.parse("7", allowed=("predicted", "class")) == Target("class", 7)
+    bad_targets = [("topk:0", "positive integer K"), ("topk:x", "positive integer K"), ("best", "--target"),
+                   ("7", "predicted, label, topk:K")]  # fmt: skip
+    for bad, needle in bad_targets:
+        with pytest.raises(UsageError, match=needle):
+            Target.parse(bad)
+    with pytest.raises(UsageError, match="must be predicted, a class index, got 'label'"):
+        Target.parse("label", allowed=("predicted", "class"))
