@@ -12,6 +12,7 @@ __all__ = [
     "CAPTURE_MODES",
     "DECODERS",
     "FITS",
+    "METHODS",
     "NORMALIZE_MODES",
     "PRECISIONS",
     "STD_MODES",
@@ -19,11 +20,14 @@ __all__ = [
     "Capture",
     "Decode",
     "Fit",
+    "MethodName",
     "Normalize",
     "Precision",
     "Std",
 ]
 
+# the built-in attribution methods (lnstd/methods/, one module each), sorted
+MethodName = Literal["attention", "attnlrp", "gae", "gradcam", "lnstd", "rollout", "transformer_attribution"]
 Precision = Literal["fp32", "bf16", "fp16"]  # the model's forward: float32, or autocast to bf16/fp16
 Capture = Literal["fused", "unfused"]  # how attention is read (lnstd/capture.py)
 Fit = Literal["resize", "center-crop"]  # how an image becomes the model's input (data/preprocess.py)
@@ -32,6 +36,7 @@ Std = Literal["inverse", "multiply", "none"]  # lnstd's weighting by the LayerNo
 Normalize = Literal["matrix", "row", "none"]  # lnstd's rescaling of each block's matrix
 Base = Literal["gae", "transformer_attribution"]  # the per-block matrix lnstd weights
 
+METHODS: tuple[MethodName, ...] = get_args(MethodName)
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 CAPTURE_MODES: tuple[Capture, ...] = get_args(Capture)
 FITS: tuple[Fit, ...] = get_args(Fit)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .choices import CAPTURE_MODES, DECODERS, FITS, METHODS, PRECISIONS
 from .errors import LnstdError, OptionError, UsageError, one_line
 from .jobs.specs import expand_specs
 
@@ -42,16 +43,12 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def _methods(text: str) -> list[str]:
-    from .methods import get_method
-
     if text == "all":
         return []  # every method that applies to the model (resolved once the model is known)
     names = [m.strip() for m in text.split(",") if m.strip()]
     for n in names:
-        try:
-            get_method(n)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+        if n not in METHODS:  # the same words as lnstd.methods.get_method, without importing torch
+            raise argparse.ArgumentTypeError(f"unknown method {n!r}; available: {', '.join(METHODS)}")
     return names
 
 
@@ -80,14 +77,16 @@ class _Formatter(argparse.HelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the one-line ``lnstd: error:`` form and exit code 2 for wrong flags."""
+    """argparse with the one-line ``lnstd: error:`` form and exit code 2 for wrong flags, and no
+    prefix matching of long flags (``--method`` is not taken for ``--methods``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+        self.exit(2, f"lnstd: error: {one_line(message, 10_000)} (see {self.prog} --help)\n")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -120,9 +119,9 @@ def _add_method_flags(p: argparse.ArgumentParser, default: str = DEFAULT_METHODS
         help="method option, e.g. blocks=2 (every method that has it) or lnstd.std=multiply "
         "(one method); `lnstd methods` lists them (repeatable)",
     )  # fmt: skip
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument(
-        "--capture", choices=["fused", "unfused"], default=None,
+        "--capture", choices=CAPTURE_MODES, default=None,
         help="how attention is read (default: unfused on the CPU, fused on CUDA where exact; same maps)",
     )  # fmt: skip
 
@@ -144,8 +143,8 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="also the actor's decoding threads")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.add_argument("--target", default="predicted", help="predicted | label | topk:K")
-    p.add_argument("--fit", choices=["resize", "center-crop"], default="resize")
-    p.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="where JPEGs are decoded")
+    p.add_argument("--fit", choices=FITS, default="resize")
+    p.add_argument("--decode", choices=DECODERS, default="cpu", help="where JPEGs are decoded")
     p.add_argument("--save-png", action=argparse.BooleanOptionalAction, default=False,
                    help="add pixel-size PNG heatmaps over the original image")  # fmt: skip
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
@@ -188,12 +187,8 @@ def _demo(args: argparse.Namespace) -> tuple[str, str, str, dict[str, Any]]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import RunConfig
-    from .jobs.attribute import run
-    from .models import checkpoint_config
     from .native_log import native_output_to_log
 
-    if args.spec is not None:  # only an abbreviation (--spe X) gets past expand_specs
-        raise UsageError("--spec: spell the flag out (--spec NAME or --spec=NAME)")
     given: dict[str, Any] = {}
     if args.input is None and args.model is None and args.checkpoint is None:
         given["input"], given["output"], given["checkpoint"], given["model_args"] = _demo(args)
@@ -203,10 +198,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--model is required with --input")
     checkpoint = given.get("checkpoint", args.checkpoint)
     if args.model is None and checkpoint is not None:
+        from .models import checkpoint_config
+
         given["model"] = checkpoint_config(checkpoint).get("model") if os.path.isfile(checkpoint) else None
         if given["model"] is None:
             raise UsageError(f"--model is required: {checkpoint} has no JSON beside it naming the model")
     cfg = RunConfig.from_args(args, **given)
+    _check_local_input(cfg.input)
+    from .jobs.attribute import run  # torch, timm and Ray: after every check that needs none of them
     from .report import RANDOM_WEIGHTS, random_weights
 
     def report(manifest: dict[str, Any], lease: Any) -> None:
@@ -238,15 +237,27 @@ def _model_name(args: argparse.Namespace) -> str:
     return str(args.model)
 
 
-def _cmd_explain(args: argparse.Namespace) -> int:
-    import torch
+def _check_local_input(uri: str) -> None:
+    """A local input that cannot be read at all fails here, in a second, before torch and the model
+    load (an S3 input is checked by the job, once its credentials are)."""
+    from .data.sources import open_source
+    from .storage import is_s3
 
+    if not is_s3(uri):
+        open_source(uri).check()
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
     from .config import Target
-    from .models import load_model
-    from .pictures import explain_files, image_files
+    from .data.files import image_files
 
     target = Target.parse(args.target, allowed=("predicted", "class"))
-    files = image_files(args.images)
+    files = image_files(args.images)  # a wrong path: before torch and the model load
+    import torch
+
+    from .models import load_model
+    from .pictures import explain_files
+
     torch.manual_seed(0)
     model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
     out_dir = os.path.join(args.out, _model_name(args))  # outputs of different models stay apart
@@ -370,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p, required=False)
     _add_method_flags(p)
     p.add_argument("--out", required=True, help="folder for the PNGs (one subfolder per model)")
-    p.add_argument("--fit", choices=["resize", "center-crop"], default="resize")
+    p.add_argument("--fit", choices=FITS, default="resize")
     p.add_argument("--target", default="predicted", help="'predicted' or a class index")
     p.add_argument("--batch-size", type=int, default=16)
     _common(p)

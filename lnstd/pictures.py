@@ -2,7 +2,8 @@
 
 Usable from Python::
 
-    from lnstd.pictures import explain_files, image_files
+    from lnstd.data.files import image_files
+    from lnstd.pictures import explain_files
 
     model = lnstd.load_model("vit_small_patch16_224", pretrained=True)
     done = explain_files(image_files(["photos/"]), "pictures/vit", model, ["lnstd", "gae"])
@@ -22,15 +23,13 @@ from torch import nn
 
 from .arch import get_adapter
 from .choices import Capture, Fit, Precision
-from .data import IMAGE_EXTENSIONS, DecodeError
+from .data import DecodeError
 from .data.preprocess import Geometry, Preprocess
-from .errors import UsageError
 from .explainer import Explainer
 from .methods import applicable_methods
-from .storage import list_files
 from .viz import overlay, strip
 
-__all__ = ["Explained", "explain_files", "image_files", "output_stems"]
+__all__ = ["Explained", "explain_files"]
 
 
 @dataclass
@@ -46,48 +45,6 @@ class Explained:
     methods: list[str]
     written: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def image_files(paths: Sequence[str]) -> list[tuple[str, str]]:
-    """Image files and folders -> (path, distinct output stem) of each image once (folders: their
-    image files, recursively); a UsageError naming a path that does not exist."""
-    files: list[tuple[str, str]] = []  # (path, name relative to its argument)
-    for arg in paths:
-        if os.path.isdir(arg):
-            files += [(f, os.path.relpath(f, arg)) for f in list_files(arg, IMAGE_EXTENSIONS)]
-        elif os.path.isfile(arg):
-            files.append((arg, os.path.basename(arg)))
-        else:
-            raise UsageError(f"no such image or folder: {arg}")
-    return output_stems(files)
-
-
-def output_stems(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(path, name relative to its argument) -> (path, distinct output stem), each file once.
-
-    A stem is the relative name without its extension; stems that two files share (``a/img.jpg``
-    and ``b/img.jpg``, or ``img.jpg`` and ``img.png``) become the path below the files' common
-    folder, then keep the extension (``img_jpg``), so no file's pictures overwrite another's.
-    """
-    seen: dict[str, str] = {}
-    for path, rel in files:
-        seen.setdefault(os.path.realpath(path), rel)
-    stems = {p: os.path.splitext(rel)[0] for p, rel in seen.items()}
-
-    def clashes() -> dict[str, list[str]]:
-        groups: dict[str, list[str]] = {}
-        for p, stem in stems.items():
-            groups.setdefault(stem, []).append(p)
-        return {k: v for k, v in groups.items() if len(v) > 1}
-
-    for group in clashes().values():
-        root = os.path.commonpath([os.path.dirname(p) for p in group])
-        for p in group:
-            stems[p] = os.path.splitext(os.path.relpath(p, root))[0]
-    for group in clashes().values():
-        for p in group:
-            stems[p] += os.path.splitext(p)[1].replace(".", "_")
-    return [(p, stems[p]) for p in seen]
 
 
 def _say(message: str) -> None:
@@ -112,7 +69,7 @@ def explain_files(
     the full-size image) and ``OUT_DIR/<stem>_strip.png`` (the image and every method side by side).
 
     Args:
-        files: (path, output stem) pairs, e.g. from :func:`image_files`.
+        files: (path, output stem) pairs, e.g. from :func:`lnstd.data.files.image_files`.
         out_dir: folder for the PNGs (made as needed).
         model: the model to explain (see :class:`~lnstd.Explainer`).
         methods: method names; None: every method that applies to the model.

@@ -280,3 +280,50 @@ def test_capture_fused_on_a_model_without_a_fused_path_names_the_capture_flag(no
     )
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "o" / "beit_base_patch16_224").iterdir())[-1] == "a_strip.png"
+
+
+_MAIN_REPORTING_IMPORTS = """
+import sys
+from lnstd.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:  # argparse's own errors
+    code = exc.code
+print("torch" in sys.modules, "timm" in sys.modules, "ray" in sys.modules, code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            ["run", "--methods", "lnstd,nope"],
+            "argument --methods: unknown method 'nope'; available: attention,",
+        ),
+        (["run", "--method", "lnstd"], "unrecognized arguments: --method lnstd"),  # no prefix matching
+        (["run", "--batch-sise", "3"], "unrecognized arguments: --batch-sise"),
+        (["run", "--input", "nope", "--model", "vit_tiny_patch16_224"], "input folder not found"),
+        (
+            ["run", "--input", ".", "--model", "vit_tiny_patch16_224", "--option", "stdd"],
+            "expected KEY=VALUE",
+        ),
+        (["run", "--input", ".", "--model", "vit_tiny_patch16_224", "--target", "top3"], "--target must be"),
+        (["explain", "nope.jpg", "--model", "vit_tiny_patch16_224", "--out", "o"], "no such image or folder"),
+    ],
+)
+def test_mistakes_that_need_no_model_are_answered_before_torch_is_imported(tmp_path, args, needle):
+    """One line, exit 2, and neither torch, timm nor Ray imported when it is said (they take
+    seconds to import; a typo must not wait for them)."""
+    r = subprocess.run(
+        [sys.executable, "-c", _MAIN_REPORTING_IMPORTS, *args], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert r.stdout.split() == ["False", "False", "False", "2"], (r.stdout, r.stderr)
+    assert r.stderr.startswith("lnstd: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert needle in r.stderr, r.stderr
+
+
+def test_the_command_line_knows_every_registered_method_without_importing_them():
+    from lnstd.choices import METHODS
+    from lnstd.methods import list_methods
+
+    assert list(METHODS) == list_methods()
