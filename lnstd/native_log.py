@@ -27,8 +27,9 @@ __all__ = ["keep", "native_output_to_log"]
 def native_output_to_log(verbose: bool) -> Iterator[str | None]:
     """Send what native code writes to file descriptor 2 (Ray's core worker and raylet state dumps,
     Arrow's and the AWS SDK's retry messages) to a log file, ``$TMPDIR/lnstd-native-*.log``, kept
-    when the body raises and removed otherwise; Python's ``sys.stderr`` (our one-line messages, the
-    progress bar, ``--traceback``) still reaches the user. With ``verbose`` nothing is redirected.
+    when the body raises and removed otherwise (also after Ctrl-C); Python's ``sys.stderr`` (our
+    one-line messages, the progress bar, ``--traceback``) still reaches the user. With ``verbose``
+    nothing is redirected.
 
     A small keeper process (this module run as a script, :func:`keep`) writes the log; if this
     process ends abruptly (native code exits it, so no Python runs to say why), the keeper shows the
@@ -47,9 +48,12 @@ def native_output_to_log(verbose: bool) -> Iterator[str | None]:
     os.close(log_fd)
     out_r, out_w = os.pipe()
     life_r, life_w = os.pipe()  # not inheritable: only this process holds the write end
+    # A session of its own: the terminal's Ctrl-C (SIGINT to the foreground process group) is for
+    # the driver, which reports it; the keeper goes on copying until the driver's lifeline ends.
     keeper = subprocess.Popen(
         [sys.executable, "-I", "-S", os.path.abspath(__file__), path, str(out_r), str(life_r)],
         pass_fds=(out_r, life_r), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )  # fmt: skip
     os.close(out_r)
     os.close(life_r)
@@ -63,10 +67,16 @@ def native_output_to_log(verbose: bool) -> Iterator[str | None]:
     try:
         yield path
         failed = False
+    except KeyboardInterrupt:
+        failed = False  # the user stopped the run: nothing to diagnose, no log to keep
+        raise
     finally:
-        with contextlib.suppress(Exception):
-            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-                sys.modules["ray"].shutdown()
+        try:
+            with contextlib.suppress(Exception):
+                if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                    sys.modules["ray"].shutdown()
+        except KeyboardInterrupt:  # a second Ctrl-C during Ray's shutdown: stop waiting for it
+            pass
         sys.stderr.flush()
         os.write(life_w, b"done")  # we finish by ourselves: the keeper need not speak
         os.dup2(saved, 2)
