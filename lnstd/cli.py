@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -95,7 +96,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_flags(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--model", required=required, help="timm model name")
+    p.add_argument(
+        "--model", required=required,
+        help="timm model name, or hf:NAME for a Hugging Face ViT / DeiT / Swin classifier (a hub id, "
+        "or with --checkpoint a save_pretrained folder)",
+    )  # fmt: skip
     p.add_argument(
         "--checkpoint", help="local .safetensors/.pt weights (a JSON beside it may name the model)"
     )
@@ -196,6 +201,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--input is required with --model")
     elif args.model is None and args.checkpoint is None:
         raise UsageError("--model is required with --input")
+    _check_local_input(given.get("input", args.input))
     checkpoint = given.get("checkpoint", args.checkpoint)
     if args.model is None and checkpoint is not None:
         from .models import checkpoint_config
@@ -204,7 +210,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if given["model"] is None:
             raise UsageError(f"--model is required: {checkpoint} has no JSON beside it naming the model")
     cfg = RunConfig.from_args(args, **given)
-    _check_local_input(cfg.input)
     from .jobs.attribute import run  # torch, timm and Ray: after every check that needs none of them
     from .report import RANDOM_WEIGHTS, random_weights
 
@@ -348,7 +353,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     for name in names:
         cls = get_method(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:{width}s} {doc}")
+        print(f"{name:{width}s} {_plain(doc)}")
         for o in cls.options:
             fam = (
                 f" ({', '.join(f'{k}: {v!r}' for k, v in o.family_defaults.items())})"
@@ -356,8 +361,13 @@ def _cmd_methods(args: argparse.Namespace) -> int:
                 else ""
             )
             choices = f" [{' | '.join(map(str, o.choices))}]" if o.choices else ""
-            print(f"{'':4s}{o.name}={o.default!r}{fam}{choices}: {o.help}")
+            print(f"{'':4s}{o.name}={o.default!r}{fam}{choices}: {_plain(o.help)}")
     return 0
+
+
+def _plain(text: str) -> str:
+    """Docstring markup (reStructuredText roles and literals) as the plain text a terminal shows."""
+    return re.sub(r":\w+:`~?([^`]*)`", r"\1", text).replace("``", "").replace("`", "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     _add_model_flags(p, required=False)
     _add_method_flags(p)
-    p.add_argument("--out", required=True, help="folder for the PNGs (one subfolder per model)")
+    p.add_argument("--out", default="lnstd-explain", help="folder for the PNGs (one subfolder per model)")
     p.add_argument("--fit", choices=FITS, default="resize")
     p.add_argument("--target", default="predicted", help="'predicted' or a class index")
     p.add_argument("--batch-size", type=int, default=16)
@@ -455,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lnstd`` console script and ``python -m lnstd``."""
     raw = list(sys.argv[1:] if argv is None else argv)
     show = "--traceback" in raw or "-v" in raw or "--verbose" in raw
+    args = None
     try:
         parser = build_parser()
         args = parser.parse_args(expand_specs(raw))
@@ -470,7 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         _end_progress_bars()
-        print("lnstd: interrupted (a rerun of the same command resumes)", file=sys.stderr)
+        resumes = getattr(args, "command", None) == "run"  # only a run keeps what it finished
+        why = " (a rerun of the same command resumes)" if resumes else ""
+        print(f"lnstd: interrupted{why}", file=sys.stderr)
         return 130
     except Exception as exc:
         if show:

@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -113,7 +114,26 @@ def test_an_interrupt_message_does_not_share_the_progress_bars_line(monkeypatch)
     monkeypatch.setattr(lnstd.cli, "_cmd_methods", interrupted)
     code, err = cli_in_process("methods")
     assert code == 130 and "3/40" in err
-    assert "\nlnstd: interrupted (a rerun of the same command resumes)\n" in err, repr(err)
+    assert err.endswith("\nlnstd: interrupted\n"), repr(err)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["run"], "lnstd: interrupted (a rerun of the same command resumes)\n"),
+        (["explain", "a.png", "--out", "o"], "lnstd: interrupted\n"),  # nothing to resume: it starts over
+        (["eval", "--dataset", "toy"], "lnstd: interrupted\n"),
+    ],
+)
+def test_only_an_interrupted_run_is_said_to_resume(monkeypatch, args, said):
+    import lnstd.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    for name in ("_cmd_run", "_cmd_explain", "_cmd_eval"):
+        monkeypatch.setattr(lnstd.cli, name, interrupted)
+    assert cli_in_process(*args) == (130, said)
 
 
 def test_job_log_lines_do_not_share_the_progress_bars_line(monkeypatch):
@@ -231,3 +251,39 @@ def test_a_target_is_parsed_once_into_its_kind():
             Target.parse(bad)
     with pytest.raises(UsageError, match="must be predicted, a class index, got 'label'"):
         Target.parse("label", allowed=("predicted", "class"))
+
+
+# --- small things a newcomer reads -------------------------------------------------------------------
+def test_explain_has_a_default_out_and_caps_the_strip_of_a_very_wide_image(tmp_path, monkeypatch):
+    """Like run, explain writes under the current folder by default (lnstd-explain/); a 4000 x 20
+    image keeps its full-size overlay but its strip is not 4000 / 20 x 192 px wide per panel."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (20, 4000, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    code, err = cli_in_process(
+        "explain", "wide.png", "--checkpoint", str(toy_checkpoint("vit")), "--methods", "gae"
+    )
+    assert code == 0, err
+    out = tmp_path / "lnstd-explain" / "toy_vit"
+    assert Image.open(out / "wide_gae.png").size == (4000, 20)  # the overlay: the image's own pixels
+    strip = Image.open(out / "wide_strip.png").size
+    assert strip[0] <= 2 * (4 * 192 + 4) and strip[1] <= 192 + 18, strip  # two panels: image, gae
+
+
+def test_methods_lists_plain_text_and_says_what_blocks_does(capsys):
+    from lnstd.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "`" not in out and "gradients stop" not in out, out
+    rollout = out[out.index("\nrollout ") :].splitlines()
+    assert rollout[2].strip() == "blocks='all': 'all' or k: the chain runs over the last k blocks only"
+
+
+def test_run_help_names_hugging_face_models_under_model(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert re.search(r"--model MODEL timm model name, or hf:NAME for a Hugging Face", text), text

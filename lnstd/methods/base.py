@@ -110,9 +110,7 @@ class Option:
         return value
 
 
-BLOCKS = Option(
-    "blocks", "all", help="'all' or k: the chain runs over the last k blocks (gradients stop there)"
-)
+BLOCKS = Option("blocks", "all", help="'all' or k: the chain runs over the last k blocks only")
 
 
 class Method:
