@@ -111,12 +111,18 @@ def test_ctrl_c_in_a_terminal_exits_130_in_one_line_and_leaves_no_log(ckpt, tmp_
             *model_flags(ckpt), "--methods", "gae", "--batch-size", "2", "--shard-size", "4"]  # fmt: skip
     pid, fd = pty.fork()
     if pid == 0:  # the child: a session of its own, the terminal's foreground process group
-        os.chdir(ROOT)
-        os.execve(sys.executable, argv, {**os.environ, "TMPDIR": str(tmp)})
+        try:
+            os.chdir(ROOT)
+            os.execve(sys.executable, argv, {**os.environ, "TMPDIR": str(tmp)})
+        finally:
+            os._exit(127)  # never back into pytest
     before = b""
     deadline = time.monotonic() + 600
     while not list((out / "heatmaps").glob("part-*.parquet")) and time.monotonic() < deadline:
         before += _read_pty(fd, 0.5)
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            shown = before.decode(errors="replace")[-2000:]
+            pytest.fail(f"the run ended before any shard was written: {shown}")
     assert list((out / "heatmaps").glob("part-*.parquet")), before.decode(errors="replace")[-2000:]
     os.write(fd, b"\x03")  # the terminal's interrupt character: SIGINT to the foreground group
     after = b""
