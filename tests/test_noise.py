@@ -6,9 +6,12 @@ natively, is in test_names.py.)"""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -93,7 +96,7 @@ def _read_pty(fd: int, seconds: float) -> bytes:
     return out
 
 
-def test_ctrl_c_in_a_terminal_exits_130_in_one_line_and_leaves_no_log(ckpt, tmp_path):
+def test_ctrl_c_in_a_terminal_exits_130_in_one_line_and_leaves_no_log(ckpt, tmp_path, request):
     """A real pseudo-terminal: Ctrl-C typed while shards run reaches the whole foreground process
     group (the driver, its log keeper, what else the terminal runs) as it does for a user. The run
     exits 130 with one line saying so: no traceback, no "internal error", no native log left."""
@@ -104,8 +107,9 @@ def test_ctrl_c_in_a_terminal_exits_130_in_one_line_and_leaves_no_log(ckpt, tmp_
     (tmp_path / "in").mkdir()
     for k in range(400):
         (tmp_path / "in" / f"i{k:03d}.png").write_bytes(good_image(k))
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    # the run's TMPDIR, to find its log; short, as Ray keeps its Unix sockets under it (107 bytes)
+    tmp = Path(tempfile.mkdtemp(prefix="lnstd-t-"))
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "lnstd", "run", "--input", str(tmp_path / "in"), "--output", str(out),
             *model_flags(ckpt), "--methods", "gae", "--batch-size", "2", "--shard-size", "4"]  # fmt: skip
