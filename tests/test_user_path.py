@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from lnstd.jobs.specs import expand_specs
 
 from lnstd.cli import build_parser
+from lnstd.jobs.specs import expand_specs
 from lnstd.train import toy_checkpoint
 
 from .jobhelpers import ROOT, cli_in_process, good_image
