@@ -29,10 +29,10 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from . import output as layout
 from . import storage
 from .errors import OutputError
 from .metrics.registry import column_metrics, higher_is_better
+from .output import AGGREGATE, HEATMAPS, SHARD_COUNTS, Output
 
 __all__ = ["aggregate", "format_table", "heatmap_dataset", "plural"]
 
@@ -44,17 +44,15 @@ _UMAX = float(np.arcsinh(1e12))  # |x| up to 1e9
 
 def heatmap_dataset(output: str, opts: storage.StorageOptions) -> pads.Dataset:
     """The heatmap rows of a run's output as a pyarrow dataset; a clear error if there are none."""
-    uri = layout.uri(output, layout.HEATMAPS)
+    uri = Output(output, opts).path(HEATMAPS)
     fs, path = storage.resolve(uri, opts)
     if fs.get_file_info(path).type != storage.pafs.FileType.Directory and not storage.list_names(uri, opts):
         raise OutputError(
-            f"{output}: no lnstd output here (no {layout.HEATMAPS}/ folder); give the --output of a run"
+            f"{output}: no lnstd output here (no {HEATMAPS}/ folder); give the --output of a run"
         )
     ds = pads.dataset(path, filesystem=fs, format="parquet")
     if not ds.files:
-        raise OutputError(
-            f"{output}: the run has committed no shard yet (no {layout.HEATMAPS}/part-*.parquet)"
-        )
+        raise OutputError(f"{output}: the run has committed no shard yet (no {HEATMAPS}/part-*.parquet)")
     return ds
 
 
@@ -66,7 +64,7 @@ def _footers(ds: pads.Dataset) -> tuple[dict[str, int], bool]:
     for path in ds.files:
         with ds.filesystem.open_input_file(path) as f:
             meta = pq.read_metadata(f)
-        counts = json.loads((meta.metadata or {}).get(layout.SHARD_COUNTS, b"{}"))
+        counts = json.loads((meta.metadata or {}).get(SHARD_COUNTS, b"{}"))
         if not counts:
             t = pq.read_table(path, filesystem=ds.filesystem, columns=["image_id", "status"])
             ids = pc.unique(t["image_id"])
@@ -244,9 +242,9 @@ def aggregate(output: str, opts: storage.StorageOptions | None = None, write: bo
         for name, t in (("summary", per_method), ("per_class", per_class)):
             buf = io.BytesIO()
             pacsv.write_csv(t, buf)
-            storage.write_bytes(layout.uri(output, layout.AGGREGATE, f"{name}.csv"), buf.getvalue(), opts)
+            storage.write_bytes(Output(output, opts).path(AGGREGATE, f"{name}.csv"), buf.getvalue(), opts)
         storage.write_bytes(
-            layout.uri(output, layout.AGGREGATE, "counts.json"), json.dumps(counts, indent=1).encode(), opts
+            Output(output, opts).path(AGGREGATE, "counts.json"), json.dumps(counts, indent=1).encode(), opts
         )
     return {"counts": counts, "per_method": per_method, "per_class": per_class}
 

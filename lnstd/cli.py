@@ -2,10 +2,10 @@
 
 Problems a user can act on (the project's own error types, :mod:`lnstd.errors`) are printed as one
 line, ``lnstd: error: ...``, with exit code 2. Anything else is a bug: one line saying so, exit code
-1, and the full traceback with ``--traceback`` (or ``-v``). This is the only module of the library
-that imports the job layer (:mod:`lnstd.jobs`). The work is done by library functions:
-:func:`lnstd.pictures.explain_files` (``explain``), :func:`lnstd.benchmark.evaluate_model`
-(``eval``), ``lnstd.jobs.attribute.run`` (``run``), :mod:`lnstd.jobs.specs` (``--spec``).
+1, and the full traceback with ``--traceback`` (or ``-v``). The only module of the library that
+imports the job layer (:mod:`lnstd.jobs`). The work is done by library functions: ``explain`` by
+:func:`lnstd.pictures.explain_files`, ``eval`` by :func:`lnstd.benchmark.evaluate_model`, ``run``
+by ``lnstd.jobs.attribute.run``, ``--spec`` by :mod:`lnstd.jobs.specs`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -213,33 +212,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .jobs.attribute import run  # torch, timm and Ray: after every check that needs none of them
     from .report import RANDOM_WEIGHTS, random_weights
 
-    def report(manifest: dict[str, Any], lease: Any) -> None:
-        """The report page, written under the run's lease (its fence guards the write)."""
-        from .report import write_report
-        from .storage import StorageOptions
-
-        try:
-            uri = write_report(cfg.output, opts=StorageOptions.from_env(cfg.s3_endpoint), guard=lease.fenced)
-            print(f"lnstd: report -> {uri}", file=sys.stderr)
-        except Exception as exc:  # the heatmaps are written: a report failure must not hide that
-            print(f"lnstd: warning: no report ({type(exc).__name__}: {one_line(exc)})", file=sys.stderr)
-            if args.traceback or args.verbose:
-                traceback.print_exc()
-
     with native_output_to_log(args.verbose):
-        # a rerun with nothing to do keeps the real run's report (run() does not call finish then)
-        manifest = run(cfg, progress=args.progress, finish=report if args.report else None)
+        # a rerun with nothing to do keeps the real run's report (run() writes none then)
+        manifest = run(cfg, progress=args.progress, report=args.report, traceback_on_error=args.traceback)
         if random_weights({"checkpoint": cfg.checkpoint, "pretrained": cfg.pretrained}):
             print(f"lnstd: warning: {RANDOM_WEIGHTS}", file=sys.stderr)
-    counts = manifest["counts"]
+    counts = manifest.counts
     return 1 if counts["shards_failed"] or (args.fail_on_errors and counts["errors"]) else 0
 
 
 def _model_name(args: argparse.Namespace) -> str:
     """A folder name for a model's outputs: the timm name, or the checkpoint's stem."""
-    if args.checkpoint:
-        return Path(args.checkpoint).stem
-    return str(args.model)
+    return Path(args.checkpoint).stem if args.checkpoint else str(args.model)
 
 
 def _check_local_input(uri: str) -> None:
@@ -345,29 +329,72 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import get_method, list_methods
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .jobs.verify import repair, verify
+    from .output import Output
+    from .storage import StorageOptions
 
-    names = list_methods()
-    width = max(len(n) for n in names)
-    for name in names:
-        cls = get_method(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:{width}s} {_plain(doc)}")
-        for o in cls.options:
-            fam = (
-                f" ({', '.join(f'{k}: {v!r}' for k, v in o.family_defaults.items())})"
-                if o.family_defaults
-                else ""
-            )
-            choices = f" [{' | '.join(map(str, o.choices))}]" if o.choices else ""
-            print(f"{'':4s}{o.name}={o.default!r}{fam}{choices}: {_plain(o.help)}")
+    out = Output(args.output, StorageOptions.from_env(args.s3_endpoint))
+    if args.repair:
+        removed = repair(out)
+        for uri in removed:
+            print(f"removed {uri}")
+        if removed:
+            print("rerun the same lnstd run to redo the shards whose parts were removed")
+    verdict = verify(out)
+    print(verdict.table())
+    return 0 if verdict.ok else 1
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import describe_methods
+
+    print(describe_methods())
     return 0
 
 
-def _plain(text: str) -> str:
-    """Docstring markup (reStructuredText roles and literals) as the plain text a terminal shows."""
-    return re.sub(r":\w+:`~?([^`]*)`", r"\1", text).replace("``", "").replace("`", "")
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="measure explanation quality (segmentation, perturbation, sanity)")
+    p.add_argument("--dataset", required=True, help="toy | imagenet-seg:PATH | folder:PATH")
+    _add_model_flags(p, required=False)
+    _add_method_flags(p, default="all")  # a benchmark compares every method
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--n", type=int, default=None, help="images to use (toy default 500)")
+    p.add_argument("--ablation", action="store_true", help="also lnstd's std x normalize x blocks table")
+    p.add_argument("--no-perturbation", action="store_true", help="skip the perturbation curves")
+    p.add_argument(
+        "--two-object-n", type=int, default=200, help="toy: two-object images for class sensitivity"
+    )
+    p.add_argument(
+        "--out", default=None, help="results: OUT/<dataset>-<model>/results.{json,md} (default lnstd-eval)"
+    )
+    p.add_argument("--no-progress", action="store_true")
+    _common(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _add_train_toy(sub: Any) -> None:
+    p = sub.add_parser("train-toy", help="train the known-answer benchmark's small ViT / Swin (CPU)")
+    p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
+    p.add_argument(
+        "--out", default="toy-checkpoints",
+        help="folder for toy_<arch>.safetensors/.json (the committed models stay in lnstd/checkpoints)",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace models already in --out")
+    p.add_argument("--steps", type=int, default=2000, help="length of the cosine schedule")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-images", type=int, default=20_000, help="size of the generated training set")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    p.add_argument(
+        "--target-accuracy", type=float, default=0.99, help="stop once validation accuracy reaches this"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    _common(p)
+    p.set_defaults(func=_cmd_train_toy)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,6 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint", default=None)
     _common(p)
     p.set_defaults(func=_cmd_aggregate)
+    p = sub.add_parser("verify", help="check an output against its manifest and plan (exit 0 / 1)")
+    p.add_argument("output", metavar="OUTPUT")
+    p.add_argument(
+        "--repair", action="store_true", help="remove, under the output's lease, what no committed run wrote"
+    )
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    _common(p)
+    p.set_defaults(func=_cmd_verify)
     p = sub.add_parser("explain", help="overlay PNGs for a few local images (one per method, plus a strip)")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     _add_model_flags(p, required=False)
@@ -408,44 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint", default=None)
     _common(p)
     p.set_defaults(func=_cmd_report)
-    p = sub.add_parser("eval", help="measure explanation quality (segmentation, perturbation, sanity)")
-    p.add_argument("--dataset", required=True, help="toy | imagenet-seg:PATH | folder:PATH")
-    _add_model_flags(p, required=False)
-    _add_method_flags(p, default="all")  # a benchmark compares every method
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--n", type=int, default=None, help="images to use (toy default 500)")
-    p.add_argument("--ablation", action="store_true", help="also lnstd's std x normalize x blocks table")
-    p.add_argument("--no-perturbation", action="store_true", help="skip the perturbation curves")
-    p.add_argument(
-        "--two-object-n", type=int, default=200, help="toy: two-object images for class sensitivity"
-    )
-    p.add_argument(
-        "--out", default=None, help="results: OUT/<dataset>-<model>/results.{json,md} (default lnstd-eval)"
-    )
-    p.add_argument("--no-progress", action="store_true")
-    _common(p)
-    p.set_defaults(func=_cmd_eval)
-    p = sub.add_parser("train-toy", help="train the known-answer benchmark's small ViT / Swin (CPU)")
-    p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
-    p.add_argument(
-        "--out", default="toy-checkpoints",
-        help="folder for toy_<arch>.safetensors/.json (the committed models stay in lnstd/checkpoints)",
-    )  # fmt: skip
-    p.add_argument("--force", action="store_true", help="replace models already in --out")
-    p.add_argument("--steps", type=int, default=2000, help="length of the cosine schedule")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-images", type=int, default=20_000, help="size of the generated training set")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
-    p.add_argument(
-        "--target-accuracy", type=float, default=0.99, help="stop once validation accuracy reaches this"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
-    _common(p)
-    p.set_defaults(func=_cmd_train_toy)
+    _add_eval(sub)
+    _add_train_toy(sub)
     p = sub.add_parser("methods", help="list the attribution methods and their options")
     _common(p)
     p.set_defaults(func=_cmd_methods)

@@ -4,8 +4,10 @@ explains a batch and builds its rows (``lnstd/output.py: row_fields``). The job'
 both this class, so their rows are the same for the same images.
 
 Faults of one input stay with that input: an unreadable file, a bad label, a mask of the wrong size,
-an image the model fails on each become that image's error row, and the rest of the batch is
-explained. Only faults of the batch itself (a model that fails on every image, the device) raise.
+a file larger than the decode limit (refused from its size and header, before it is read), an
+image whose decoding runs out of memory, an image the model fails on each become that image's
+error row, and the rest of the batch is explained. Only faults of the batch itself (a model that
+fails on every image, the device) raise.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ from . import storage
 from .data import DecodeError, Item, decode_mask, mat_ref, read_mat_sample
 from .data.decode import jpeg_header
 from .data.preprocess import Geometry, Preprocess
+from .data.read import read_image
 from .errors import ModelError, one_line
 from .metrics.mask import MASK_METRICS, mask_metrics
 
 if TYPE_CHECKING:
     from .config import RunConfig
 
-__all__ = ["MISSING", "Loaded", "RowBuilder"]
+__all__ = ["MISSING", "OUT_OF_MEMORY", "Loaded", "RowBuilder"]
 
 MISSING = "missing at run time"
+OUT_OF_MEMORY = "out of memory"
 
 
 @dataclass
@@ -129,7 +133,7 @@ class RowBuilder:
                 arr, mask_arr = read_mat_sample(item.uri)
                 tensor, geom = self.prep.from_array(arr)
                 return Loaded(item, tensor, self.prep.mask(mask_arr, geom), geom)
-            data = storage.read_bytes(item.uri, self.opts) if data is None else data
+            data = read_image(item.uri, self.opts) if data is None else data
             header = jpeg_header(data) if self.cfg.decode == "gpu" else None
             if header is not None and header[2]:
                 # decoded on the GPU with the whole batch; the geometry needs only the header
@@ -143,6 +147,10 @@ class RowBuilder:
             return loaded
         except DecodeError as exc:
             return Loaded(item, error=exc.reason, detail=exc.detail or None)
+        except MemoryError:  # this image's allocation failed: the others' may not (never the shard's)
+            return Loaded(
+                item, error=OUT_OF_MEMORY, detail="reading or decoding it needed more memory than was free"
+            )
         except FileNotFoundError:
             return Loaded(item, error=MISSING)
         except (PermissionError, IsADirectoryError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -21,6 +22,7 @@ __all__ = [
     "PassMethod",
     "PassResult",
     "applicable_methods",
+    "describe_methods",
     "get_method",
     "list_methods",
     "register",
@@ -47,6 +49,28 @@ def register(name: str) -> Callable[[M], M]:
 def list_methods() -> list[str]:
     """Names of all registered methods, sorted."""
     return sorted(_REGISTRY)
+
+
+def describe_methods() -> str:
+    """What ``lnstd methods`` prints: each method's first docstring line, then its options (default,
+    per-family defaults, choices, help), as plain text."""
+    names = list_methods()
+    width = max(len(n) for n in names)
+    lines = []
+    for name in names:
+        cls = get_method(name)
+        lines.append(f"{name:{width}s} {_plain((cls.__doc__ or '').strip().splitlines()[0])}")
+        for o in cls.options:
+            fam = ", ".join(f"{k}: {v!r}" for k, v in o.family_defaults.items())
+            fam = f" ({fam})" if fam else ""
+            choices = f" [{' | '.join(map(str, o.choices))}]" if o.choices else ""
+            lines.append(f"{'':4s}{o.name}={o.default!r}{fam}{choices}: {_plain(o.help)}")
+    return "\n".join(lines)
+
+
+def _plain(text: str) -> str:
+    """Docstring markup (reStructuredText roles and literals) as the plain text a terminal shows."""
+    return re.sub(r":\w+:`~?([^`]*)`", r"\1", text).replace("``", "").replace("`", "")
 
 
 def get_method(name: str) -> type[Method]:
