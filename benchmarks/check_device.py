@@ -17,6 +17,7 @@ import torch
 
 import lnstd
 from lnstd.arch import UnsupportedModelError
+from lnstd.data.preprocess import input_size
 
 CAPTURES = ("fused", "unfused")
 
@@ -43,7 +44,7 @@ def main() -> int:
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = lnstd.load_model(name)
-        x = torch.randn(args.batch, 3, *lnstd.models.input_size(model))
+        x = torch.randn(args.batch, 3, *input_size(model))
         cpu, dev, low = {}, {}, {}
         for capture in CAPTURES:
             try:

@@ -10,7 +10,7 @@ from typing import Any
 from lnstd import storage
 from lnstd.config import RunConfig
 from lnstd.data import Source, open_source
-from lnstd.errors import ConfigMismatchError, ModelError, OutputError, UsageError
+from lnstd.errors import ConfigMismatchError, ModelError, OptionError, OutputError, UsageError
 from lnstd.output import HEATMAPS, Output
 
 __all__ = ["check_output", "previous_run", "validate"]
@@ -38,11 +38,11 @@ def validate(cfg: RunConfig, out: Output) -> tuple[RunConfig, Source]:
         from lnstd.methods import applicable_methods
 
         cfg = dataclasses.replace(cfg, methods=applicable_methods(get_adapter(model)))
-    try:
+    try:  # an OptionError names its flag (--capture, --precision, --option) as it is
         Explainer(model, cfg.methods, precision=cfg.precision, capture=cfg.capture, **cfg.options)
-    except TypeError as exc:
-        raise UsageError(f"--option: {exc}") from None
-    except ValueError as exc:
+    except OptionError:
+        raise
+    except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if storage.is_s3(cfg.output) or storage.is_s3(cfg.input):
         storage.check_credentials()

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from lnstd import storage
+from lnstd.config import Target
 from lnstd.errors import LnstdError, one_line
 from lnstd.output import HEATMAPS, SUCCESS, Manifest, Output, shard_of
 from lnstd.plan import Plan
 
-__all__ = ["Verdict", "repair", "verify"]
+__all__ = ["Verdict", "command", "repair", "verify"]
 
 
 @dataclass
@@ -92,8 +93,8 @@ def verify(out: Output) -> Verdict:
 
 def _check_parts(out: Output, plan: Plan, manifest: Manifest, v: Verdict) -> dict[str, int]:
     methods = len(manifest.identity.get("methods") or manifest.config.get("methods") or [])
-    target = str(manifest.identity.get("target", "predicted"))
-    topk = int(target[5:]) if target.startswith("topk:") else None
+    target = Target.parse(str(manifest.identity.get("target", "predicted")))
+    topk = target.k if target.kind == "topk" else None
     totals = {"images": 0, "ok": 0, "errors": 0}
     seen: set[int] = set()
     problems: list[str] = []
@@ -173,3 +174,18 @@ def repair(out: Output, ttl: float = 60.0) -> list[str]:
         return removed
     finally:
         lease.release()
+
+
+def command(output: str, s3_endpoint: str | None, fix: bool) -> int:
+    """``lnstd verify OUTPUT [--repair]``: what was removed (with ``fix``), then the table; 0 when
+    every check passes, else 1."""
+    out = Output(output, storage.StorageOptions.from_env(s3_endpoint))
+    if fix:
+        removed = repair(out)
+        for uri in removed:
+            print(f"removed {uri}")
+        if removed:
+            print("rerun the same lnstd run to redo the shards whose parts were removed")
+    verdict = verify(out)
+    print(verdict.table())
+    return 0 if verdict.ok else 1

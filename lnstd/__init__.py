@@ -1,27 +1,27 @@
 """lnstd: explain Vision Transformers (timm ViT, DeiT, Swin, Swin V2, EVA, BEiT) at dataset scale.
 
-The names below load on first use (PEP 562), so the parts that need no model (``lnstd aggregate``,
-``lnstd report``'s tables, the output layout) never import torch.
+The names below load on first use (PEP 562, the module's ``__getattr__``), so the parts that need no
+model (``lnstd aggregate``, ``lnstd report``'s tables, the output layout) never import torch. The
+function ``lnstd.explain`` lives in the module ``lnstd.explainer``: no submodule shares its name.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Explainer": ".explain",
-    "Explanation": ".explain",
+    "Explainer": ".explainer",
+    "Explanation": ".explainer",
+    "explain": ".explainer",
     "UnsupportedModelError": ".arch",
     "faithfulness": ".metrics.faithfulness",
     "list_methods": ".methods",
     "register": ".methods",
     "load_model": ".models",
-    "transform_for": ".models",
+    "transform_for": ".data.preprocess",
     "minmax": ".ops",
     "upsample": ".ops",
     "SaliencyDataset": ".saliency",
@@ -64,22 +64,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
-
-
-class _Package(types.ModuleType):
-    """``lnstd.explain`` is the function, as it was when this package imported eagerly, although a
-    submodule has the same name (the import system binds a loaded submodule on its package; here
-    that binding is kept aside instead of hiding the function)."""
-
-    @property
-    def explain(self) -> Any:
-        from .explain import explain
-
-        return explain
-
-    @explain.setter
-    def explain(self, module: Any) -> None:  # the import system binding the submodule
-        self.__dict__["_explain_module"] = module
-
-
-sys.modules[__name__].__class__ = _Package

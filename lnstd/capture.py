@@ -30,11 +30,10 @@ import torch
 from torch import nn
 
 from .arch.base import Adapter, AttentionParts, BlockRef, WindowMap, split_qkv, token_std
+from .choices import CAPTURE_MODES, Capture
 from .lrp import AttentionRelevance
 
-__all__ = ["CAPTURE_MODES", "BlockView", "Needs", "Session", "restored"]
-
-CAPTURE_MODES = ("fused", "unfused")
+__all__ = ["BlockView", "Needs", "Session", "restored"]
 
 
 @dataclass
@@ -160,7 +159,7 @@ class Session:
     gradients (Grad-CAM) are returned by :meth:`backward`.
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, needs: Needs, mode: str) -> None:
+    def __init__(self, model: nn.Module, adapter: Adapter, needs: Needs, mode: Capture) -> None:
         if mode not in CAPTURE_MODES:
             raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {mode!r}")
         self.model, self.adapter, self.needs, self.mode = model, adapter, needs, mode

@@ -2,25 +2,27 @@
 
 Problems a user can act on (the project's own error types, :mod:`lnstd.errors`) are printed as one
 line, ``lnstd: error: ...``, with exit code 2. Anything else is a bug: one line saying so, exit code
-1, and the full traceback with ``--traceback`` (or ``-v``). This is the only module of the library
-that imports the job layer (:mod:`lnstd.jobs`).
+1, and the full traceback with ``--traceback`` (or ``-v``). The only module of the library that
+imports the job layer (:mod:`lnstd.jobs`). The work is done by library functions: ``explain`` by
+:func:`lnstd.pictures.explain_files`, ``eval`` by :func:`lnstd.benchmark.evaluate_model`, ``run``
+by ``lnstd.jobs.attribute.run``, ``--spec`` by :mod:`lnstd.jobs.specs`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
 import sys
-import tempfile
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import LnstdError, UsageError, one_line
+from .choices import CAPTURE_MODES, DECODERS, FITS, METHODS, PRECISIONS
+from .errors import LnstdError, OptionError, UsageError, one_line
+from .jobs.specs import expand_specs
 
 __all__ = ["build_parser", "main"]
 
@@ -41,16 +43,12 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def _methods(text: str) -> list[str]:
-    from .methods import get_method
-
     if text == "all":
         return []  # every method that applies to the model (resolved once the model is known)
     names = [m.strip() for m in text.split(",") if m.strip()]
     for n in names:
-        try:
-            get_method(n)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+        if n not in METHODS:  # the same words as lnstd.methods.get_method, without importing torch
+            raise argparse.ArgumentTypeError(f"unknown method {n!r}; available: {', '.join(METHODS)}")
     return names
 
 
@@ -79,14 +77,16 @@ class _Formatter(argparse.HelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the one-line ``lnstd: error:`` form and exit code 2 for wrong flags."""
+    """argparse with the one-line ``lnstd: error:`` form and exit code 2 for wrong flags, and no
+    prefix matching of long flags (``--method`` is not taken for ``--methods``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+        self.exit(2, f"lnstd: error: {one_line(message, 10_000)} (see {self.prog} --help)\n")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -95,7 +95,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_flags(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--model", required=required, help="timm model name")
+    p.add_argument(
+        "--model", required=required,
+        help="timm model name, or hf:NAME for a Hugging Face ViT / DeiT / Swin classifier (a hub id, "
+        "or with --checkpoint a save_pretrained folder)",
+    )  # fmt: skip
     p.add_argument(
         "--checkpoint", help="local .safetensors/.pt weights (a JSON beside it may name the model)"
     )
@@ -119,9 +123,9 @@ def _add_method_flags(p: argparse.ArgumentParser, default: str = DEFAULT_METHODS
         help="method option, e.g. blocks=2 (every method that has it) or lnstd.std=multiply "
         "(one method); `lnstd methods` lists them (repeatable)",
     )  # fmt: skip
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument(
-        "--capture", choices=["fused", "unfused"], default=None,
+        "--capture", choices=CAPTURE_MODES, default=None,
         help="how attention is read (default: unfused on the CPU, fused on CUDA where exact; same maps)",
     )  # fmt: skip
 
@@ -143,8 +147,8 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="also the actor's decoding threads")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.add_argument("--target", default="predicted", help="predicted | label | topk:K")
-    p.add_argument("--fit", choices=["resize", "center-crop"], default="resize")
-    p.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="where JPEGs are decoded")
+    p.add_argument("--fit", choices=FITS, default="resize")
+    p.add_argument("--decode", choices=DECODERS, default="cpu", help="where JPEGs are decoded")
     p.add_argument("--save-png", action=argparse.BooleanOptionalAction, default=False,
                    help="add pixel-size PNG heatmaps over the original image")  # fmt: skip
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
@@ -177,7 +181,7 @@ def _add_run(sub: Any) -> None:
     p.set_defaults(func=_cmd_run)
 
 
-def _demo(args: argparse.Namespace) -> tuple[str, str, str, list[tuple[str, Any]]]:
+def _demo(args: argparse.Namespace) -> tuple[str, str, str, dict[str, Any]]:
     """The demo's input: generated known-answer images with masks, and the committed toy ViT."""
     from .data.toy import write_toy_dataset
     from .train import toy_checkpoint
@@ -188,58 +192,30 @@ def _demo(args: argparse.Namespace) -> tuple[str, str, str, list[tuple[str, Any]
     # Inside the output, under a '_' name: dataset readers of the output skip it.
     manifest = write_toy_dataset(os.path.join(output, "_demo-input"), n=DEMO_IMAGES)
     print(f"lnstd: demo: {DEMO_IMAGES} generated images, the trained toy ViT -> {output}", file=sys.stderr)
-    return manifest, output, str(toy_checkpoint("vit")), []
+    return manifest, output, str(toy_checkpoint("vit")), {}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import RunConfig
-    from .jobs.attribute import run
-    from .models import checkpoint_config
+    from .native_log import native_output_to_log
 
-    if args.spec is not None:  # only an abbreviation (--spe X) gets past expand_specs
-        raise UsageError("--spec: spell the flag out (--spec NAME or --spec=NAME)")
-    model, checkpoint, model_args = args.model, args.checkpoint, list(args.model_arg)
+    given: dict[str, Any] = {}
     if args.input is None and args.model is None and args.checkpoint is None:
-        args.input, args.output, checkpoint, model_args = _demo(args)
+        given["input"], given["output"], given["checkpoint"], given["model_args"] = _demo(args)
     elif args.input is None:
         raise UsageError("--input is required with --model")
     elif args.model is None and args.checkpoint is None:
         raise UsageError("--model is required with --input")
-    if model is None and checkpoint is not None:
-        model = checkpoint_config(checkpoint).get("model") if os.path.isfile(checkpoint) else None
-        if model is None:
+    _check_local_input(given.get("input", args.input))
+    checkpoint = given.get("checkpoint", args.checkpoint)
+    if args.model is None and checkpoint is not None:
+        from .models import checkpoint_config
+
+        given["model"] = checkpoint_config(checkpoint).get("model") if os.path.isfile(checkpoint) else None
+        if given["model"] is None:
             raise UsageError(f"--model is required: {checkpoint} has no JSON beside it naming the model")
-    cfg = RunConfig(
-        input=args.input,
-        output=args.output or "lnstd-out",
-        model=model,
-        methods=args.methods or [],
-        checkpoint=checkpoint,
-        pretrained=args.pretrained,
-        model_args=dict(model_args),
-        options=dict(args.option),
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor,
-        address=args.address,
-        precision=args.precision,
-        capture=args.capture,
-        target=args.target,
-        fit=args.fit,
-        decode=args.decode,
-        save_png=args.save_png,
-        overwrite=args.overwrite,
-        refresh_input=args.refresh_input,
-        dedupe=args.dedupe,
-        s3_endpoint=args.s3_endpoint,
-        lease_ttl=args.lease_ttl,
-        startup_timeout=args.startup_timeout,
-        verbose=args.verbose,
-        fail_on_errors=args.fail_on_errors,
-        faithfulness=args.faithfulness,
-    )
+    cfg = RunConfig.from_args(args, **given)
+    from .jobs.attribute import run  # torch, timm and Ray: after every check that needs none of them
     from .report import RANDOM_WEIGHTS, random_weights
 
     with native_output_to_log(args.verbose):
@@ -251,171 +227,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if counts["shards_failed"] or (args.fail_on_errors and counts["errors"]) else 0
 
 
-@contextlib.contextmanager
-def native_output_to_log(verbose: bool) -> Iterator[str | None]:
-    """Send what native code writes to file descriptor 2 (Ray's core worker and raylet state dumps,
-    Arrow's and the AWS SDK's retry messages) to a log file, ``$TMPDIR/lnstd-native-*.log``, kept
-    when the body raises and removed otherwise; Python's ``sys.stderr`` (our one-line messages, the
-    progress bar, ``--traceback``) still reaches the user. With ``verbose`` nothing is redirected.
-
-    A small keeper process (:mod:`lnstd._native_log`) writes the log; if this process ends abruptly
-    (native code exits it, so no Python runs to say why), the keeper shows the last native line. Ray is shut
-    down inside, so its teardown is logged too. Yields the log's path (None when verbose).
-    """
-    import subprocess
-
-    if verbose:
-        yield None
-        return
-    try:
-        user_is_fd2 = sys.stderr.fileno() == 2
-    except (AttributeError, OSError, ValueError):  # a captured stream (tests): fd 2 is not the user
-        user_is_fd2 = False
-    sys.stderr.flush()
-    log_fd, path = tempfile.mkstemp(prefix="lnstd-native-", suffix=".log")
-    os.close(log_fd)
-    out_r, out_w = os.pipe()
-    life_r, life_w = os.pipe()  # not inheritable: only this process holds the write end
-    keeper = subprocess.Popen(
-        [sys.executable, "-I", "-S", os.path.join(os.path.dirname(__file__), "_native_log.py"),
-         path, str(out_r), str(life_r)],
-        pass_fds=(out_r, life_r), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    os.close(out_r)
-    os.close(life_r)
-    saved = os.dup(2)
-    before = sys.stderr
-    if user_is_fd2:  # the user's stderr through another descriptor (left open: handlers may hold it)
-        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
-    os.dup2(out_w, 2)
-    os.close(out_w)
-    failed = True
-    try:
-        yield path
-        failed = False
-    finally:
-        with contextlib.suppress(Exception):
-            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-                sys.modules["ray"].shutdown()
-        sys.stderr.flush()
-        os.write(life_w, b"done")  # we finish by ourselves: the keeper need not speak
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(life_w)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            keeper.wait(timeout=10)
-        if user_is_fd2:
-            sys.stderr.flush()
-            sys.stderr = before
-        if not failed or os.path.getsize(path) == 0:
-            os.remove(path)
-
-
-def _explainer(make: Any, *args: Any, **kwargs: Any) -> Any:
-    """Build an Explainer (or run anything that builds one); wrong methods or options are the
-    user's one-line error, naming the option."""
-    try:
-        return make(*args, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"--option: {exc}" if isinstance(exc, TypeError) else str(exc)) from None
-
-
 def _model_name(args: argparse.Namespace) -> str:
     """A folder name for a model's outputs: the timm name, or the checkpoint's stem."""
-    if args.checkpoint:
-        return Path(args.checkpoint).stem
-    return str(args.model)
+    return Path(args.checkpoint).stem if args.checkpoint else str(args.model)
 
 
-def _output_stems(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(path, name relative to its argument) -> (path, distinct output stem), each file once.
+def _check_local_input(uri: str) -> None:
+    """A local input that cannot be read at all fails here, in a second, before torch and the model
+    load (an S3 input is checked by the job, once its credentials are)."""
+    from .data.sources import open_source
+    from .storage import is_s3
 
-    A stem is the relative name without its extension; stems that two files share (``a/img.jpg``
-    and ``b/img.jpg``, or ``img.jpg`` and ``img.png``) become the path below the files' common
-    folder, then keep the extension (``img_jpg``), so no file's pictures overwrite another's.
-    """
-    seen: dict[str, str] = {}
-    for path, rel in files:
-        seen.setdefault(os.path.realpath(path), rel)
-    stems = {p: os.path.splitext(rel)[0] for p, rel in seen.items()}
-
-    def clashes() -> dict[str, list[str]]:
-        groups: dict[str, list[str]] = {}
-        for p, stem in stems.items():
-            groups.setdefault(stem, []).append(p)
-        return {k: v for k, v in groups.items() if len(v) > 1}
-
-    for group in clashes().values():
-        root = os.path.commonpath([os.path.dirname(p) for p in group])
-        for p in group:
-            stems[p] = os.path.splitext(os.path.relpath(p, root))[0]
-    for group in clashes().values():
-        for p in group:
-            stems[p] += os.path.splitext(p)[1].replace(".", "_")
-    return [(p, stems[p]) for p in seen]
+    if not is_s3(uri):
+        open_source(uri).check()
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from .config import Target
+    from .data.files import image_files
+
+    target = Target.parse(args.target, allowed=("predicted", "class"))
+    files = image_files(args.images)  # a wrong path: before torch and the model load
     import torch
 
-    from . import Explainer, load_model
-    from .arch import get_adapter
-    from .data import IMAGE_EXTENSIONS, DecodeError
-    from .data.preprocess import Preprocess
-    from .methods import applicable_methods
-    from .storage import list_files
-    from .viz import overlay, strip
+    from .models import load_model
+    from .pictures import explain_files
 
-    files: list[tuple[str, str]] = []  # (path, name relative to its argument)
-    for arg in args.images:
-        if os.path.isdir(arg):
-            files += [(f, os.path.relpath(f, arg)) for f in list_files(arg, IMAGE_EXTENSIONS)]
-        elif os.path.isfile(arg):
-            files.append((arg, os.path.basename(arg)))
-        else:
-            raise UsageError(f"no such image or folder: {arg}")
-    files = _output_stems(files)
     torch.manual_seed(0)
     model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
-    methods = args.methods or applicable_methods(get_adapter(model))
-    explainer = _explainer(Explainer, model, methods, precision=args.precision, capture=args.capture,
-                           **dict(args.option))  # fmt: skip
-    prep = Preprocess.for_model(model, args.fit)
-    target = None if args.target == "predicted" else int(args.target)
     out_dir = os.path.join(args.out, _model_name(args))  # outputs of different models stay apart
-    failed = 0
-    for k in range(0, len(files), args.batch_size):
-        chunk, pictures, geoms, originals = [], [], [], []
-        for path, rel in files[k : k + args.batch_size]:
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-                img, geom = prep.decode(data)
-                # the pictures are drawn on the full-size image; decode again only if the model's
-                # input came from a reduced-scale (JPEG draft) decode
-                full = img.size == (geom.width, geom.height)
-                originals.append(img if full else prep.decode_full(data))
-                pictures.append(img)
-                geoms.append(geom)
-                chunk.append((path, rel))
-            except (DecodeError, OSError) as exc:
-                failed += 1
-                print(f"lnstd: skipped {path}: {exc}", file=sys.stderr)
-        if not chunk:
-            continue
-        out = explainer(
-            torch.stack([prep.tensor(im, g) for im, g in zip(pictures, geoms, strict=True)]), target
-        )
-        for i, (_, name) in enumerate(chunk):
-            stem = os.path.join(out_dir, name)
-            os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-            maps = {m: out.heatmaps[m][i] for m in methods}
-            for m, heat in maps.items():
-                overlay(originals[i], heat, geometry=geoms[i]).save(f"{stem}_{m}.png")
-            strip(originals[i], maps, geometry=geoms[i]).save(f"{stem}_strip.png")
-    print(f"lnstd: {len(files) - failed} images explained with {', '.join(methods)} -> {out_dir}"
-          + (f"; {failed} skipped" if failed else ""), file=sys.stderr)  # fmt: skip
-    return 1 if failed else 0
+    done = explain_files(
+        files, out_dir, model, args.methods, target=target.k,
+        fit=args.fit, batch_size=args.batch_size, precision=args.precision, capture=args.capture,
+        options=dict(args.option),
+    )  # fmt: skip
+    skipped = f"; {len(done.skipped)} skipped" if done.skipped else ""
+    print(f"lnstd: {len(files) - len(done.skipped)} images explained with {', '.join(done.methods)} "
+          f"-> {out_dir}{skipped}", file=sys.stderr)  # fmt: skip
+    return 1 if done.skipped else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -446,60 +295,27 @@ def _cmd_train_toy(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .train import toy_checkpoint
+    from .benchmark import default_checkpoints, evaluate_model
 
     if args.model is None and args.checkpoint is None:
-        if args.dataset != "toy":
-            raise UsageError("--model or --checkpoint is required (only --dataset toy has default models)")
-        for arch in ("vit", "swin"):  # the committed known-answer models
-            _eval_one(args, str(toy_checkpoint(arch)))
-        return 0
-    _eval_one(args, args.checkpoint)
+        checkpoints: list[str | None] = list(default_checkpoints(args.dataset))
+    else:
+        checkpoints = [args.checkpoint]
+    for checkpoint in checkpoints:
+        done = evaluate_model(
+            args.dataset, args.model, checkpoint, pretrained=args.pretrained, model_args=dict(args.model_arg),
+            methods=args.methods, precision=args.precision, capture=args.capture, options=dict(args.option),
+            batch_size=args.batch_size, n=args.n, perturbation=not args.no_perturbation,
+            two_object_n=args.two_object_n, with_ablation=args.ablation, out=args.out or "lnstd-eval",
+            progress=not args.no_progress,
+        )  # fmt: skip
+        with open(done.markdown_path) as f:
+            print(f.read())
+        print(
+            f"lnstd: results -> {done.json_path}, {done.markdown_path} ({done.seconds:.0f} s)",
+            file=sys.stderr,
+        )
     return 0
-
-
-def _eval_one(args: argparse.Namespace, checkpoint: str | None) -> None:
-    import time
-
-    import torch
-    from tqdm import tqdm
-
-    from . import Explainer, load_model
-    from .arch import get_adapter
-    from .data.eval_sets import dataset_batches
-    from .data.toy import toy_batch
-    from .evaluate import ablation, class_sensitivity, evaluate, write_results
-    from .methods import applicable_methods
-    from .train import toy_tensors
-
-    t0 = time.time()
-    torch.manual_seed(0)
-    model = load_model(args.model, checkpoint, args.pretrained, **dict(args.model_arg))
-    methods = args.methods or applicable_methods(get_adapter(model))
-    options = {"precision": args.precision, "capture": args.capture, **dict(args.option)}
-    _explainer(Explainer, model, methods, **options)  # a wrong method or option: one line, before work
-    batches, n = dataset_batches(args.dataset, model, args.batch_size, args.n)
-    name = args.model or os.path.splitext(os.path.basename(checkpoint or "model"))[0]
-    with tqdm(total=n, unit="img", desc=f"eval {name}", file=sys.stderr, disable=args.no_progress) as bar:
-        results = evaluate(
-            model, batches, methods, perturbation=not args.no_perturbation, progress=bar.update, **options
-        )
-    results["dataset"], results["model"] = args.dataset, name
-    if args.dataset == "toy" and args.two_object_n > 0:
-        images, masks, labels = toy_batch(args.two_object_n, 30_000, n_objects=2)
-        results["class_sensitivity"] = class_sensitivity(
-            model, toy_tensors(images), torch.from_numpy(masks), torch.from_numpy(labels), methods, **options
-        )
-    if args.ablation:
-        results["ablation"] = ablation(
-            model, batches, ["all", 2] if len(get_adapter(model).blocks) > 2 else ["all"]
-        )
-    results["seconds"] = round(time.time() - t0, 1)
-    out = os.path.join(args.out or "lnstd-eval", f"{args.dataset.split(':')[0]}-{name}")
-    jpath, mpath = write_results(results, out, f"{name} on {args.dataset}")
-    with open(mpath) as f:
-        print(f.read())
-    print(f"lnstd: results -> {jpath}, {mpath} ({results['seconds']:.0f} s)", file=sys.stderr)
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
@@ -520,40 +336,60 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .jobs.verify import repair, verify
-    from .output import Output
-    from .storage import StorageOptions
+    from .jobs.verify import command
 
-    out = Output(args.output, StorageOptions.from_env(args.s3_endpoint))
-    if args.repair:
-        removed = repair(out)
-        for uri in removed:
-            print(f"removed {uri}")
-        if removed:
-            print("rerun the same lnstd run to redo the shards whose parts were removed")
-    verdict = verify(out)
-    print(verdict.table())
-    return 0 if verdict.ok else 1
+    return command(args.output, args.s3_endpoint, args.repair)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import get_method, list_methods
+    from .methods import describe_methods
 
-    names = list_methods()
-    width = max(len(n) for n in names)
-    for name in names:
-        cls = get_method(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:{width}s} {doc}")
-        for o in cls.options:
-            fam = (
-                f" ({', '.join(f'{k}: {v!r}' for k, v in o.family_defaults.items())})"
-                if o.family_defaults
-                else ""
-            )
-            choices = f" [{' | '.join(map(str, o.choices))}]" if o.choices else ""
-            print(f"{'':4s}{o.name}={o.default!r}{fam}{choices}: {o.help}")
+    print(describe_methods())
     return 0
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="measure explanation quality (segmentation, perturbation, sanity)")
+    p.add_argument("--dataset", required=True, help="toy | imagenet-seg:PATH | folder:PATH")
+    _add_model_flags(p, required=False)
+    _add_method_flags(p, default="all")  # a benchmark compares every method
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--n", type=int, default=None, help="images to use (toy default 500)")
+    p.add_argument("--ablation", action="store_true", help="also lnstd's std x normalize x blocks table")
+    p.add_argument("--no-perturbation", action="store_true", help="skip the perturbation curves")
+    p.add_argument(
+        "--two-object-n", type=int, default=200, help="toy: two-object images for class sensitivity"
+    )
+    p.add_argument(
+        "--out", default=None, help="results: OUT/<dataset>-<model>/results.{json,md} (default lnstd-eval)"
+    )
+    p.add_argument("--no-progress", action="store_true")
+    _common(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _add_train_toy(sub: Any) -> None:
+    p = sub.add_parser("train-toy", help="train the known-answer benchmark's small ViT / Swin (CPU)")
+    p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
+    p.add_argument(
+        "--out", default="toy-checkpoints",
+        help="folder for toy_<arch>.safetensors/.json (the committed models stay in lnstd/checkpoints)",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace models already in --out")
+    p.add_argument("--steps", type=int, default=2000, help="length of the cosine schedule")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-images", type=int, default=20_000, help="size of the generated training set")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    p.add_argument(
+        "--target-accuracy", type=float, default=0.99, help="stop once validation accuracy reaches this"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    _common(p)
+    p.set_defaults(func=_cmd_train_toy)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -584,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     _add_model_flags(p, required=False)
     _add_method_flags(p)
-    p.add_argument("--out", required=True, help="folder for the PNGs (one subfolder per model)")
-    p.add_argument("--fit", choices=["resize", "center-crop"], default="resize")
+    p.add_argument("--out", default="lnstd-explain", help="folder for the PNGs (one subfolder per model)")
+    p.add_argument("--fit", choices=FITS, default="resize")
     p.add_argument("--target", default="predicted", help="'predicted' or a class index")
     p.add_argument("--batch-size", type=int, default=16)
     _common(p)
@@ -602,106 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint", default=None)
     _common(p)
     p.set_defaults(func=_cmd_report)
-    p = sub.add_parser("eval", help="measure explanation quality (segmentation, perturbation, sanity)")
-    p.add_argument("--dataset", required=True, help="toy | imagenet-seg:PATH | folder:PATH")
-    _add_model_flags(p, required=False)
-    _add_method_flags(p, default="all")  # a benchmark compares every method
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--n", type=int, default=None, help="images to use (toy default 500)")
-    p.add_argument("--ablation", action="store_true", help="also lnstd's std x normalize x blocks table")
-    p.add_argument("--no-perturbation", action="store_true", help="skip the perturbation curves")
-    p.add_argument(
-        "--two-object-n", type=int, default=200, help="toy: two-object images for class sensitivity"
-    )
-    p.add_argument(
-        "--out", default=None, help="results: OUT/<dataset>-<model>/results.{json,md} (default lnstd-eval)"
-    )
-    p.add_argument("--no-progress", action="store_true")
-    _common(p)
-    p.set_defaults(func=_cmd_eval)
-    p = sub.add_parser("train-toy", help="train the known-answer benchmark's small ViT / Swin (CPU)")
-    p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
-    p.add_argument(
-        "--out", default="toy-checkpoints",
-        help="folder for toy_<arch>.safetensors/.json (the committed models stay in lnstd/checkpoints)",
-    )  # fmt: skip
-    p.add_argument("--force", action="store_true", help="replace models already in --out")
-    p.add_argument("--steps", type=int, default=2000, help="length of the cosine schedule")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-images", type=int, default=20_000, help="size of the generated training set")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
-    p.add_argument(
-        "--target-accuracy", type=float, default=0.99, help="stop once validation accuracy reaches this"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
-    _common(p)
-    p.set_defaults(func=_cmd_train_toy)
+    _add_eval(sub)
+    _add_train_toy(sub)
     p = sub.add_parser("methods", help="list the attribution methods and their options")
     _common(p)
     p.set_defaults(func=_cmd_methods)
     return parser
-
-
-def _spec_path(name: str) -> str:
-    """A spec file, or the name of one shipped in lnstd.jobs (``folder-local``)."""
-    if os.path.isfile(name):
-        return name
-    from importlib import resources
-
-    shipped = resources.files("lnstd.jobs") / "specs" / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if shipped.is_file():
-        return str(shipped)
-    raise UsageError(f"--spec {name}: no such file (nor a shipped spec of that name)")
-
-
-def spec_to_argv(path: str) -> list[str]:
-    """A job spec (YAML mapping of ``run`` flags to values) -> command-line arguments."""
-    import yaml
-
-    with open(_spec_path(path)) as f:
-        spec = yaml.safe_load(f) or {}
-    if not isinstance(spec, dict):
-        raise UsageError(f"--spec {path}: expected a mapping of flag names to values")
-    argv: list[str] = []
-    for key, value in spec.items():
-        flag = f"--{str(key).replace('_', '-')}"
-        if value is True:
-            argv.append(flag)
-        elif value is False:
-            argv.append(f"--no-{flag[2:]}")
-        elif value is None:
-            continue
-        elif isinstance(value, dict):  # model-arg / option: {num_classes: 10}
-            for k, v in value.items():
-                argv += [flag, f"{k}={json.dumps(v)}"]
-        elif isinstance(value, list):
-            argv += [flag, ",".join(str(v) for v in value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
-def expand_specs(argv: list[str]) -> list[str]:
-    """Replace ``--spec FILE`` (or ``--spec=FILE``) after ``run`` by the file's flags; flags given on
-    the command line win (they are placed after the spec's, and argparse keeps the last value)."""
-    i = next((k for k, a in enumerate(argv) if a == "--spec" or a.startswith("--spec=")), None)
-    if i is None:
-        return argv
-    if argv[i] == "--spec":
-        if i + 1 >= len(argv):
-            raise UsageError("--spec needs a file")
-        name, rest = argv[i + 1], [*argv[:i], *argv[i + 2 :]]
-    else:
-        name, rest = argv[i].partition("=")[2], [*argv[:i], *argv[i + 1 :]]
-    if not name:
-        raise UsageError("--spec needs a file")
-    spec = spec_to_argv(name)
-    cmd = rest.index("run") + 1 if "run" in rest else 0
-    return [*rest[:cmd], *spec, *rest[cmd:]]
 
 
 def _end_progress_bars() -> None:
@@ -717,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lnstd`` console script and ``python -m lnstd``."""
     raw = list(sys.argv[1:] if argv is None else argv)
     show = "--traceback" in raw or "-v" in raw or "--verbose" in raw
+    args = None
     try:
         parser = build_parser()
         args = parser.parse_args(expand_specs(raw))
@@ -727,11 +470,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LnstdError as exc:
         if show:
             traceback.print_exc()
-        print(f"lnstd: error: {one_line(exc, 10_000)}", file=sys.stderr)
+        flag = f"{exc.flag}: " if isinstance(exc, OptionError) else ""  # the flag the user typed
+        print(f"lnstd: error: {flag}{one_line(exc, 10_000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _end_progress_bars()
-        print("lnstd: interrupted (a rerun of the same command resumes)", file=sys.stderr)
+        resumes = getattr(args, "command", None) == "run"  # only a run keeps what it finished
+        why = " (a rerun of the same command resumes)" if resumes else ""
+        print(f"lnstd: interrupted{why}", file=sys.stderr)
         return 130
     except Exception as exc:
         if show:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
 
+from lnstd.choices import DECODERS, Capture, Decode, Fit, Precision
 from lnstd.errors import UsageError
 from lnstd.metrics.registry import FAITHFULNESS
 
-__all__ = ["DECODERS", "RESULT_FIELDS", "RunConfig"]
+__all__ = ["RESULT_FIELDS", "RunConfig", "Target"]
 
 # Fields that change what is written: a rerun must match these to resume into the same output.
 RESULT_FIELDS = (
@@ -28,7 +30,42 @@ RESULT_FIELDS = (
     "decode",
     "save_png",
 )
-DECODERS = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which class a heatmap explains: the ``predicted`` one, the input's ``label``, each of the
+    ``topk`` (``k``) highest-scoring ones, or one ``class`` index (``k``) for every image.
+
+    Written as text (``--target``, the recorded configuration): ``predicted``, ``label``,
+    ``topk:K``, or an integer.
+    """
+
+    kind: Literal["predicted", "label", "topk", "class"]
+    k: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, allowed: tuple[str, ...] = ("predicted", "label", "topk")) -> Target:
+        """``text`` -> Target; a UsageError naming ``--target`` unless it is one of the ``allowed``
+        kinds."""
+        kinds = {"predicted": "predicted", "label": "label", "topk": "topk:K", "class": "a class index"}
+        expected = ", ".join(kinds[a] for a in allowed)
+        if text in ("predicted", "label"):
+            target = cls(text)
+        elif text.startswith("topk:"):
+            if not (text[5:].isdigit() and int(text[5:]) > 0):
+                raise UsageError(f"--target topk:K needs a positive integer K, got {text!r}")
+            target = cls("topk", int(text[5:]))
+        elif text.isdigit():
+            target = cls("class", int(text))
+        else:
+            raise UsageError(f"--target must be {expected}, got {text!r}")
+        if target.kind not in allowed:
+            raise UsageError(f"--target must be {expected}, got {text!r}")
+        return target
+
+    def __str__(self) -> str:
+        return {"topk": f"topk:{self.k}", "class": str(self.k)}.get(self.kind, self.kind)
 
 
 def _absolute(uri: str) -> str:
@@ -57,11 +94,11 @@ class RunConfig:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     address: str | None = None
-    precision: str = "fp32"
-    capture: str | None = None
-    target: str = "predicted"
-    fit: str = "resize"
-    decode: str = "cpu"
+    precision: Precision = "fp32"
+    capture: Capture | None = None
+    target: str = "predicted"  # as written (Target's text form); parsed: :attr:`targets`
+    fit: Fit = "resize"
+    decode: Decode = "cpu"
     save_png: bool = False
     overwrite: bool = False
     refresh_input: bool = False
@@ -80,10 +117,7 @@ class RunConfig:
             self.checkpoint = os.path.abspath(self.checkpoint)
         if self.checkpoint and not self.checkpoint_sha256 and os.path.exists(self.checkpoint):
             self.checkpoint_sha256 = _sha256(self.checkpoint)
-        if self.target != "predicted" and self.target != "label" and not self.target.startswith("topk:"):
-            raise UsageError(f"--target must be predicted, label or topk:K, got {self.target!r}")
-        if self.target.startswith("topk:") and not (self.target[5:].isdigit() and int(self.target[5:]) > 0):
-            raise UsageError(f"--target topk:K needs a positive integer K, got {self.target!r}")
+        Target.parse(self.target)
         for name in ("batch_size", "shard_size", "actors"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -100,9 +134,32 @@ class RunConfig:
         if os.path.normpath(self.output) == os.path.normpath(self.input):
             raise UsageError("--output must not be the --input folder")
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **given: Any) -> RunConfig:
+        """The configuration from ``lnstd run``'s parsed flags (each flag sets the field of its name;
+        ``--model-arg`` and ``--option`` pairs become the ``model_args`` and ``options`` mappings);
+        ``given`` fields win over the flags (the demo's input, a model named by its checkpoint)."""
+        renamed = {"model_args": "model_arg", "options": "option"}
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            flag = renamed.get(f.name, f.name)
+            if f.name in given or not hasattr(args, flag):
+                continue
+            value = getattr(args, flag)
+            values[f.name] = dict(value) if f.name in renamed else value
+        values["methods"] = list(values.get("methods") or [])  # empty: every method that applies
+        values["output"] = values.get("output") or "lnstd-out"
+        return cls(**{**values, **given})
+
+    @property
+    def targets(self) -> Target:
+        """:attr:`target`, parsed."""
+        return Target.parse(self.target)
+
     @property
     def topk(self) -> int | None:
-        return int(self.target[5:]) if self.target.startswith("topk:") else None
+        """K of ``--target topk:K`` (None for the other targets)."""
+        return self.targets.k if self.targets.kind == "topk" else None
 
     def identity(self) -> dict[str, Any]:
         """The result-deciding fields (what resume compares); ``faithfulness`` only when asked for,

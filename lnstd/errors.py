@@ -8,9 +8,11 @@ __all__ = [
     "LeaseLostError",
     "LnstdError",
     "ModelError",
+    "OptionError",
     "OutputError",
     "OutputLockedError",
     "ResourceError",
+    "UnknownOptionError",
     "UsageError",
     "one_line",
 ]
@@ -22,6 +24,25 @@ class LnstdError(Exception):
 
 class UsageError(LnstdError, ValueError):
     """A wrong or missing flag or argument (the message names it)."""
+
+
+class OptionError(LnstdError, ValueError):
+    """A setting of the explainer that cannot be used. ``option`` names it as the library spells it
+    (``"capture"``, ``"precision"``, or a method option such as ``"std"``), so that the command line
+    names the flag the user typed (:attr:`flag`)."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag that sets this option."""
+        return {"capture": "--capture", "precision": "--precision"}.get(self.option, "--option")
+
+
+class UnknownOptionError(OptionError, TypeError):
+    """An option no requested method takes (a TypeError, as for an unexpected keyword argument)."""
 
 
 class InputError(LnstdError, ValueError):

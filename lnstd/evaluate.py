@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .explain import Explainer
+from .explainer import Explainer
 from .metrics.mask import mask_metrics
 from .metrics.perturbation import PERTURBATION_METRICS, auc, perturbation_curves
 from .metrics.rank import spearman

@@ -13,7 +13,7 @@ from torch import nn
 
 from .errors import ModelError, one_line
 
-__all__ = ["check_model", "check_pretrained", "input_size", "load_checkpoint", "load_model", "transform_for"]
+__all__ = ["check_model", "check_pretrained", "load_checkpoint", "load_model"]
 
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
@@ -204,27 +204,6 @@ def check_model(
             shapes = {k: tuple(v.shape) for k, v in load_checkpoint(path).items()}
         _check_fit(model, {k.removeprefix("module."): v for k, v in shapes.items()}, checkpoint, name)
     return name, model.eval()
-
-
-def input_size(model: nn.Module) -> tuple[int, int]:
-    """(H, W) the model takes: its patch embedding's image size, else its pretrained config."""
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is not None:
-        return int(size[0]), int(size[1])
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("input_size", (3, 224, 224))[1:])  # type: ignore[return-value]
-
-
-def transform_for(model: nn.Module, fit: str = "resize"):
-    """PIL image -> normalised (3, H, W) tensor with the model's own timm data config.
-
-    The same preprocessing as the job (:class:`lnstd.data.preprocess.Preprocess`): ``fit="resize"``
-    stretches the whole image to the input size, so a heatmap maps back onto all of it;
-    ``"center-crop"`` takes timm's evaluation crop.
-    """
-    from .data.preprocess import Preprocess
-
-    return Preprocess.for_model(model, fit)
 
 
 def check_pretrained(name: str) -> None:

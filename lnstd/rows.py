@@ -56,10 +56,6 @@ class Loaded:
     raw: bytes | None = None  # JPEG bytes kept for the GPU decoder
 
 
-class ImageFault(Exception):
-    """A fault of one input found while attributing it (the model raised on that image alone)."""
-
-
 class RowBuilder:
     """One model replica and the rows it makes (the model-side half of the job's actor)."""
 
@@ -120,7 +116,7 @@ class RowBuilder:
         try:
             if item.problem:
                 return Loaded(item, error=item.problem)
-            if self.cfg.target == "label":
+            if self.cfg.targets.kind == "label":
                 if item.label is None:
                     return Loaded(item, error="no label (--target label)")
                 if not 0 <= item.label < self.num_classes:
@@ -183,7 +179,7 @@ class RowBuilder:
             with torch.no_grad():
                 logits = self.model(x)
             return list(logits.topk(min(self.cfg.topk, logits.shape[1]), 1).indices.T)
-        if self.cfg.target == "label":
+        if self.cfg.targets.kind == "label":
             return [torch.tensor(labels, dtype=torch.long, device=self.device)]
         return [None]
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from .data.toy import TOY_CLASSES, toy_batch
 from .errors import UsageError
@@ -143,8 +144,7 @@ def train_toy(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     g = torch.Generator(device=device).manual_seed(seed)
-    step = 0
-    acc = 0.0
+    step, acc = 0, 0.0
     for step in range(1, steps + 1):
         model.train()
         idx = torch.randint(0, len(x_all), (batch,), generator=g, device=device)
@@ -168,10 +168,39 @@ def train_toy(
             break
     model.eval()
     test_acc = evaluate_accuracy(model)
-    model = model.cpu()
-    os.makedirs(out, exist_ok=True)
-    from safetensors.torch import save_file
+    facts = {
+        "test_accuracy": test_acc,
+        "test_split": {"n": 1000, "seed": TEST_SEED},
+        "steps": step,
+        "batch": batch,
+        "train_seconds": round(time.time() - t0),
+        "device": _device_name(device),
+        "command": f"lnstd train-toy --arch {arch} --out {out} --steps {steps} --seed {seed} "
+        f"--train-images {train_images} --batch {batch} --lr {lr} --warmup {warmup} "
+        f"--target-accuracy {target_accuracy} --device {device}"
+        + (f" --threads {threads}" if threads else "")
+        + (f" --max-minutes {max_minutes}" if max_minutes else ""),
+        "torch": torch.__version__,
+    }
+    meta, weights = _save_toy(model.cpu(), arch, out, facts)
+    log(f"{arch}: test accuracy {test_acc:.3f} after {step} steps, {meta['train_seconds']}s -> {weights}")
+    return meta
 
+
+def _device_name(device: str) -> str:
+    return (
+        torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+
+
+def _save_toy(
+    model: torch.nn.Module, arch: str, out: str, facts: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """Write ``OUT/toy_<arch>.safetensors`` and the JSON beside it (the model's name and arguments,
+    normalisation, class names, then ``facts`` of its training); returns (that JSON, weights' path)."""
+    os.makedirs(out, exist_ok=True)
     weights = os.path.join(out, f"toy_{arch}.safetensors")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     spec = TOY_MODELS[arch]
@@ -180,22 +209,8 @@ def train_toy(
         "model_args": {k: v for k, v in spec["model_args"].items() if k not in ("mean", "std")},
         "normalize": {"mean": MEAN, "std": STD},
         "classes": list(TOY_CLASSES),
-        "test_accuracy": test_acc,
-        "test_split": {"n": 1000, "seed": TEST_SEED},
-        "steps": step,
-        "batch": batch,
-        "train_seconds": round(time.time() - t0),
-        "device": torch.cuda.get_device_name()
-        if device.startswith("cuda")
-        else f"cpu, {torch.get_num_threads()} threads",
-        "command": f"lnstd train-toy --arch {arch} --out {out} --steps {steps} --seed {seed} "
-        f"--train-images {train_images} --batch {batch} --lr {lr} --warmup {warmup} "
-        f"--target-accuracy {target_accuracy} --device {device}"
-        + (f" --threads {threads}" if threads else "")
-        + (f" --max-minutes {max_minutes}" if max_minutes else ""),
-        "torch": torch.__version__,
+        **facts,
     }
     with open(os.path.join(out, f"toy_{arch}.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    log(f"{arch}: test accuracy {test_acc:.3f} after {step} steps, {meta['train_seconds']}s -> {weights}")
-    return meta
+    return meta, weights

@@ -97,9 +97,12 @@ def strip(
     geometry: Geometry | None = None,
 ) -> Image.Image:
     """The image and one overlay per method side by side, each titled, at a common height
-    (``geometry`` as in :func:`overlay`)."""
+    (``geometry`` as in :func:`overlay`); no panel is wider than 4 x ``height`` (a very wide image
+    is drawn lower instead: a 4000 x 20 banner would otherwise be 38,400 px wide per panel)."""
     w0, h0 = image.size
     width = max(1, round(w0 * height / h0))
+    if width > 4 * height:
+        width, height = 4 * height, max(1, round(h0 * 4 * height / w0))
     base = image.convert("RGB").resize((width, height), Image.BILINEAR)
     panels = [("image", contour(base, mask) if mask is not None else base)]
     panels += [(name, overlay(base, heat, mask=mask, geometry=geometry)) for name, heat in heatmaps.items()]

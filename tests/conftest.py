@@ -102,3 +102,24 @@ def s3_server():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """A seeded tiny ViT checkpoint (tests/jobhelpers.py's TINY_MODEL), made once per session."""
+    from .jobhelpers import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Ray cannot start (``ray.init`` raises): an error found before Ray is started still comes out
+    as the user's one line; anything that started Ray first would be an internal error. (Importing
+    Ray stays possible: the job layer's modules import it when they load.)"""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Ray was started before the run's checks")
+
+    monkeypatch.setattr(ray, "init", refuse)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lnstd.cli import build_parser, spec_to_argv
+from lnstd.cli import build_parser
+from lnstd.jobs.specs import spec_to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,14 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from .jobhelpers import cli_in_process, good_image, model_flags, read_rows, run_cli, tiny_checkpoint
+from .jobhelpers import cli_in_process, good_image, model_flags, read_rows, run_cli
 
 FAST = ["--no-progress", "--no-report", "--cpus-per-actor", "0.5", "--methods", "gae"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import lnstd
-from lnstd.data.eval_sets import dataset_batches
+from lnstd.eval_sets import dataset_batches
 from lnstd.evaluate import bootstrap, evaluate, gaussian_heatmap, paired_difference, randomized_copy
 from lnstd.train import TEST_SEED, evaluate_accuracy, toy_checkpoint
 

@@ -34,17 +34,11 @@ from .jobhelpers import (
     only_lease_files,
     read_rows,
     run_cli,
-    tiny_checkpoint,
 )
 
 pytestmark = pytest.mark.integration
 
 FAST = ["--no-progress", "--no-report", "--cpus-per-actor", "0.5", "--methods", "gae"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def pairs(output: Path) -> collections.Counter:

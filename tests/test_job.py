@@ -34,18 +34,12 @@ from .jobhelpers import (
     model_flags,
     read_rows,
     run_cli,
-    tiny_checkpoint,
 )
 from .reference import reference_heatmap
 
 pytestmark = pytest.mark.integration  # Ray, an S3 server or the CLI in a subprocess
 
 FAST = ["--no-progress", "--cpus-per-actor", "0.5"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def write_folder(folder: Path, n: int, start: int = 0) -> list[str]:

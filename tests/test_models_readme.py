@@ -103,12 +103,24 @@ def test_cli_entry_points():
 
 
 @pytest.mark.integration  # a fresh interpreter: which of lnstd's names is loaded first matters
-def test_lnstd_explain_stays_the_function_whatever_loads_first():
+@pytest.mark.parametrize(
+    "first",
+    ["import lnstd.explainer as module", "import lnstd; lnstd.explain; import lnstd.explainer as module"],
+)
+def test_the_explainer_module_and_the_explain_function_do_not_collide(first):
+    """``import lnstd.explainer`` gives the module (its Explainer usable), ``lnstd.explain`` stays
+    the function whichever is loaded first, and the package is a plain module (no class swap)."""
     code = (
-        "import lnstd\n"
-        "lnstd.Explainer  # imports the submodule lnstd.explain, which the import system binds on lnstd\n"
-        "import lnstd.explain\n"
-        "assert callable(lnstd.explain), lnstd.explain\n"
+        f"{first}\n"
+        "import types, torch, lnstd\n"
+        "from tests.helpers import make_vit_token\n"
+        "assert type(lnstd) is types.ModuleType, type(lnstd)\n"
+        "assert module.Explainer is lnstd.Explainer\n"
+        "model, x = make_vit_token(), torch.randn(2, 3, 32, 48)\n"
+        "out = module.Explainer(model, ['gae'])(x)\n"
+        "heat = lnstd.explain(model, x, method='gae')\n"
+        "assert lnstd.explain is module.explain and isinstance(heat, torch.Tensor)\n"
+        "assert torch.equal(heat, out.heatmaps['gae']), (heat - out.heatmaps['gae']).abs().max()\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-1000:]

@@ -25,15 +25,9 @@ from .jobhelpers import (
     only_lease_files,
     read_rows,
     run_cli,
-    tiny_checkpoint,
 )
 
 FAST = ["--no-progress", "--no-report", "--cpus-per-actor", "0.5", "--methods", "gae"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_a_local_name_in_any_bytes_round_trips_through_its_utf8_form(tmp_path):

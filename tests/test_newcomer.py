@@ -25,15 +25,9 @@ from .jobhelpers import (
     only_lease_files,
     read_rows,
     run_cli,
-    tiny_checkpoint,
 )
 
 CLEAN_ENV = {"RAY_ADDRESS": None}
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 # --- the demo, and its output as a dataset ---------------------------------------------------------
@@ -92,13 +86,6 @@ def test_demo_output_is_a_dataset_readers_can_point_at(tmp_path):
 
 
 # --- fail early, in one line ------------------------------------------------------------------------
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Importing Ray fails: an error found before Ray is touched still comes out as the user's one
-    line; anything that needed Ray first would be an internal error."""
-    monkeypatch.setitem(sys.modules, "ray", None)
-
-
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
@@ -110,6 +97,8 @@ def no_ray(monkeypatch):
         (["--model", "vit_tiny_patch16_224", "--methods", "gae", "--option", "lnstd.std=none"],
          "is for method 'lnstd', which is not among"),
         (["--model", "vit_tiny_patch16_224", "--decode", "gpu"], "--decode gpu needs --gpus-per-actor"),
+        (["--model", "beit_base_patch16_224", "--model-arg", "depth=1", "--model-arg", "img_size=32",
+          "--capture", "fused"], "lnstd: error: --capture: capture='fused' is not available for Beit"),
     ],
 )  # fmt: skip
 def test_model_methods_and_options_are_checked_before_ray_and_before_writing(
@@ -283,6 +272,71 @@ def test_explain_and_eval_name_a_wrong_option_in_one_line(no_ray, tmp_path):
         assert code == 2 and err.count("\n") == 1, err
         assert "std must be one of" in err or "unknown option 'stdd'" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+def test_capture_fused_on_a_model_without_a_fused_path_names_the_capture_flag(no_ray, tmp_path):
+    """BEiT's attention cannot be rebuilt exactly from q and k: the error names --capture, the flag
+    the user typed (it used to say --option), in one line, before any picture is drawn."""
+    img = tmp_path / "a.png"
+    img.write_bytes(good_image(2))
+    beit = ["--model", "beit_base_patch16_224", *[f for kv in ("img_size=32", "patch_size=8", "embed_dim=32",
+            "depth=1", "num_heads=2", "num_classes=3") for f in ("--model-arg", kv)]]  # fmt: skip
+    code, err = cli_in_process("explain", str(img), *beit, "--out", str(tmp_path / "o"), "--capture", "fused")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("lnstd: error: --capture: capture='fused' is not available for Beit"), err
+    assert "--option" not in err and not (tmp_path / "o").exists()
+    code, err = cli_in_process(
+        "explain", str(img), *beit, "--out", str(tmp_path / "o"), "--capture", "unfused"
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o" / "beit_base_patch16_224").iterdir())[-1] == "a_strip.png"
+
+
+_MAIN_REPORTING_IMPORTS = """
+import sys
+from lnstd.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:  # argparse's own errors
+    code = exc.code
+print("torch" in sys.modules, "timm" in sys.modules, "ray" in sys.modules, code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            ["run", "--methods", "lnstd,nope"],
+            "argument --methods: unknown method 'nope'; available: attention,",
+        ),
+        (["run", "--method", "lnstd"], "unrecognized arguments: --method lnstd"),  # no prefix matching
+        (["run", "--batch-sise", "3"], "unrecognized arguments: --batch-sise"),
+        (["run", "--input", "nope", "--model", "vit_tiny_patch16_224"], "input folder not found"),
+        (
+            ["run", "--input", ".", "--model", "vit_tiny_patch16_224", "--option", "stdd"],
+            "expected KEY=VALUE",
+        ),
+        (["run", "--input", ".", "--model", "vit_tiny_patch16_224", "--target", "top3"], "--target must be"),
+        (["explain", "nope.jpg", "--model", "vit_tiny_patch16_224", "--out", "o"], "no such image or folder"),
+    ],
+)
+def test_mistakes_that_need_no_model_are_answered_before_torch_is_imported(tmp_path, args, needle):
+    """One line, exit 2, and neither torch, timm nor Ray imported when it is said (they take
+    seconds to import; a typo must not wait for them)."""
+    r = subprocess.run(
+        [sys.executable, "-c", _MAIN_REPORTING_IMPORTS, *args], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert r.stdout.split() == ["False", "False", "False", "2"], (r.stdout, r.stderr)
+    assert r.stderr.startswith("lnstd: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert needle in r.stderr, r.stderr
+
+
+def test_the_command_line_knows_every_registered_method_without_importing_them():
+    from lnstd.choices import METHODS
+    from lnstd.methods import list_methods
+
+    assert list(METHODS) == list_methods()
 
 
 @pytest.mark.parametrize("check", [["check"], ["format", "--check"]])

@@ -6,8 +6,12 @@ natively, is in test_names.py.)"""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 SCRIPT = r"""
 import ctypes, os, sys
-from lnstd.cli import native_output_to_log
+from lnstd.native_log import native_output_to_log
 libc = ctypes.CDLL(None)
 dump = b"[raylet] state dump line 1\n[raylet] state dump line 2\n"
 for mode in ("ok", "fail", "verbose"):
@@ -64,10 +68,76 @@ def test_native_diagnostics_go_to_a_log_and_the_user_sees_lnstds_lines():
 
 def test_a_killed_run_with_nothing_native_to_say_leaves_no_log_and_no_line():
     script = (
-        "import os, signal\nfrom lnstd.cli import native_output_to_log\n"
+        "import os, signal\nfrom lnstd.native_log import native_output_to_log\n"
         "with native_output_to_log(verbose=False) as log:\n"
         "    print(log, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == -9 and r.stderr == ""
     assert "lnstd-native-" in r.stdout and not os.path.exists(r.stdout.strip())
+
+
+def _read_pty(fd: int, seconds: float) -> bytes:
+    """What the terminal shows within ``seconds`` (b"" once the program has closed it)."""
+    import select
+
+    out = b""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if not select.select([fd], [], [], left)[0]:
+            break
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: every process holding the terminal has gone
+            chunk = b""
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def test_ctrl_c_in_a_terminal_exits_130_in_one_line_and_leaves_no_log(ckpt, tmp_path, request):
+    """A real pseudo-terminal: Ctrl-C typed while shards run reaches the whole foreground process
+    group (the driver, its log keeper, what else the terminal runs) as it does for a user. The run
+    exits 130 with one line saying so: no traceback, no "internal error", no native log left."""
+    import pty
+
+    from .jobhelpers import good_image, model_flags
+
+    (tmp_path / "in").mkdir()
+    for k in range(400):
+        (tmp_path / "in" / f"i{k:03d}.png").write_bytes(good_image(k))
+    # the run's TMPDIR, to find its log; short, as Ray keeps its Unix sockets under it (107 bytes)
+    tmp = Path(tempfile.mkdtemp(prefix="lnstd-t-"))
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "lnstd", "run", "--input", str(tmp_path / "in"), "--output", str(out),
+            *model_flags(ckpt), "--methods", "gae", "--batch-size", "2", "--shard-size", "4"]  # fmt: skip
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a session of its own, the terminal's foreground process group
+        try:
+            os.chdir(ROOT)
+            os.execve(sys.executable, argv, {**os.environ, "TMPDIR": str(tmp)})
+        finally:
+            os._exit(127)  # never back into pytest
+    before = b""
+    deadline = time.monotonic() + 600
+    while not list((out / "heatmaps").glob("part-*.parquet")) and time.monotonic() < deadline:
+        before += _read_pty(fd, 0.5)
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            shown = before.decode(errors="replace")[-2000:]
+            pytest.fail(f"the run ended before any shard was written: {shown}")
+    assert list((out / "heatmaps").glob("part-*.parquet")), before.decode(errors="replace")[-2000:]
+    os.write(fd, b"\x03")  # the terminal's interrupt character: SIGINT to the foreground group
+    after = b""
+    while chunk := _read_pty(fd, 120):
+        after += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    shown = after.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 130, shown
+    lines = [ln.strip() for ln in shown.replace("\r", "\n").split("\n") if ln.strip().startswith("lnstd")]
+    assert lines == ["lnstd: interrupted (a rerun of the same command resumes)"], shown
+    for bad in ("Traceback", "KeyboardInterrupt", "internal error", "BrokenPipe"):
+        assert bad not in shown, shown
+    assert sorted(p.name for p in tmp.glob("lnstd-native-*")) == []

@@ -9,10 +9,12 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from lnstd.cli import build_parser, expand_specs
+from lnstd.cli import build_parser
+from lnstd.jobs.specs import expand_specs
 from lnstd.train import toy_checkpoint
 
 from .jobhelpers import ROOT, cli_in_process, good_image
@@ -49,7 +51,7 @@ def test_spec_with_an_equals_sign_is_the_same_spec():
     assert expand_specs(["run", "--spec=folder-local", *rest]) == spaced
     assert "--methods" in spaced and spaced[-4:] == rest  # the spec's flags, then the user's
     code, err = cli_in_process("run", "--spe", "folder-local")  # an abbreviation is not silently dropped
-    assert code == 2 and "--spec: spell the flag out" in err and err.count("\n") == 1
+    assert code == 2 and "unrecognized arguments: --spe folder-local" in err and err.count("\n") == 1
 
 
 # --- train-toy never overwrites the committed models ----------------------------------------------------
@@ -112,7 +114,26 @@ def test_an_interrupt_message_does_not_share_the_progress_bars_line(monkeypatch)
     monkeypatch.setattr(lnstd.cli, "_cmd_methods", interrupted)
     code, err = cli_in_process("methods")
     assert code == 130 and "3/40" in err
-    assert "\nlnstd: interrupted (a rerun of the same command resumes)\n" in err, repr(err)
+    assert err.endswith("\nlnstd: interrupted\n"), repr(err)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["run"], "lnstd: interrupted (a rerun of the same command resumes)\n"),
+        (["explain", "a.png", "--out", "o"], "lnstd: interrupted\n"),  # nothing to resume: it starts over
+        (["eval", "--dataset", "toy"], "lnstd: interrupted\n"),
+    ],
+)
+def test_only_an_interrupted_run_is_said_to_resume(monkeypatch, args, said):
+    import lnstd.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    for name in ("_cmd_run", "_cmd_explain", "_cmd_eval"):
+        monkeypatch.setattr(lnstd.cli, name, interrupted)
+    assert cli_in_process(*args) == (130, said)
 
 
 def test_job_log_lines_do_not_share_the_progress_bars_line(monkeypatch):
@@ -179,3 +200,91 @@ def test_readme_has_one_exit_code_table_with_every_code():
     codes = re.findall(r"^\| `?(\d+)`? \|", table.group(0), re.M)
     assert set(codes) >= {"0", "1", "2", "130"}
     assert "lnstd explain" in table.group(0)
+
+
+# --- the run's configuration from its flags -------------------------------------------------------------
+def test_every_run_flag_reaches_its_config_field(tmp_path):
+    """RunConfig.from_args maps each flag to the field of its name: every field but the checkpoint's
+    is set here to a value other than its default, and read back."""
+    from dataclasses import fields
+
+    from lnstd.config import RunConfig
+
+    args = build_parser().parse_args([
+        "run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", "m",
+        "--methods", "gae,lnstd", "--model-arg", "depth=2", "--option", "blocks=1", "--batch-size", "3",
+        "--shard-size", "5", "--actors", "2", "--gpus-per-actor", "0.5", "--cpus-per-actor", "2",
+        "--address", "auto", "--precision", "bf16", "--capture", "fused", "--target", "topk:3",
+        "--fit", "center-crop", "--decode", "gpu", "--save-png", "--overwrite", "--refresh-input", "--dedupe",
+        "--s3-endpoint", "http://x", "--lease-ttl", "7", "--startup-timeout", "9", "-v", "--fail-on-errors",
+        "--pretrained",
+    ])  # fmt: skip
+    expect = dict(
+        input=str(tmp_path / "in"), output=str(tmp_path / "out"), model="m", methods=["gae", "lnstd"],
+        model_args={"depth": 2}, options={"blocks": 1}, batch_size=3, shard_size=5, actors=2,
+        gpus_per_actor=0.5, cpus_per_actor=2.0, address="auto", precision="bf16", capture="fused",
+        target="topk:3", fit="center-crop", decode="gpu", save_png=True, overwrite=True, refresh_input=True,
+        dedupe=True, s3_endpoint="http://x", lease_ttl=7.0, startup_timeout=9.0, verbose=True,
+        fail_on_errors=True, pretrained=True,
+    )  # fmt: skip
+    cfg = RunConfig.from_args(args)
+    assert {f.name for f in fields(RunConfig)} - set(expect) == {"checkpoint", "checkpoint_sha256"}
+    assert {k: getattr(cfg, k) for k in expect} == expect
+    defaults = RunConfig(input="i", output="o", model="m", methods=[])
+    assert all(getattr(defaults, k) != v for k, v in expect.items() if k not in ("model",))
+    assert cfg.identity()["target"] == "topk:3" and cfg.topk == 3  # recorded as written
+    given = RunConfig.from_args(args, model="n", checkpoint=None, model_args={})
+    assert (given.model, given.model_args, given.methods) == ("n", {}, ["gae", "lnstd"])
+
+
+def test_a_target_is_parsed_once_into_its_kind():
+    from lnstd.config import Target
+    from lnstd.errors import UsageError
+
+    for text, kind, k in [("predicted", "predicted", None), ("label", "label", None), ("topk:5", "topk", 5)]:
+        target = Target.parse(text)
+        assert (target.kind, target.k, str(target)) == (kind, k, text)
+    assert Target.parse("7", allowed=("predicted", "class")) == Target("class", 7)
+    bad_targets = [("topk:0", "positive integer K"), ("topk:x", "positive integer K"), ("best", "--target"),
+                   ("7", "predicted, label, topk:K")]  # fmt: skip
+    for bad, needle in bad_targets:
+        with pytest.raises(UsageError, match=needle):
+            Target.parse(bad)
+    with pytest.raises(UsageError, match="must be predicted, a class index, got 'label'"):
+        Target.parse("label", allowed=("predicted", "class"))
+
+
+# --- small things a newcomer reads -------------------------------------------------------------------
+def test_explain_has_a_default_out_and_caps_the_strip_of_a_very_wide_image(tmp_path, monkeypatch):
+    """Like run, explain writes under the current folder by default (lnstd-explain/); a 4000 x 20
+    image keeps its full-size overlay but its strip is not 4000 / 20 x 192 px wide per panel."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (20, 4000, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    code, err = cli_in_process(
+        "explain", "wide.png", "--checkpoint", str(toy_checkpoint("vit")), "--methods", "gae"
+    )
+    assert code == 0, err
+    out = tmp_path / "lnstd-explain" / "toy_vit"
+    assert Image.open(out / "wide_gae.png").size == (4000, 20)  # the overlay: the image's own pixels
+    strip = Image.open(out / "wide_strip.png").size
+    assert strip[0] <= 2 * (4 * 192 + 4) and strip[1] <= 192 + 18, strip  # two panels: image, gae
+
+
+def test_methods_lists_plain_text_and_says_what_blocks_does(capsys):
+    from lnstd.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "`" not in out and "gradients stop" not in out, out
+    rollout = out[out.index("\nrollout ") :].splitlines()
+    assert rollout[2].strip() == "blocks='all': 'all' or k: the chain runs over the last k blocks only"
+
+
+def test_run_help_names_hugging_face_models_under_model(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert re.search(r"--model MODEL timm model name, or hf:NAME for a Hugging Face", text), text

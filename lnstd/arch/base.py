@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LnstdError
+from ..errors import LnstdError, OptionError
 
 __all__ = [
     "Adapter",
     "AttentionParts",
     "BlockRef",
+    "CaptureUnavailableError",
     "HeadRef",
     "LRPOperands",
     "LRPRef",
@@ -30,6 +31,10 @@ __all__ = [
 
 class UnsupportedModelError(LnstdError, TypeError):
     """Raised when a model (or a method on it) is not one lnstd knows how to explain."""
+
+
+class CaptureUnavailableError(UnsupportedModelError, OptionError):
+    """``capture="fused"`` asked of a model whose attention cannot be rebuilt exactly from q and k."""
 
 
 @dataclass(frozen=True)
@@ -275,9 +280,6 @@ class Adapter:
 
     family: str = ""
     num_prefix: int = 0
-    # Methods checked on this family (tests against the float64 reference); None: every method.
-    # A family lists them so a method added later fails with a clear error until it is checked.
-    supported_methods: tuple[str, ...] | None = None
     # True where the forward L2-normalises tensors with ``torch.nn.functional.normalize`` outside any
     # module (Swin V2's cosine attention): AttnLRP applies its normalisation rule to those calls.
     lrp_normalize_calls: bool = False
@@ -341,15 +343,6 @@ class Adapter:
         """Attention input (norm1 output; post-norm: block input) -> (B, n_patches, C) patch
         features and their grid (for Grad-CAM)."""
         raise NotImplementedError
-
-    def check_method(self, method: str) -> None:
-        """Raise :class:`UnsupportedModelError` (naming the model class and the method) if ``method``
-        cannot explain this model."""
-        if self.supported_methods is not None and method not in self.supported_methods:
-            raise UnsupportedModelError(
-                f"method {method!r} cannot explain a {type(self.model).__name__} ({self.family} family): "
-                f"lnstd supports {', '.join(self.supported_methods)} there"
-            )
 
     # --- LRP (docs/lrp.md) -------------------------------------------------------------------------
     def lrp_head(self) -> HeadRef | None:

@@ -22,11 +22,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..choices import FITS, Fit
+from ..ops import minmax, upsample
 from .decode import DecodeError, decode_image
 
-__all__ = ["FITS", "Geometry", "Preprocess"]
+__all__ = ["Geometry", "Preprocess", "input_size", "transform_for"]
 
-FITS = ("resize", "center-crop")
 _RESAMPLE = {
     "nearest": Image.NEAREST,
     "bilinear": Image.BILINEAR,
@@ -73,7 +74,7 @@ class Preprocess:
         mean: tuple[float, ...] = (0.485, 0.456, 0.406),
         std: tuple[float, ...] = (0.229, 0.224, 0.225),
         interpolation: str = "bicubic",
-        fit: str = "resize",
+        fit: Fit = "resize",
         crop_pct: float = 1.0,
         draft: bool = True,
         reducing_gap: float | None = None,
@@ -92,12 +93,10 @@ class Preprocess:
         self.reducing_gap = reducing_gap
 
     @classmethod
-    def for_model(cls, model: nn.Module, fit: str = "resize", **kwargs: object) -> Preprocess:
+    def for_model(cls, model: nn.Module, fit: Fit = "resize", **kwargs: object) -> Preprocess:
         """The model's own input size, normalisation, interpolation and crop fraction (timm's data
         config)."""
         import timm.data
-
-        from ..models import input_size
 
         cfg = timm.data.resolve_data_config({}, model=model)
         return cls(
@@ -214,8 +213,6 @@ class Preprocess:
         """A (h, w) token-grid heatmap -> float32 (H, W) map over the original image (or over a
         copy of it resized to ``size`` = (width, height)): bilinear inside the box, min-max scaled
         to [0, 1] there, NaN outside the box (pixels the model never saw)."""
-        from ..ops import minmax, upsample
-
         width, height = size or (geom.width, geom.height)
         sx, sy = width / geom.width, height / geom.height
         left, top, right, bottom = geom.box
@@ -225,3 +222,22 @@ class Preprocess:
         out = np.full((height, width), np.nan, dtype=np.float32)
         out[y0:y1, x0:x1] = inner.numpy()
         return out
+
+
+def input_size(model: nn.Module) -> tuple[int, int]:
+    """(H, W) the model takes: its patch embedding's image size, else its pretrained config."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        return int(size[0]), int(size[1])
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("input_size", (3, 224, 224))[1:])  # type: ignore[return-value]
+
+
+def transform_for(model: nn.Module, fit: Fit = "resize") -> Preprocess:
+    """PIL image -> normalised (3, H, W) tensor with the model's own timm data config.
+
+    The same preprocessing as the job (:class:`Preprocess`): ``fit="resize"``
+    stretches the whole image to the input size, so a heatmap maps back onto all of it;
+    ``"center-crop"`` takes timm's evaluation crop.
+    """
+    return Preprocess.for_model(model, fit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -10,6 +11,7 @@ import torch
 
 from ..arch.base import Adapter
 from ..capture import BlockView, Needs
+from ..errors import OptionError, UnknownOptionError
 from ..relevance import head_mean, mask_padding
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "PassMethod",
     "PassResult",
     "applicable_methods",
+    "describe_methods",
     "get_method",
     "list_methods",
     "register",
@@ -46,6 +49,28 @@ def register(name: str) -> Callable[[M], M]:
 def list_methods() -> list[str]:
     """Names of all registered methods, sorted."""
     return sorted(_REGISTRY)
+
+
+def describe_methods() -> str:
+    """What ``lnstd methods`` prints: each method's first docstring line, then its options (default,
+    per-family defaults, choices, help), as plain text."""
+    names = list_methods()
+    width = max(len(n) for n in names)
+    lines = []
+    for name in names:
+        cls = get_method(name)
+        lines.append(f"{name:{width}s} {_plain((cls.__doc__ or '').strip().splitlines()[0])}")
+        for o in cls.options:
+            fam = ", ".join(f"{k}: {v!r}" for k, v in o.family_defaults.items())
+            fam = f" ({fam})" if fam else ""
+            choices = f" [{' | '.join(map(str, o.choices))}]" if o.choices else ""
+            lines.append(f"{'':4s}{o.name}={o.default!r}{fam}{choices}: {_plain(o.help)}")
+    return "\n".join(lines)
+
+
+def _plain(text: str) -> str:
+    """Docstring markup (reStructuredText roles and literals) as the plain text a terminal shows."""
+    return re.sub(r":\w+:`~?([^`]*)`", r"\1", text).replace("``", "").replace("`", "")
 
 
 def get_method(name: str) -> type[Method]:
@@ -78,7 +103,7 @@ def resolve_blocks(blocks: str | int, num_blocks: int) -> list[int]:
     if blocks == "all":
         return list(range(num_blocks))
     if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= num_blocks:
-        raise ValueError(f"blocks must be 'all' or an int in 1..{num_blocks}, got {blocks!r}")
+        raise OptionError("blocks", f"blocks must be 'all' or an int in 1..{num_blocks}, got {blocks!r}")
     return list(range(num_blocks - blocks, num_blocks))
 
 
@@ -105,13 +130,11 @@ class Option:
 
     def check(self, value: Any) -> Any:
         if self.choices is not None and value not in self.choices:
-            raise ValueError(f"{self.name} must be one of {self.choices}, got {value!r}")
+            raise OptionError(self.name, f"{self.name} must be one of {self.choices}, got {value!r}")
         return value
 
 
-BLOCKS = Option(
-    "blocks", "all", help="'all' or k: the chain runs over the last k blocks (gradients stop there)"
-)
+BLOCKS = Option("blocks", "all", help="'all' or k: the chain runs over the last k blocks only")
 
 
 class Method:
@@ -125,14 +148,14 @@ class Method:
     needs_gradient: ClassVar[bool] = False
 
     def __init__(self, adapter: Adapter, **options: Any) -> None:
-        adapter.check_method(self.name)
         self.adapter = adapter
         declared = {o.name: o for o in self.options}
         unknown = set(options) - set(declared)
         if unknown:
-            raise TypeError(
+            raise UnknownOptionError(
+                sorted(unknown)[0],
                 f"{self.name}: unknown option {sorted(unknown)[0]!r}; its options are: "
-                f"{', '.join(declared) or 'none'}"
+                f"{', '.join(declared) or 'none'}",
             )
         self.config: dict[str, Any] = {}
         for name, opt in declared.items():

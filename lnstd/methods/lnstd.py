@@ -6,14 +6,11 @@ import torch
 
 from ..arch.base import Adapter
 from ..capture import BlockView, Needs
+from ..choices import BASES, NORMALIZE_MODES, STD_MODES
 from ..relevance import normalize
 from .base import BLOCKS, ChainMethod, Option, register
 
 __all__ = ["LNStd"]
-
-STD_MODES = ("inverse", "multiply", "none")
-NORMALIZE_MODES = ("matrix", "row", "none")
-BASES = ("gae", "transformer_attribution")
 
 
 @register("lnstd")

@@ -8,13 +8,13 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from ..evaluate import Batch
-from ..models import input_size
-from .decode import decode_mask
-from .preprocess import Preprocess
-from .sources import IMAGE_EXTENSIONS, open_source, read_mat_sample
-from .toy import toy_batch
+from .data.decode import decode_mask
+from .data.preprocess import Preprocess, input_size
+from .data.sources import IMAGE_EXTENSIONS, open_source, read_mat_sample
+from .data.toy import toy_batch
+from .errors import UsageError
+from .evaluate import Batch
+from .train import toy_tensors
 
 __all__ = ["TOY_EVAL_SEED", "dataset_batches"]
 
@@ -54,8 +54,6 @@ def dataset_batches(
     kind, _, path = spec.partition(":")
     size = input_size(model)
     if kind == "toy":
-        from ..train import toy_tensors
-
         count = n or 500
         images, masks, labels = toy_batch(count, seed, size=size[0])
 

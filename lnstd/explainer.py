@@ -12,14 +12,16 @@ import torch
 from torch import nn
 
 from .arch import get_adapter
-from .arch.base import UnsupportedModelError
-from .capture import CAPTURE_MODES, Needs, Session, restored
+from .arch.base import CaptureUnavailableError
+from .capture import Needs, Session, restored
+from .choices import CAPTURE_MODES, PRECISIONS, Capture, Precision
+from .errors import OptionError, UnknownOptionError
 from .methods import ChainMethod, Method, PassMethod, PassResult, get_method
 from .relevance import ChainRunner
 
-__all__ = ["PRECISIONS", "Explainer", "Explanation", "explain", "split_options"]
+__all__ = ["Explainer", "Explanation", "explain", "split_options"]
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES: dict[Precision, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -105,25 +107,58 @@ def _targets(target: int | torch.Tensor | None, logits: torch.Tensor) -> torch.T
     return t
 
 
+def _chain_feeder(clock: _Clock, runners: dict[str, ChainRunner], attention: Any) -> Callable[[Any], None]:
+    """The backward pass's per-block callback: each chain method's step, timed as its own; what a
+    block view computes once for several methods (its attention, shared matrices) is the shared
+    pass's time."""
+
+    def feed(view: Any) -> None:
+        if view.index in attention:
+            view.attention  # noqa: B018 (computed and cached here)
+        clock.charge(None)
+        make_shared, current = view.shared, [None]
+
+        def shared(key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+            if key in view.cache:
+                return view.cache[key]
+            clock.charge(current[0])
+            value = make_shared(key, make)
+            clock.charge(None)
+            return value
+
+        view.shared = shared
+        try:
+            for name, runner in runners.items():
+                current[0] = name
+                runner.feed(view)
+                clock.charge(name)
+        finally:
+            del view.shared  # no reference cycle: the block's matrices go with it
+
+    return feed
+
+
 def split_options(methods: Sequence[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Route options to methods: ``name=value`` goes to every listed method that declares ``name``,
-    ``method.name=value`` to that method only. Raises TypeError naming an option nobody takes."""
+    ``method.name=value`` to that method only. Raises UnknownOptionError (a TypeError) naming an
+    option nobody takes."""
     per: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for key, value in options.items():
         method, dot, name = key.rpartition(".")
         if dot:
             if method not in per:
-                raise TypeError(
-                    f"option {key!r} is for method {method!r}, which is not among {list(methods)}"
+                raise UnknownOptionError(
+                    key, f"option {key!r} is for method {method!r}, which is not among {list(methods)}"
                 )
             per[method][name] = value
             continue
         takers = [m for m in methods if any(o.name == key for o in get_method(m).options)]
         if not takers:
             offered = sorted({o.name for m in methods for o in get_method(m).options})
-            raise TypeError(
+            raise UnknownOptionError(
+                key,
                 f"unknown option {key!r} for {', '.join(methods)}; their options are: "
-                f"{', '.join(offered) or 'none'} (and precision, capture)"
+                f"{', '.join(offered) or 'none'} (and precision, capture)",
             )
         for m in takers:
             per[m][key] = value
@@ -161,12 +196,12 @@ class Explainer:
         self,
         model: nn.Module,
         methods: Sequence[str] = ("lnstd",),
-        precision: str = "fp32",
-        capture: str | None = None,
+        precision: Precision = "fp32",
+        capture: Capture | None = None,
         **options: Any,
     ) -> None:
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+            raise OptionError("precision", f"precision must be one of {PRECISIONS}, got {precision!r}")
         if isinstance(methods, str):
             methods = [methods]
         if not methods:
@@ -181,11 +216,12 @@ class Explainer:
         self.model = model = self._hf.model if self._hf is not None else model
         self.adapter = get_adapter(model)
         if capture is not None and capture not in CAPTURE_MODES:
-            raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
+            raise OptionError("capture", f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
         elif capture == "fused" and not self.adapter.supports_fused_capture():
-            raise UnsupportedModelError(
+            raise CaptureUnavailableError(
+                "capture",
                 f"capture='fused' is not available for {type(model).__name__} (its attention cannot be "
-                "rebuilt exactly from q and k); use capture='unfused'"
+                "rebuilt exactly from q and k); use capture='unfused'",
             )
         self.capture_request = capture
         self.precision = precision
@@ -229,8 +265,51 @@ class Explainer:
         return {name: dict(m.config) for name, m in self.methods.items()}
 
     def _autocast(self, device: torch.device) -> Callable[[], Any]:
-        dtype = PRECISIONS[self.precision]
+        dtype = _DTYPES[self.precision]
         return lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def _shared_pass(
+        self,
+        images: torch.Tensor,
+        target: int | torch.Tensor | None,
+        clock: _Clock,
+        autocast: Callable[[], Any],
+        heatmaps: dict[str, torch.Tensor],
+        complete: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared forward and backward pass: the maps (and completeness) of every method that is
+        not a PassMethod go into ``heatmaps`` and ``complete``; returns (logits, targets)."""
+        capture = self.capture_for(images.device)
+        with Session(self.model, self.adapter, self._needs, capture) as session:
+            session.batch = images.shape[0]
+            if session.walk is not None:  # the LRP relevance walk serves only the methods that need it
+                users = [n for n, m in self._shared.items() if m.needs().relevance]
+                session.walk.step = clock.timed(session.walk.step, users)  # type: ignore[method-assign]
+            with torch.set_grad_enabled(self._needs.grad_from is not None), autocast():
+                logits = self.model(images)
+            logits = logits.float()
+            targets = _targets(target, logits.detach())
+            # one runner per chain, so that each chain's per-block steps are timed as its own
+            runners = {n: ChainRunner(self.adapter, {n: m}) for n, m in self._chains.items()}
+
+            feed = _chain_feeder(clock, runners, self._needs.attention)
+
+            score = logits.gather(1, targets[:, None]).sum() if self._needs.grad_from is not None else None
+            with torch.no_grad():
+                feature_grads = session.backward(score, feed, targets)
+                result = PassResult(self.adapter, images.shape[0], session.features, feature_grads)
+                if session.walk is not None:
+                    result.relevance_totals = session.walk.patch_totals
+                explained = logits.detach().gather(1, targets[:, None])[:, 0]
+                clock.charge(None)
+                for name, m in self._shared.items():
+                    heat = runners[name].heatmap(name) if name in runners else m.compute(result)
+                    heatmaps[name] = heat.float()
+                    c = m.completeness(heatmaps[name], explained, result)
+                    if c is not None:
+                        complete[name] = c.float()
+                    clock.charge(name)
+        return logits, targets
 
     def __call__(self, images: torch.Tensor, target: int | torch.Tensor | None = None) -> Explanation:
         """Explain a batch of normalised images (B, 3, H, W); ``target`` as in :func:`explain`."""
@@ -247,60 +326,7 @@ class Explainer:
         heatmaps: dict[str, torch.Tensor] = {}
         complete: dict[str, torch.Tensor] = {}
         if self._shared:
-            capture = self.capture_for(images.device)
-            with Session(self.model, self.adapter, self._needs, capture) as session:
-                session.batch = images.shape[0]
-                if session.walk is not None:  # the LRP relevance walk serves only the methods that need it
-                    users = [n for n, m in self._shared.items() if m.needs().relevance]
-                    session.walk.step = clock.timed(session.walk.step, users)  # type: ignore[method-assign]
-                with torch.set_grad_enabled(self._needs.grad_from is not None), autocast():
-                    logits = self.model(images)
-                logits = logits.float()
-                targets = _targets(target, logits.detach())
-                # one runner per chain, so that each chain's per-block steps are timed as its own
-                runners = {n: ChainRunner(self.adapter, {n: m}) for n, m in self._chains.items()}
-
-                def feed(view: Any) -> None:
-                    # what the view computes once for several methods is the shared pass's time
-                    if view.index in self._needs.attention:
-                        view.attention  # noqa: B018 (computed and cached here)
-                    clock.charge(None)
-                    make_shared, current = view.shared, [None]
-
-                    def shared(key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-                        if key in view.cache:
-                            return view.cache[key]
-                        clock.charge(current[0])
-                        value = make_shared(key, make)
-                        clock.charge(None)
-                        return value
-
-                    view.shared = shared
-                    try:
-                        for name, runner in runners.items():
-                            current[0] = name
-                            runner.feed(view)
-                            clock.charge(name)
-                    finally:
-                        del view.shared  # no reference cycle: the block's matrices go with it
-
-                score = (
-                    logits.gather(1, targets[:, None]).sum() if self._needs.grad_from is not None else None
-                )
-                with torch.no_grad():
-                    feature_grads = session.backward(score, feed, targets)
-                    result = PassResult(self.adapter, images.shape[0], session.features, feature_grads)
-                    if session.walk is not None:
-                        result.relevance_totals = session.walk.patch_totals
-                    explained = logits.detach().gather(1, targets[:, None])[:, 0]
-                    clock.charge(None)
-                    for name, m in self._shared.items():
-                        heat = runners[name].heatmap(name) if name in runners else m.compute(result)
-                        heatmaps[name] = heat.float()
-                        c = m.completeness(heatmaps[name], explained, result)
-                        if c is not None:
-                            complete[name] = c.float()
-                        clock.charge(name)
+            logits, targets = self._shared_pass(images, target, clock, autocast, heatmaps, complete)
         else:
             with restored(self.model, self.adapter, unfused=False), torch.no_grad(), autocast():
                 logits = self.model(images).float()
