@@ -328,6 +328,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
         f"{plural(c['images'], 'image')} ({c['ok_images']} ok, {plural(c['error_images'], 'error')}), "
         f"{plural(c['rows'], 'row')}, {plural(c['shards'], 'shard')}, "
         f"{plural(len(c['methods']), 'method')}: {', '.join(c['methods'])}"
+        + ("" if c["complete"] else " (partial: no _SUCCESS; a run is writing this output or did not finish)")
     )
     for e in c["errors"][:5]:
         print(f"  {plural(e['images'], 'image')}: {e['error']}")

@@ -3,6 +3,7 @@ and it never imports torch (its memory is the rows' columns it needs, not a mode
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import subprocess
@@ -131,5 +132,11 @@ def test_the_counts_say_whether_the_totals_are_partial(tmp_path):
     out = tmp_path / "out"
     _write_output(out, parts=1, per_part=10)
     assert aggregate(str(out), write=False)["counts"]["complete"] is False
+    from lnstd.cli import main
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert main(["aggregate", str(out)]) == 0
+    assert "(partial: no _SUCCESS;" in text.getvalue().splitlines()[0]
     (out / "_SUCCESS").write_bytes(b"")
     assert aggregate(str(out), write=False)["counts"]["complete"] is True
