@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CHROMIUM = "/usr/bin/chromium"
+# Debian's /usr/bin/chromium is a shell wrapper; its /etc/chromium.d/dev-shm reads
+# `findmnt -bnr -o avail -T /dev/shm` into `[ $shm_avail -lt ... ]`, which breaks (`[: unexpected
+# operator`, on every launch) where /dev/shm is mounted twice (containers): findmnt prints two lines.
+# The wrapper adds nothing headless Playwright needs (Playwright passes --disable-dev-shm-usage
+# itself), so the browser binary is launched directly; the wrapper only where the binary is elsewhere.
+CHROMIUM = next(
+    (p for p in ("/usr/lib/chromium/chromium", "/usr/bin/chromium") if os.access(p, os.X_OK)),
+    "/usr/bin/chromium",
+)
 FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
