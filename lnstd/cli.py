@@ -145,6 +145,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--target", default="predicted", help="predicted | label | topk:K")
     p.add_argument("--fit", choices=["resize", "center-crop"], default="resize")
     p.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="where JPEGs are decoded")
+    _add_max_image_pixels(p)
     p.add_argument("--save-png", action=argparse.BooleanOptionalAction, default=False,
                    help="add pixel-size PNG heatmaps over the original image")  # fmt: skip
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
@@ -169,6 +170,12 @@ def _add_run(sub: Any) -> None:
     )  # read by expand_specs before parsing; kept here for --help
     _common(p)
     p.set_defaults(func=_cmd_run)
+
+
+def _add_max_image_pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse larger pictures (width x height), as a guard against decompression bombs "
+                   "(default: Pillow's, 89,478,485)")  # fmt: skip
 
 
 def _demo(args: argparse.Namespace) -> tuple[str, str, str, list[tuple[str, Any]]]:
@@ -224,6 +231,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         fit=args.fit,
         decode=args.decode,
         save_png=args.save_png,
+        max_image_pixels=args.max_image_pixels,
         overwrite=args.overwrite,
         refresh_input=args.refresh_input,
         dedupe=args.dedupe,
@@ -386,7 +394,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     methods = args.methods or applicable_methods(get_adapter(model))
     explainer = _explainer(Explainer, model, methods, precision=args.precision, capture=args.capture,
                            **dict(args.option))  # fmt: skip
-    prep = Preprocess.for_model(model, args.fit)
+    prep = Preprocess.for_model(model, args.fit, max_pixels=args.max_image_pixels)
     target = None if args.target == "predicted" else int(args.target)
     out_dir = os.path.join(args.out, _model_name(args))  # outputs of different models stay apart
     failed = 0
@@ -400,7 +408,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 # the pictures are drawn on the full-size image; decode again only if the model's
                 # input came from a reduced-scale (JPEG draft) decode
                 full = img.size == (geom.width, geom.height)
-                originals.append(img if full else prep.decode_full(data))
+                originals.append(img if full else prep.decode_full(data, prep.max_pixels))
                 pictures.append(img)
                 geoms.append(geom)
                 chunk.append((path, rel))
@@ -568,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the PNGs (one subfolder per model)")
     p.add_argument("--fit", choices=["resize", "center-crop"], default="resize")
     p.add_argument("--target", default="predicted", help="'predicted' or a class index")
+    _add_max_image_pixels(p)
     p.add_argument("--batch-size", type=int, default=16)
     _common(p)
     p.set_defaults(func=_cmd_explain)

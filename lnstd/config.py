@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lnstd.data.decode import MAX_IMAGE_PIXELS
 from lnstd.errors import UsageError
 
 __all__ = ["DECODERS", "RESULT_FIELDS", "RunConfig"]
@@ -28,6 +29,9 @@ RESULT_FIELDS = (
     "save_png",
 )
 DECODERS = ("cpu", "gpu")
+# Result fields added after outputs were first written: recorded only when not at their default, so
+# those outputs still resume (their identity has no such key).
+_LATER_FIELDS = {"max_image_pixels": MAX_IMAGE_PIXELS}
 
 
 def _absolute(uri: str) -> str:
@@ -62,6 +66,7 @@ class RunConfig:
     fit: str = "resize"
     decode: str = "cpu"
     save_png: bool = False
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # None given: this default
     overwrite: bool = False
     refresh_input: bool = False
     dedupe: bool = False
@@ -82,7 +87,9 @@ class RunConfig:
             raise UsageError(f"--target must be predicted, label or topk:K, got {self.target!r}")
         if self.target.startswith("topk:") and not (self.target[5:].isdigit() and int(self.target[5:]) > 0):
             raise UsageError(f"--target topk:K needs a positive integer K, got {self.target!r}")
-        for name in ("batch_size", "shard_size", "actors"):
+        if self.max_image_pixels is None:
+            self.max_image_pixels = MAX_IMAGE_PIXELS
+        for name in ("batch_size", "shard_size", "actors", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("gpus_per_actor", "cpus_per_actor"):
@@ -102,7 +109,8 @@ class RunConfig:
     def identity(self) -> dict[str, Any]:
         """The result-deciding fields (what resume compares)."""
         d = asdict(self)
-        return {k: d[k] for k in RESULT_FIELDS}
+        later = {k: d[k] for k, default in _LATER_FIELDS.items() if d[k] != default}
+        return {**{k: d[k] for k in RESULT_FIELDS}, **later}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -41,7 +41,7 @@ class Attributor:
             ``image_id`` and ``source``.
         label_column: optional integer labels (``target="label"``, ``correct``).
         checkpoint, pretrained, model_args, options, precision, capture, target, fit, save_png,
-        s3_endpoint: as the flags of ``lnstd run``.
+        s3_endpoint, max_image_pixels: as the flags of ``lnstd run``.
 
     ``__call__`` never raises for one bad picture: it becomes that picture's error rows
     (``status="error"``, the job's reasons). Rows have ``shard`` -1 (no shard plan).
@@ -64,6 +64,7 @@ class Attributor:
         fit: str = "resize",
         save_png: bool = False,
         s3_endpoint: str | None = None,
+        max_image_pixels: int | None = None,
     ) -> None:
         from .config import RunConfig
 
@@ -72,7 +73,8 @@ class Attributor:
             input=_NOWHERE, output=_NOWHERE + "rows", model=model, methods=list(methods),
             checkpoint=checkpoint, pretrained=pretrained, model_args=dict(model_args or {}),
             options=dict(options or {}), precision=precision, capture=capture, target=target, fit=fit,
-            save_png=save_png, s3_endpoint=s3_endpoint, gpus_per_actor=float(torch.cuda.is_available()),
+            save_png=save_png, s3_endpoint=s3_endpoint, max_image_pixels=max_image_pixels,
+            gpus_per_actor=float(torch.cuda.is_available()),
             cpus_per_actor=_assigned_cpus(),
         )  # fmt: skip
         self.rows = RowBuilder(cfg, run_id="")
