@@ -106,6 +106,7 @@ def validate(cfg: RunConfig, opts: storage.StorageOptions) -> Source:
     check_output(cfg.output, opts)
     source = open_source(cfg.input, opts)
     source.check()
+    cfg.record_weights()
     return source
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import LnstdError, UsageError, one_line
+from .errors import LnstdError, UsageError, one_line, one_line_warnings
 
 __all__ = ["build_parser", "main"]
 
@@ -241,7 +241,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         fail_on_errors=args.fail_on_errors,
     )
-    from .report import RANDOM_WEIGHTS, random_weights
 
     def report(manifest: dict[str, Any], lease: Any) -> None:
         """The report page, written under the run's lease (its fence guards the write)."""
@@ -259,8 +258,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with native_output_to_log(args.verbose):
         # a rerun with nothing to do keeps the real run's report (run() does not call finish then)
         manifest = run(cfg, progress=args.progress, finish=report if args.report else None)
-        if random_weights({"checkpoint": cfg.checkpoint, "pretrained": cfg.pretrained}):
-            print(f"lnstd: warning: {RANDOM_WEIGHTS}", file=sys.stderr)
     counts = manifest["counts"]
     return 1 if counts["shards_failed"] or (args.fail_on_errors and counts["errors"]) else 0
 
@@ -379,6 +376,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from .methods import applicable_methods
     from .storage import list_files
     from .viz import overlay, strip
+    from .weights import weights_of
 
     files: list[tuple[str, str]] = []  # (path, name relative to its argument)
     for arg in args.images:
@@ -389,6 +387,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         else:
             raise UsageError(f"no such image or folder: {arg}")
     files = _output_stems(files)
+    weights_of(args.model, args.checkpoint, args.pretrained, digest=False)  # random weights: said now
     torch.manual_seed(0)
     model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
     methods = args.methods or applicable_methods(get_adapter(model))
@@ -705,6 +704,11 @@ def _end_progress_bars() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lnstd`` console script and ``python -m lnstd``."""
+    with one_line_warnings():  # the project's warnings: `lnstd: warning: ...`, one line
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     show = "--traceback" in raw or "-v" in raw or "--verbose" in raw
     try:

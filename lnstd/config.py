@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lnstd.data.decode import MAX_IMAGE_PIXELS
 from lnstd.errors import UsageError
+from lnstd.weights import sha256_of, weights_of
 
 __all__ = ["DECODERS", "RESULT_FIELDS", "RunConfig"]
 
@@ -75,6 +75,9 @@ class RunConfig:
     startup_timeout: float = 600.0
     verbose: bool = False
     fail_on_errors: bool = False
+    # Where the weights came from and their digest (lnstd.weights.Weights.to_dict()), set by the job's
+    # validation; recorded, not compared (checkpoint_sha256 is).
+    weights: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.input = _absolute(self.input)
@@ -82,7 +85,7 @@ class RunConfig:
         if self.checkpoint:
             self.checkpoint = os.path.abspath(self.checkpoint)
         if self.checkpoint and not self.checkpoint_sha256 and os.path.exists(self.checkpoint):
-            self.checkpoint_sha256 = _sha256(self.checkpoint)
+            self.checkpoint_sha256 = sha256_of(self.checkpoint)
         if self.target != "predicted" and self.target != "label" and not self.target.startswith("topk:"):
             raise UsageError(f"--target must be predicted, label or topk:K, got {self.target!r}")
         if self.target.startswith("topk:") and not (self.target[5:].isdigit() and int(self.target[5:]) > 0):
@@ -112,21 +115,11 @@ class RunConfig:
         later = {k: d[k] for k, default in _LATER_FIELDS.items() if d[k] != default}
         return {**{k: d[k] for k in RESULT_FIELDS}, **later}
 
+    def record_weights(self) -> None:
+        """Set ``weights``: their source and digest (downloading hub or timm weights into the local
+        cache if they are not there). Random weights are said now, once (a RandomWeightsWarning)."""
+        w = weights_of(self.model, self.checkpoint, self.pretrained, known_sha256=self.checkpoint_sha256)
+        self.weights = w.to_dict()
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _sha256(path: str) -> str:
-    """Digest of a checkpoint file, or of a folder's files (a Hugging Face ``save_pretrained`` folder:
-    their relative names and contents, in name order)."""
-    h = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, names in os.walk(path) for f in names
-    )  # fmt: skip
-    for name in files:
-        if name != path:
-            h.update(os.path.relpath(name, path).encode() + b"\0")
-        with open(name, "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()

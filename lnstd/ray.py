@@ -67,7 +67,9 @@ class Attributor:
         max_image_pixels: int | None = None,
     ) -> None:
         from .config import RunConfig
+        from .weights import weights_of
 
+        weights_of(model, checkpoint, pretrained, digest=False)  # random weights: a RandomWeightsWarning
         self.column, self.id_column, self.label_column = column, id_column, label_column
         cfg = RunConfig(
             input=_NOWHERE, output=_NOWHERE + "rows", model=model, methods=list(methods),

@@ -40,14 +40,13 @@ from .errors import OutputError
 from .metrics.mask import MASK_METRICS as MASK_COLUMNS
 from .metrics.registry import METRICS, column_metrics, higher_is_better
 from .viz import colorize, contour, overlay
+from .weights import RANDOM_WEIGHTS, Weights
 
 __all__ = [
     "MAP_SAMPLE",
-    "RANDOM_WEIGHTS",
     "agreement",
     "build_report",
     "concentration",
-    "random_weights",
     "write_report",
 ]
 
@@ -56,10 +55,6 @@ MAP_SAMPLE = 200  # images whose maps give the concentration and agreement figur
 FAILURES_SHOWN = 20
 TOP_SHARE = 0.1  # concentration: the share of a map's mass in its top 10% of tokens
 PER_IMAGE = ("probability", "correct")  # the model's values: the same under every method
-RANDOM_WEIGHTS = (
-    "random weights: the model had no --checkpoint and no --pretrained weights, so its predictions are "
-    "chance and the maps explain an untrained network"
-)
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;padding:0 16px;
 color:#222;max-width:1400px;overflow-wrap:anywhere}
@@ -160,13 +155,6 @@ def _load_thumb(source: str, opts: storage.StorageOptions) -> Image.Image | None
     except (OSError, ValueError):
         return None
     return img.resize(_thumb_size(*img.size), Image.BILINEAR)
-
-
-def random_weights(config: dict[str, Any]) -> bool:
-    """True when a run's configuration (``_manifest.json``'s ``config``, or ``run.json``'s identity,
-    which holds the checkpoint's digest) loaded no weights: neither a checkpoint nor pretrained ones."""
-    known = "pretrained" in config and ("checkpoint" in config or "checkpoint_sha256" in config)
-    return known and not any(config.get(k) for k in ("pretrained", "checkpoint", "checkpoint_sha256"))
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -350,16 +338,12 @@ def build_report(
         f"<p class='muted'>run {_esc(manifest.get('run_id', '?'))}, generated "
         f"{_esc(dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))}</p>"
     )
-    if random_weights(config):
+    weights = Weights.from_config(config)
+    if weights is not None and weights.random:
         out.append(f"<div class='banner' id='random-weights'>{_esc(RANDOM_WEIGHTS)}</div>")
 
     out.append("<h2>Run</h2>")
-    weights = (
-        f"checkpoint {config['checkpoint']}"
-        if config.get("checkpoint")
-        else ("timm's pretrained weights" if config.get("pretrained") else "random (none loaded)")
-    )
-    key = [("model", config.get("model", "?")), ("weights", weights),
+    key = [("model", config.get("model", "?")), ("weights", weights.describe() if weights else "?"),
            ("methods", ", ".join(counts["methods"])), ("input", config.get("input", "?"))]  # fmt: skip
     out.append(_table([], [[f"<td class='k'>{_esc(k)}</td>", f"<td class='k'>{_esc(v)}</td>"]
                                  for k, v in key], "run"))  # fmt: skip

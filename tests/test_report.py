@@ -296,14 +296,3 @@ def test_mask_contour_width():
     green = np.all(arr == [0, 255, 128], axis=-1)
     assert green.sum() == 20 * 20 - 16 * 16  # a 2-pixel ring inside the 20 x 20 square
     assert green[10, 10] and green[11, 11] and not green[12, 12] and not green[9, 9]
-
-
-def test_random_weights_is_read_from_the_manifest_or_the_run_identity():
-    from lnstd.report import random_weights
-
-    assert random_weights({"pretrained": False, "checkpoint": None})
-    assert not random_weights({"pretrained": True, "checkpoint": None})
-    assert not random_weights({"pretrained": False, "checkpoint": "/w/toy_vit.safetensors"})
-    assert not random_weights({"pretrained": False, "checkpoint_sha256": "a0cc80"})  # run.json's identity
-    assert random_weights({"pretrained": False, "checkpoint_sha256": None})
-    assert not random_weights({})  # nothing known: no banner
