@@ -25,7 +25,14 @@ RANDOM_WEIGHTS = (
     "chance and the maps explain an untrained network"
 )
 SOURCES = ("checkpoint", "hf-folder", "hf-hub", "timm-pretrained", "random")
-_HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm and transformers look for
+# What timm and transformers look for; a sharded checkpoint's index names its shards (with the
+# revision's commit, the index pins them).
+_HUB_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 
 
 class RandomWeightsWarning(LnstdWarning):
