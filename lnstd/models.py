@@ -12,7 +12,15 @@ from torch import nn
 
 from .errors import ModelError, one_line
 
-__all__ = ["check_model", "check_pretrained", "input_size", "load_checkpoint", "load_model", "transform_for"]
+__all__ = [
+    "check_model",
+    "check_pretrained",
+    "class_names",
+    "input_size",
+    "load_checkpoint",
+    "load_model",
+    "transform_for",
+]
 
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
@@ -68,6 +76,29 @@ def checkpoint_config(checkpoint: str | Path) -> dict[str, Any]:
 
     side = Path(checkpoint).with_suffix(".json")
     return json.loads(side.read_text()) if side.is_file() else {}
+
+
+def class_names(model: str | None, checkpoint: str | Path | None = None) -> list[str] | None:
+    """The names of a model's classes, by index, where its files give them: the ``classes`` of a
+    checkpoint's JSON (as ``lnstd train-toy`` writes), or the ``id2label`` of a Hugging Face folder's
+    ``config.json`` (not its ``LABEL_k`` placeholders). None otherwise, or when unreadable."""
+    import json
+    import re
+
+    name = str(model or "")
+    try:
+        if name.startswith("hf:"):
+            folder = Path(checkpoint) if checkpoint else Path(name[3:])
+            labels = json.loads((folder / "config.json").read_text()).get("id2label") or {}
+            names = [str(labels[k]) for k in sorted(labels, key=int)]
+            generic = all(re.fullmatch(r"LABEL_\d+", n) for n in names)
+            return names if names and not generic and len(names) == len(labels) else None
+        if checkpoint is not None and Path(checkpoint).is_file():
+            classes = checkpoint_config(checkpoint).get("classes")
+            return [str(c) for c in classes] if isinstance(classes, list) and classes else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return None
 
 
 def load_model(
