@@ -53,6 +53,7 @@ from lnstd.errors import (
     UsageError,
 )
 from lnstd.sysinfo import peak_rss_mb
+from lnstd.weights import say_if_random
 
 from .lease import Lease
 from .plan import Plan
@@ -546,6 +547,7 @@ def run(
                 return done
         if committed:
             _log(f"resuming: {len(committed)} of {plan.shards} shards already committed")
+        say_if_random(cfg.weights)  # once, after the refusals (each one line), before Ray starts
         manifest = _attribute(
             cfg, opts, run_id, plan, source, lease, committed, prior, resumed, t_start, progress
         )

@@ -117,8 +117,11 @@ class RunConfig:
 
     def record_weights(self) -> None:
         """Set ``weights``: their source and digest (downloading hub or timm weights into the local
-        cache if they are not there). Random weights are said now, once (a RandomWeightsWarning)."""
-        w = weights_of(self.model, self.checkpoint, self.pretrained, known_sha256=self.checkpoint_sha256)
+        cache if they are not there). Random weights are not said here: the job says them once its
+        refusals are behind it (:func:`lnstd.weights.say_if_random`), so that a refusal stays one line."""
+        w = weights_of(
+            self.model, self.checkpoint, self.pretrained, warn=False, known_sha256=self.checkpoint_sha256
+        )
         self.weights = w.to_dict()
 
     def to_dict(self) -> dict[str, Any]:

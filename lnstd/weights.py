@@ -18,7 +18,15 @@ from typing import Any
 
 from .errors import LnstdWarning, ModelError, one_line
 
-__all__ = ["RANDOM_WEIGHTS", "RandomWeightsWarning", "Weights", "pretrained_file", "sha256_of", "weights_of"]
+__all__ = [
+    "RANDOM_WEIGHTS",
+    "RandomWeightsWarning",
+    "Weights",
+    "pretrained_file",
+    "say_if_random",
+    "sha256_of",
+    "weights_of",
+]
 
 RANDOM_WEIGHTS = (
     "random weights: the model had no --checkpoint and no --pretrained weights, so its predictions are "
@@ -115,15 +123,25 @@ def weights_of(
     elif pretrained:
         w = Weights("timm-pretrained", name)
     else:
+        w = Weights("random")
         if warn:
-            warnings.warn(RANDOM_WEIGHTS, RandomWeightsWarning, stacklevel=2)
-        return Weights("random")
+            say_if_random(w)
+        return w
     if not digest or w.sha256:
         return w
     if w.source in ("checkpoint", "hf-folder"):
         return Weights(w.source, w.location, sha256_of(str(w.location)))
     path, tag = _hub_weights(w.location or "") if w.source == "hf-hub" else pretrained_file(name, fetch=True)
     return Weights(w.source, tag, sha256_of(path))
+
+
+def say_if_random(weights: Weights | dict[str, Any] | None) -> None:
+    """Warn (:class:`RandomWeightsWarning`) when ``weights`` (a :class:`Weights` or its
+    ``to_dict()``, as a run's configuration records it) are random; nothing otherwise."""
+    if isinstance(weights, dict):
+        weights = Weights(**weights)
+    if weights is not None and weights.random:
+        warnings.warn(RANDOM_WEIGHTS, RandomWeightsWarning, stacklevel=2)
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
