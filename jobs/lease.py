@@ -4,8 +4,9 @@ A run claims ``_lnstd/lease.json`` before it writes anything else and renews its
 works. The lease carries the holder's random token and a **generation** (a fencing token): 1 for the
 first lease of an output, one more at every claim after it. The lease object is never deleted: a
 release leaves a tombstone (``released``) that keeps the generation, so generations only grow.
-A lease whose heartbeat is older than its time-to-live (a crashed or killed run; on the same host
-also one whose process is gone), or a tombstone, may be claimed by the next run.
+A lease whose heartbeat is older than its time-to-live (a crashed or killed run), or a tombstone,
+may be claimed by the next run. On the holder's own host its process decides first (:meth:`Holder.alive`):
+gone, the lease is free at once; running, it is held whatever the reader's clock says.
 ``--overwrite`` never breaks a live lease.
 
 What each store guarantees:
@@ -46,16 +47,18 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lnstd import output as layout
 from lnstd import storage
-from lnstd.errors import LeaseLostError, OutputLockedError
+from lnstd.errors import LeaseLostError, OutputError, OutputLockedError
+from lnstd.output import LEASE, LEASE_LOCK, Output, not_a_file
 
 __all__ = ["Holder", "Lease", "LeaseLostError"]
 
 
 @dataclass
 class Holder:
-    """Who holds (or held) a lease."""
+    """Who holds (or held) a lease. ``process`` names the holder's process on its host beyond its
+    pid (:func:`_process_id`: boot id and start time), so a later process that reuses the pid is
+    not taken for it; empty in leases written before it was recorded."""
 
     token: str
     host: str
@@ -66,20 +69,26 @@ class Holder:
     run_id: str = ""
     generation: int = 0
     released: bool = False
+    process: str = ""
 
     def alive(self, now: float | None = None) -> bool:
-        """Not released, heartbeat within its time-to-live, and (on this host) the process exists."""
-        now = time.time() if now is None else now
-        if self.released or now - self.heartbeat > self.ttl:
+        """Whether the lease is held. Not when released. On this host the holder's process decides
+        first: gone (or its pid reused), the lease is free at once; another process that runs holds
+        it whatever the heartbeat's age says, since the reader's clock may be ahead of the holder's.
+        Otherwise the heartbeat decides, held while within its time-to-live of ``now``: another
+        host; a paused process (which may be taken over); a lease without a process id; and this
+        very process (one clock, so the age is exact, and that it runs says nothing of a lease
+        in it that stopped renewing)."""
+        if self.released:
             return False
         if self.host == socket.gethostname():
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
+            state = _process_state(self.pid, self.process)
+            if state == "gone":
                 return False
-            except PermissionError:
-                pass  # exists, owned by someone else
-        return True
+            if state == "running" and self.pid != os.getpid():
+                return True
+        now = time.time() if now is None else now
+        return now - self.heartbeat <= self.ttl
 
     def describe(self) -> str:
         since = dt.datetime.fromtimestamp(self.since).strftime("%Y-%m-%d %H:%M:%S")
@@ -91,36 +100,33 @@ class Lease:
     """Claim, renew, verify and release the lease of one output.
 
     Args:
-        output: the run's output (local folder or s3:// prefix).
-        opts: storage options.
+        out: the run's output (local folder or s3:// prefix).
         ttl: seconds without a heartbeat after which the lease counts as abandoned.
         run_id: recorded in the lease for whoever reads it.
     """
 
-    def __init__(
-        self, output: str, opts: storage.StorageOptions, ttl: float = 60.0, run_id: str = ""
-    ) -> None:
-        self.uri = layout.uri(output, layout.LEASE)
-        self.output = output
-        self.opts = opts
+    def __init__(self, out: Output, ttl: float = 60.0, run_id: str = "") -> None:
+        self.out = out
+        self.uri = out.path(LEASE)
+        self.output = out.uri
+        self.opts = out.opts
         self.ttl = ttl
-        self.me = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), 0.0, 0.0, ttl, run_id)
+        self.me = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), 0.0, 0.0, ttl, run_id,
+                         process=_process_id(os.getpid()))  # fmt: skip
         self.lost = threading.Event()
         self._etag: str | None = None
         self._written = 0.0  # when our last write of the lease was acknowledged (S3)
         self._mu = threading.Lock()  # one lease operation at a time in this process
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._s3 = storage.is_s3(output)
+        self._s3 = out.s3
         self._s3_client: Any = None
 
     @classmethod
-    def follow(
-        cls, output: str, opts: storage.StorageOptions, token: str, generation: int, ttl: float = 60.0
-    ) -> Lease:
+    def follow(cls, out: Output, token: str, generation: int, ttl: float = 60.0) -> Lease:
         """A view of a lease another process holds (e.g. an actor's view of its driver's lease):
         it never claims or renews, it only :meth:`verify` s and :meth:`fenced` s commits."""
-        lease = cls(output, opts, ttl=ttl)
+        lease = cls(out, ttl=ttl)
         lease.me.token, lease.me.generation = token, generation
         return lease
 
@@ -150,6 +156,8 @@ class Lease:
                 data = f.read()
         except FileNotFoundError:
             return None, None
+        except IsADirectoryError:
+            raise OutputError(not_a_file(self.uri)) from None
         holder = _parse(data)
         if holder is None:  # written by hand or by an old version, torn: judge it by its age
             age = time.time() - os.path.getmtime(path) if os.path.exists(path) else 0.0
@@ -161,12 +169,6 @@ class Lease:
         h, _ = self._read()
         return h if h is not None and h.alive() else None
 
-    def check(self) -> None:
-        """Raise if another run holds the output now."""
-        h = self.holder()
-        if h is not None and h.token != self.me.token:
-            raise OutputLockedError(_held(self.output, h))
-
     def _mine(self, h: Holder | None) -> bool:
         """``h`` was written by this run (a released lease included)."""
         return h is not None and h.token == self.me.token and h.generation == self.me.generation
@@ -174,6 +176,11 @@ class Lease:
     def _holds(self, h: Holder | None) -> bool:
         """``h`` says this run holds the lease."""
         return self._mine(h) and h is not None and not h.released
+
+    def name_run(self, run_id: str) -> None:
+        """Record the run's id in the lease (from its next heartbeat on), for whoever reads it."""
+        with self._mu:
+            self.me.run_id = run_id
 
     # --- claiming --------------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -340,9 +347,12 @@ class Lease:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """The lease's exclusive lock (local outputs): ``flock`` on ``_lnstd/lease.lock``."""
-        path = storage.resolve(layout.uri(self.output, layout.LEASE_LOCK), self.opts)[1]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.out.local_path(LEASE_LOCK)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except (IsADirectoryError, NotADirectoryError, FileExistsError):
+            raise OutputError(not_a_file(self.out.path(LEASE_LOCK))) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -357,6 +367,51 @@ class Lease:
         if self._s3_client is None:
             self._s3_client = storage.s3_client(self.opts)
         return self._s3_client, bucket, key
+
+
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (Linux), None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def _process_id(pid: int) -> str:
+    """``BOOT_ID/START`` for a process of this host: the kernel's boot id and the process's start
+    time in clock ticks since boot, which no later process with the same pid shares ("" where
+    there is no ``/proc``). Neither depends on the wall clock."""
+    fields = _stat(pid)
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        return ""
+    return f"{boot}/{int(fields[19])}" if fields is not None and len(fields) > 19 else ""
+
+
+def _process_state(pid: int, process: str) -> str:
+    """A holder's process on this host: "gone" (no such pid, a zombie, or a pid that a later
+    process reuses), "running" (the very process: its recorded id matches), "paused" (stopped by a
+    signal or a debugger) or "unknown" (no id recorded, or its ``/proc`` entry unreadable)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone"
+    except PermissionError:
+        pass  # exists, owned by someone else
+    fields = _stat(pid)
+    if fields is None:  # no /proc, or hidden (hidepid), or it exited since os.kill: the heartbeat says
+        return "unknown"
+    if fields[0] in (b"Z", b"X"):
+        return "gone"
+    if process and _process_id(pid) not in ("", process):
+        return "gone"  # the pid now names a later process
+    if fields[0] in (b"T", b"t"):
+        return "paused"
+    return "running" if process else "unknown"
 
 
 def _parse(data: bytes) -> Holder | None:

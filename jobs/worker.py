@@ -21,16 +21,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lnstd import output as layout
 from lnstd import storage
 from lnstd.config import RunConfig
 from lnstd.data import Item
 from lnstd.errors import ModelError
+from lnstd.output import SHARD_COUNTS, Output
+from lnstd.plan import Plan
 from lnstd.rows import Loaded, RowBuilder
 from lnstd.sysinfo import peak_rss_mb
 
 from .lease import Lease
-from .plan import Plan
+from .records import ReplicaInfo, ShardResult
 
 __all__ = ["ShardWorker"]
 
@@ -42,13 +43,12 @@ class ShardWorker(RowBuilder):
     def __init__(self, cfg: dict[str, Any], run_id: str, fence: tuple[str, int] | None = None) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         super().__init__(RunConfig(**cfg), run_id)
+        self.out = Output(self.cfg.output, self.opts)
         # The driver's lease, seen from here: a commit happens only while the driver's run holds it
         # (``fence``: its token and generation; None only for tests of the worker alone).
-        self.lease = (
-            Lease.follow(self.cfg.output, self.opts, fence[0], fence[1], ttl=self.cfg.lease_ttl)
-            if fence
-            else None
-        )
+        self.lease = Lease.follow(self.out, fence[0], fence[1], ttl=self.cfg.lease_ttl) if fence else None
+        if self.lease is not None:  # every write of this actor under its driver's fence
+            self.out.fence_with(self.lease.fenced, self.lease.generation, self.cfg.lease_ttl)
         self.plan: Plan | None = None  # read when the first shard comes (the driver commits it first)
         # Decoding threads sized to the actor's CPUs (PIL releases the GIL while it decodes/resizes).
         self.decoders = ThreadPoolExecutor(max(2, self.threads))
@@ -60,7 +60,7 @@ class ShardWorker(RowBuilder):
         except Exception:  # not inside Ray (tests of the worker alone)
             self.node_id = ""
 
-    def info(self, probe: str | None = None) -> dict[str, Any]:
+    def info(self, probe: str | None = None) -> ReplicaInfo:
         """Where this replica runs (the driver logs it), and whether its node sees the run's storage:
         ``cannot_see`` names what it cannot read (``probe``, a file the driver wrote under the
         output, or the input), else None."""
@@ -77,8 +77,9 @@ class ShardWorker(RowBuilder):
             import ray
 
             ip = ray.util.get_node_ip_address()
-        return {"pid": os.getpid(), "device": str(self.device), "grids": self.grids, "node_id": self.node_id,
-                "node_ip": ip or socket.gethostname(), "cannot_see": cannot_see}  # fmt: skip
+        return ReplicaInfo(
+            os.getpid(), str(self.device), self.node_id, ip or socket.gethostname(), cannot_see
+        )
 
     def _sees_input(self) -> bool:
         uri = self.cfg.input
@@ -99,16 +100,17 @@ class ShardWorker(RowBuilder):
             yield [f.result() for f in pending]
             pending = nxt
 
-    def process(self, shard: int) -> dict[str, Any]:
+    def process(self, shard: int) -> ShardResult:
         """Attribute one shard of the plan (its items read from the plan by this actor) and commit
         ``heatmaps/part-<shard>.parquet``; idempotent. Returns counts only."""
-        uri = layout.part_uri(self.cfg.output, shard)
+        uri = self.out.part(shard)
         if storage.exists(uri, self.opts):  # a retried call after the commit: nothing to redo
-            counts = layout.shard_counts(self.cfg.output, shard, self.opts)
-            return {"images": 0, "ok": 0, "errors": 0, **counts, "shard": shard, "skipped": True,
-                    "node_id": self.node_id}  # fmt: skip
+            footer = self.out.footer(shard)
+            c = footer.counts if footer else {}
+            return ShardResult(shard, c.get("images", 0), c.get("ok", 0), c.get("errors", 0), skipped=True,
+                               node_id=self.node_id)  # fmt: skip
         if self.plan is None:
-            self.plan = Plan.load(self.cfg.output, self.opts)
+            self.plan = Plan.load(self.out)
             if self.plan is None:
                 raise ModelError(f"{self.cfg.output} has no committed plan")
         items = self.plan.read_shard(shard)
@@ -122,20 +124,16 @@ class ShardWorker(RowBuilder):
         counts = {"images": len(items), "ok": len(items) - errors, "errors": errors}
         meta = {
             **table.schema.metadata,
-            layout.SHARD_COUNTS: json.dumps(counts).encode(),
+            SHARD_COUNTS: json.dumps(counts).encode(),
             b"lnstd.node_id": self.node_id.encode(),
+            b"lnstd.generation": str(self.out.generation).encode(),
         }
         buf = io.BytesIO()
         pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd")
-        with self.lease.fenced() if self.lease else contextlib.nullcontext():
-            # Under the fence: no takeover can interleave (local), or the lease was verified just
-            # before (S3); a part that another attempt committed meanwhile is kept, not replaced.
-            storage.write_new(uri, buf.getvalue(), self.opts)
-        return {
-            "shard": shard,
-            "skipped": False,
-            **counts,
-            "rows": table.num_rows,
-            "peak_rss_mb": peak_rss_mb(),
-            "node_id": self.node_id,
-        }
+        # Published under the driver's fence (Output.write): no takeover can interleave (local), or
+        # a delayed publication finds its staged source removed by the new holder (S3); a part that
+        # another attempt committed meanwhile is kept, not replaced.
+        self.out.write(uri, buf.getvalue(), create_only=True)
+        return ShardResult(
+            shard, **counts, rows=table.num_rows, peak_rss_mb=peak_rss_mb(), node_id=self.node_id
+        )

@@ -29,10 +29,10 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from . import output as layout
 from . import storage
 from .errors import OutputError
 from .metrics.registry import column_metrics, higher_is_better
+from .output import AGGREGATE, HEATMAPS, SHARD_COUNTS, Output
 
 __all__ = ["aggregate", "format_table", "heatmap_dataset", "plural"]
 
@@ -44,17 +44,15 @@ _UMAX = float(np.arcsinh(1e12))  # |x| up to 1e9
 
 def heatmap_dataset(output: str, opts: storage.StorageOptions) -> pads.Dataset:
     """The heatmap rows of a run's output as a pyarrow dataset; a clear error if there are none."""
-    uri = layout.uri(output, layout.HEATMAPS)
+    uri = Output(output, opts).path(HEATMAPS)
     fs, path = storage.resolve(uri, opts)
     if fs.get_file_info(path).type != storage.pafs.FileType.Directory and not storage.list_names(uri, opts):
         raise OutputError(
-            f"{output}: no lnstd output here (no {layout.HEATMAPS}/ folder); give the --output of a run"
+            f"{output}: no lnstd output here (no {HEATMAPS}/ folder); give the --output of a run"
         )
     ds = pads.dataset(path, filesystem=fs, format="parquet")
     if not ds.files:
-        raise OutputError(
-            f"{output}: the run has committed no shard yet (no {layout.HEATMAPS}/part-*.parquet)"
-        )
+        raise OutputError(f"{output}: the run has committed no shard yet (no {HEATMAPS}/part-*.parquet)")
     return ds
 
 
@@ -66,7 +64,7 @@ def _footers(ds: pads.Dataset) -> tuple[dict[str, int], bool]:
     for path in ds.files:
         with ds.filesystem.open_input_file(path) as f:
             meta = pq.read_metadata(f)
-        counts = json.loads((meta.metadata or {}).get(layout.SHARD_COUNTS, b"{}"))
+        counts = json.loads((meta.metadata or {}).get(SHARD_COUNTS, b"{}"))
         if not counts:
             t = pq.read_table(path, filesystem=ds.filesystem, columns=["image_id", "status"])
             ids = pc.unique(t["image_id"])
@@ -160,94 +158,113 @@ class _Groups:
         np.maximum.at(self.hi[:, k], gid, v)
 
 
-def aggregate(output: str, opts: storage.StorageOptions | None = None, write: bool = True) -> dict[str, Any]:
-    """Summarise a run's output and write ``_aggregate/`` next to it (CSV tables + counts.json);
-    ``write=False`` only reads (the report of a read-only output).
+class _Fold:
+    """The running figures of one pass over the rows: row counts and error reasons per method, and
+    per method and per (method, class) the moments and histograms of every metric column."""
 
-    Returns a dict with ``counts`` (dict), ``per_method`` and ``per_class`` (Arrow tables).
-    """
-    opts = opts or storage.StorageOptions.from_env()
-    ds = heatmap_dataset(output, opts)
-    names = set(ds.schema.names)
-    metrics = [m for m in column_metrics() if m in names]
-    images, labelled = _footers(ds)
-    class_col = "label" if labelled else "target"
-    k = len(metrics)
-    methods: dict[str, int] = {}
-    rows = np.zeros(0, np.int64)
-    reasons: dict[tuple[int, str], int] = {}
-    by_method, by_class = _Groups(k), _Groups(k)
-    hist = np.zeros((0, k, _BINS))
-    hsum = np.zeros((0, k, _BINS))
-    columns = ["method", "status", "error", class_col, *metrics]
-    for batch in _batches(ds, columns):
-        if batch.num_rows == 0:
-            continue
-        code = _codes(batch.column("method"), methods)
-        if len(methods) > len(rows):
-            rows = np.concatenate([rows, np.zeros(len(methods) - len(rows), np.int64)])
-            grow = len(methods) - len(hist)
-            hist = np.concatenate([hist, np.zeros((grow, k, _BINS))])
-            hsum = np.concatenate([hsum, np.zeros((grow, k, _BINS))])
-        rows += np.bincount(code, minlength=len(rows))
+    def __init__(self, metrics: list[str], class_col: str) -> None:
+        self.metrics, self.class_col, self.k = metrics, class_col, len(metrics)
+        self.methods: dict[str, int] = {}
+        self.rows = np.zeros(0, np.int64)
+        self.reasons: dict[tuple[int, str], int] = {}
+        self.by_method, self.by_class = _Groups(self.k), _Groups(self.k)
+        self.hist = np.zeros((0, self.k, _BINS))
+        self.hsum = np.zeros((0, self.k, _BINS))
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        code = _codes(batch.column("method"), self.methods)
+        if len(self.methods) > len(self.rows):
+            grow = len(self.methods) - len(self.rows)
+            self.rows = np.concatenate([self.rows, np.zeros(grow, np.int64)])
+            self.hist = np.concatenate([self.hist, np.zeros((grow, self.k, _BINS))])
+            self.hsum = np.concatenate([self.hsum, np.zeros((grow, self.k, _BINS))])
+        self.rows += np.bincount(code, minlength=len(self.rows))
         status = batch.column("status")
         bad = pc.equal(status, "error").to_numpy(zero_copy_only=False)
         if bad.any():
             errs = batch.column("error").filter(pa.array(bad)).to_pylist()
             for c, e in zip(code[bad].tolist(), errs, strict=True):
-                reasons[(c, e)] = reasons.get((c, e), 0) + 1
+                self.reasons[(c, e)] = self.reasons.get((c, e), 0) + 1
         ok = pc.fill_null(pc.equal(status, "ok"), False).to_numpy(zero_copy_only=False)
-        if not ok.any() or not k:
-            continue
+        if ok.any() and self.k:
+            self._add_metrics(batch, code, ok)
+
+    def _add_metrics(self, batch: pa.RecordBatch, code: np.ndarray, ok: np.ndarray) -> None:
         code_ok = code[ok]
-        cls_all = _floats(batch.column(class_col))[ok]  # NaN where a row has no class
+        cls_all = _floats(batch.column(self.class_col))[ok]  # NaN where a row has no class
         has_cls = ~np.isnan(cls_all)
-        cls = cls_all[has_cls].astype(np.int64)
-        gm = by_method.index(code_ok)
-        gc = by_class.index(code_ok[has_cls], cls)
-        for j, m in enumerate(metrics):
+        gm = self.by_method.index(code_ok)
+        gc = self.by_class.index(code_ok[has_cls], cls_all[has_cls].astype(np.int64))
+        size = len(self.hist) * _BINS
+        for j, m in enumerate(self.metrics):
             v = _floats(batch.column(m))[ok]
             valid = ~np.isnan(v)
             if not valid.any():
                 continue
-            by_method.update(gm[valid], j, v[valid])
+            self.by_method.update(gm[valid], j, v[valid])
             both = valid[has_cls]
-            by_class.update(gc[both], j, v[has_cls][both])
-            b = _bin(v[valid])
-            cm = code_ok[valid]
-            flat = cm * _BINS + b
-            size = len(hist) * _BINS
-            hist[:, j, :] += np.bincount(flat, minlength=size).reshape(len(hist), _BINS)
-            hsum[:, j, :] += np.bincount(flat, v[valid], minlength=size).reshape(len(hist), _BINS)
-    names_by_code = {c: m for m, c in methods.items()}
-    order = sorted(methods)
-    first = methods[order[0]] if order else -1
+            self.by_class.update(gc[both], j, v[has_cls][both])
+            flat = code_ok[valid] * _BINS + _bin(v[valid])
+            self.hist[:, j, :] += np.bincount(flat, minlength=size).reshape(len(self.hist), _BINS)
+            self.hsum[:, j, :] += np.bincount(flat, v[valid], minlength=size).reshape(len(self.hist), _BINS)
+
+    def tables(self) -> tuple[pa.Table, pa.Table]:
+        """(per method, per method and class)."""
+        names = {c: m for m, c in self.methods.items()}
+        per_method = _table(
+            self.by_method, self.metrics, ["method"], lambda key: (names[key],), self.hist, self.hsum
+        )
+        per_class = _table(
+            self.by_class,
+            self.metrics,
+            ["method", "class"],
+            lambda key: (names[key >> 40], key & ((1 << 40) - 1)),
+        )
+        return per_method, per_class
+
+    def errors(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The commonest error reasons, counted in images (the rows of one method)."""
+        order = sorted(self.methods)
+        first = self.methods[order[0]] if order else -1
+        ranked = sorted(self.reasons.items(), key=lambda kv: (-kv[1], str(kv[0][1])))
+        return [{"error": e, "images": n} for (c, e), n in ranked if c == first][:limit]
+
+
+def aggregate(output: str, opts: storage.StorageOptions | None = None, write: bool = True) -> dict[str, Any]:
+    """Summarise a run's output and write ``_aggregate/`` next to it (CSV tables + counts.json);
+    ``write=False`` only reads (the report of a read-only output).
+
+    Returns a dict with ``counts`` (dict; ``complete`` says whether ``_SUCCESS`` is there: if not, the
+    totals are partial), ``per_method`` and ``per_class`` (Arrow tables).
+    """
+    opts = opts or storage.StorageOptions.from_env()
+    out = Output(output, opts)
+    ds = heatmap_dataset(output, opts)
+    names = set(ds.schema.names)
+    metrics = [m for m in column_metrics() if m in names]
+    images, labelled = _footers(ds)
+    fold = _Fold(metrics, "label" if labelled else "target")
+    for batch in _batches(ds, ["method", "status", "error", fold.class_col, *metrics]):
+        if batch.num_rows:
+            fold.add(batch)
     counts = {
         "images": images["images"],
-        "rows": int(rows.sum()),
+        "rows": int(fold.rows.sum()),
         "ok_images": images["ok"],
         "error_images": images["errors"],
-        "methods": order,
+        "methods": sorted(fold.methods),
         "shards": len(ds.files),
-        "errors": [
-            {"error": e, "images": n}
-            for (c, e), n in sorted(reasons.items(), key=lambda kv: (-kv[1], str(kv[0][1])))
-            if c == first
-        ][:20],
+        "errors": fold.errors(),
+        "complete": out.complete(),
     }
-    per_method = _table(by_method, metrics, ["method"], lambda key: (names_by_code[key],), hist, hsum)
-    per_class = _table(
-        by_class, metrics, ["method", "class"], lambda key: (names_by_code[key >> 40], key & ((1 << 40) - 1))
-    )
+    per_method, per_class = fold.tables()
     if write:
         # CSV, not Parquet: the output's only *.parquet files are the heatmap rows (see lnstd.output).
         for name, t in (("summary", per_method), ("per_class", per_class)):
             buf = io.BytesIO()
             pacsv.write_csv(t, buf)
-            storage.write_bytes(layout.uri(output, layout.AGGREGATE, f"{name}.csv"), buf.getvalue(), opts)
-        storage.write_bytes(
-            layout.uri(output, layout.AGGREGATE, "counts.json"), json.dumps(counts, indent=1).encode(), opts
-        )
+            storage.write_bytes(out.path(AGGREGATE, f"{name}.csv"), buf.getvalue(), opts)
+        storage.write_bytes(out.path(AGGREGATE, "counts.json"), json.dumps(counts, indent=1).encode(), opts)
     return {"counts": counts, "per_method": per_method, "per_class": per_class}
 
 

@@ -154,6 +154,12 @@ def _add_run(sub: Any) -> None:
                    help="on a resume, add inputs that appeared since the plan, as new shards")  # fmt: skip
     p.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the first of repeated manifest ids/uris instead of refusing")  # fmt: skip
+    p.add_argument(
+        "--faithfulness", type=lambda v: [m for m in v.split(",") if m], default=[], metavar="TESTS",
+        help="comma list of deletion,insertion,road: per-row faithfulness columns (off by default). "
+        "Costly: per image and method, deletion or insertion alone 11 model forwards, both 20, road 18 "
+        "plus its imputation (an iterative solve), all three 38, against about 1-3 for the maps",
+    )  # fmt: skip
     p.add_argument("--fail-on-errors", action=argparse.BooleanOptionalAction, default=False,
                    help="exit 1 if any image got an error row (default: only if a shard failed)")  # fmt: skip
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default AWS_ENDPOINT_URL)")
@@ -240,25 +246,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         startup_timeout=args.startup_timeout,
         verbose=args.verbose,
         fail_on_errors=args.fail_on_errors,
+        faithfulness=args.faithfulness,
     )
 
-    def report(manifest: dict[str, Any], lease: Any) -> None:
-        """The report page, written under the run's lease (its fence guards the write)."""
-        from .report import write_report
-        from .storage import StorageOptions
-
-        try:
-            uri = write_report(cfg.output, opts=StorageOptions.from_env(cfg.s3_endpoint), guard=lease.fenced)
-            print(f"lnstd: report -> {uri}", file=sys.stderr)
-        except Exception as exc:  # the heatmaps are written: a report failure must not hide that
-            print(f"lnstd: warning: no report ({type(exc).__name__}: {one_line(exc)})", file=sys.stderr)
-            if args.traceback or args.verbose:
-                traceback.print_exc()
-
     with native_output_to_log(args.verbose):
-        # a rerun with nothing to do keeps the real run's report (run() does not call finish then)
-        manifest = run(cfg, progress=args.progress, finish=report if args.report else None)
-    counts = manifest["counts"]
+        # a rerun with nothing to do keeps the real run's report (run() writes none then)
+        manifest = run(cfg, progress=args.progress, report=args.report, traceback_on_error=args.traceback)
+    counts = manifest.counts
     return 1 if counts["shards_failed"] or (args.fail_on_errors and counts["errors"]) else 0
 
 
@@ -532,6 +526,23 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .jobs.verify import repair, verify
+    from .output import Output
+    from .storage import StorageOptions
+
+    out = Output(args.output, StorageOptions.from_env(args.s3_endpoint))
+    if args.repair:
+        removed = repair(out)
+        for uri in removed:
+            print(f"removed {uri}")
+        if removed:
+            print("rerun the same lnstd run to redo the shards whose parts were removed")
+    verdict = verify(out)
+    print(verdict.table())
+    return 0 if verdict.ok else 1
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .methods import get_method, list_methods
 
@@ -568,6 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint", default=None)
     _common(p)
     p.set_defaults(func=_cmd_aggregate)
+    p = sub.add_parser("verify", help="check an output against its manifest and plan (exit 0 / 1)")
+    p.add_argument("output", metavar="OUTPUT")
+    p.add_argument(
+        "--repair", action="store_true", help="remove, under the output's lease, what no committed run wrote"
+    )
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    _common(p)
+    p.set_defaults(func=_cmd_verify)
     p = sub.add_parser("explain", help="overlay PNGs for a few local images (one per method, plus a strip)")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     _add_model_flags(p, required=False)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lnstd.data.decode import MAX_IMAGE_PIXELS
 from lnstd.errors import UsageError
+from lnstd.metrics.registry import FAITHFULNESS
 from lnstd.weights import sha256_of, weights_of
 
 __all__ = ["DECODERS", "RESULT_FIELDS", "RunConfig"]
@@ -78,6 +80,7 @@ class RunConfig:
     # Where the weights came from and their digest (lnstd.weights.Weights.to_dict()), set by the job's
     # validation; recorded, not compared (checkpoint_sha256 is).
     weights: dict[str, Any] | None = None
+    faithfulness: list[str] = field(default_factory=list)  # tests per row (metrics/faithfulness.py)
 
     def __post_init__(self) -> None:
         self.input = _absolute(self.input)
@@ -102,6 +105,9 @@ class RunConfig:
             raise UsageError(f"--decode must be one of {', '.join(DECODERS)}, got {self.decode!r}")
         if self.decode == "gpu" and self.gpus_per_actor <= 0:
             raise UsageError("--decode gpu needs --gpus-per-actor > 0 (the actors decode on their GPU)")
+        wrong = [m for m in self.faithfulness if m not in FAITHFULNESS]
+        if wrong:
+            raise UsageError(f"--faithfulness takes {', '.join(FAITHFULNESS)}, got {', '.join(wrong)}")
         if os.path.normpath(self.output) == os.path.normpath(self.input):
             raise UsageError("--output must not be the --input folder")
 
@@ -110,19 +116,24 @@ class RunConfig:
         return int(self.target[5:]) if self.target.startswith("topk:") else None
 
     def identity(self) -> dict[str, Any]:
-        """The result-deciding fields (what resume compares)."""
+        """The result-deciding fields (what resume compares); ``faithfulness`` only when asked for,
+        so the identities of runs without it are those written before it existed."""
         d = asdict(self)
-        later = {k: d[k] for k, default in _LATER_FIELDS.items() if d[k] != default}
-        return {**{k: d[k] for k in RESULT_FIELDS}, **later}
+        ident = {k: d[k] for k in RESULT_FIELDS}
+        if self.faithfulness:
+            ident["faithfulness"] = sorted(self.faithfulness)
+        ident.update({k: d[k] for k, default in _LATER_FIELDS.items() if d[k] != default})
+        return ident
 
-    def record_weights(self) -> None:
-        """Set ``weights``: their source and digest (downloading hub or timm weights into the local
-        cache if they are not there). Random weights are not said here: the job says them once its
-        refusals are behind it (:func:`lnstd.weights.say_if_random`), so that a refusal stays one line."""
+    def with_weights(self) -> RunConfig:
+        """This configuration with ``weights``: their source and digest (downloading hub or timm weights
+        into the local cache if they are not there). Random weights are not said here: the job says
+        them once its refusals are behind it (:func:`lnstd.weights.say_if_random`), so that a refusal
+        stays one line."""
         w = weights_of(
             self.model, self.checkpoint, self.pretrained, warn=False, known_sha256=self.checkpoint_sha256
         )
-        self.weights = w.to_dict()
+        return dataclasses.replace(self, weights=w.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,8 @@
 Sections: a banner when the model had random weights; the configuration and counts; the first
 failures with their files; the per-image values (prediction, probability, correctness, time), once;
 per method, how concentrated its maps are, what it costs and, with masks, the mask metrics; how
-much the methods agree (a rank-correlation matrix); distributions; a gallery that fits the page.
+much the methods agree (a rank-correlation matrix); with ``--faithfulness``, which map to believe
+(methods ranked with intervals: lnstd/ranking.py); distributions; a gallery that fits the page.
 
 No network requests: styles are inline and every picture is a data: URI. The metric tables are
 ``lnstd aggregate``'s figures (the page is built from the same function, which here only reads).
@@ -14,13 +15,11 @@ The map statistics (concentration, agreement) come from a bounded sample of imag
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import html
 import io
 import json
-from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -30,16 +29,18 @@ import pyarrow.dataset as pads
 import torch
 from PIL import Image
 
-from . import output as layout
 from . import storage
 from .aggregate import aggregate, heatmap_dataset
 from .data import mat_ref, read_mat_sample
 from .data.decode import decode_image, decode_mask
 from .data.preprocess import Geometry
-from .errors import OutputError
+from .errors import InputError, OutputError
 from .metrics.mask import MASK_METRICS as MASK_COLUMNS
-from .metrics.registry import METRICS, column_metrics, higher_is_better
+from .metrics.registry import FAITHFULNESS_METRICS, METRICS, column_metrics, higher_is_better
 from .models import class_names
+from .output import REPORT, Output
+from .plan import Plan
+from .ranking import ranking_section
 from .viz import colorize, contour, overlay
 from .weights import RANDOM_WEIGHTS, Weights
 
@@ -297,10 +298,6 @@ def _first_rows(t: pa.Table, method: str) -> pa.Table:
     return m.take(pa.array(np.sort(first)))
 
 
-def _fmt(v: float | None, digits: int = 3) -> str:
-    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
-
-
 def _agreement_html(names: list[str], rho: np.ndarray, count: np.ndarray) -> str:
     """The agreement matrix as a table whose cells are coloured by the correlation (-1 to 1)."""
     head = "<tr><th class='k'></th>" + "".join(f"<th class='col'>{_esc(n)}</th>" for n in names) + "</tr>"
@@ -339,12 +336,9 @@ def build_report(
     opts = opts or storage.StorageOptions.from_env()
     agg = aggregate(output, opts, write=False)
     counts, per_method = agg["counts"], agg["per_method"].to_pylist()
-    manifest: dict[str, Any] = {}
-    for name in (layout.MANIFEST, layout.RUN):
-        state = layout.read_state(output, name, opts)
-        if state is not None:
-            manifest = state
-            break
+    out = Output(output, opts)
+    recorded = out.read_manifest()
+    manifest: dict[str, Any] = asdict(recorded) if recorded else (out.read_run() or {})
     config = manifest.get("config") or manifest.get("identity") or {}
 
     ds = heatmap_dataset(output, opts)
@@ -441,6 +435,10 @@ def build_report(
     sample = _sample_ids(t, methods)
     out.append(_per_method(ds, sample, methods, stat))
     out.append(_agreement_section(ds, sample, methods))
+    faithful = [m for m in FAITHFULNESS_METRICS if m in metric_cols and t[m].null_count < t.num_rows]
+    if faithful:
+        faith_rows = t.select(["image_id", "method", "target", *faithful]).to_pylist()
+        out.append(ranking_section(faith_rows, methods))
 
     method_metrics = [
         m for m in metric_cols if m not in PER_IMAGE and m != "elapsed_ms" and t[m].null_count < t.num_rows
@@ -603,25 +601,10 @@ def _agreement_section(ds: pads.Dataset, sample: list[str], methods: list[str]) 
 
 def _mask_uris(output: str, ids: list[str], opts: storage.StorageOptions) -> dict[str, str]:
     """The mask of each image in ``ids``, from the run's shard plan (empty if it has none)."""
-    uri = layout.uri(output, layout.PLAN)
     try:
-        fs, path = storage.resolve(uri, opts)
-        files = [
-            i.path
-            for i in fs.get_file_info(storage.pafs.FileSelector(path))
-            if i.base_name.startswith("part-")
-        ]
-        found: dict[str, str] = {}
-        for fmt, ext in (("ipc", ".arrow"), ("parquet", ".parquet")):
-            parts = [f for f in files if f.endswith(ext)]
-            if not parts:
-                continue
-            t = pads.dataset(parts, filesystem=fs, format=fmt).to_table(
-                columns=["image_id", "mask_uri"], filter=pc.field("image_id").isin(ids)
-            )
-            found.update({r["image_id"]: r["mask_uri"] for r in t.to_pylist() if r["mask_uri"]})
-        return found
-    except (OSError, ValueError, KeyError, pa.ArrowException):
+        plan = Plan.load(Output(output, opts))
+        return plan.mask_uris(ids) if plan is not None else {}
+    except (OSError, ValueError, KeyError, pa.ArrowException, OutputError, InputError):
         return {}
 
 
@@ -747,12 +730,9 @@ def write_report(
     metric: str | None = None,
     out: str | None = None,
     opts: storage.StorageOptions | None = None,
-    guard: Callable[[], ContextManager[Any]] | None = None,
 ) -> str:
-    """Build the report of ``output`` and write it (default ``OUTPUT/_report.html``); returns where.
-    ``guard`` (a run's ``Lease.fenced``) is held around the write alone, not the building."""
+    """Build the report of ``output`` and write it (default ``OUTPUT/_report.html``); returns where."""
     page = build_report(output, samples, metric, opts)
-    dest = out or layout.uri(output, layout.REPORT)
-    with guard() if guard else contextlib.nullcontext():
-        storage.write_bytes(dest, page.encode(), opts)
+    dest = out or Output(output, opts).path(REPORT)
+    storage.write_bytes(dest, page.encode(), opts)
     return dest

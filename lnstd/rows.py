@@ -4,8 +4,10 @@ explains a batch and builds its rows (``lnstd/output.py: row_fields``). The job'
 both this class, so their rows are the same for the same images.
 
 Faults of one input stay with that input: an unreadable file, a bad label, a mask of the wrong size,
-an image the model fails on each become that image's error row, and the rest of the batch is
-explained. Only faults of the batch itself (a model that fails on every image, the device) raise.
+a file larger than the decode limit (refused from its size and header, before it is read), an
+image whose decoding runs out of memory, an image the model fails on each become that image's
+error row, and the rest of the batch is explained. Only faults of the batch itself (a model that
+fails on every image, the device) raise.
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ from . import storage
 from .data import DecodeError, Item, decode_mask, mat_ref, read_mat_sample
 from .data.decode import jpeg_header
 from .data.preprocess import Geometry, Preprocess
+from .data.read import read_image
 from .errors import ModelError, one_line
 from .metrics.mask import MASK_METRICS, mask_metrics
+from .metrics.registry import FAITHFULNESS_METRICS
 
 if TYPE_CHECKING:
     from .config import RunConfig
 
-__all__ = ["MISSING", "Loaded", "RowBuilder"]
+__all__ = ["MISSING", "OUT_OF_MEMORY", "Loaded", "RowBuilder"]
 
 MISSING = "missing at run time"
+OUT_OF_MEMORY = "out of memory"
 
 
 @dataclass
@@ -133,7 +138,7 @@ class RowBuilder:
                 arr, mask_arr = read_mat_sample(item.uri)
                 tensor, geom = self.prep.from_array(arr)
                 return Loaded(item, tensor, self.prep.mask(mask_arr, geom), geom)
-            data = storage.read_bytes(item.uri, self.opts) if data is None else data
+            data = read_image(item.uri, self.opts, self.prep.max_pixels) if data is None else data
             header = jpeg_header(data, self.prep.max_pixels) if self.cfg.decode == "gpu" else None
             if header is not None and header[2]:
                 # decoded on the GPU with the whole batch; the geometry needs only the header
@@ -147,6 +152,10 @@ class RowBuilder:
             return loaded
         except DecodeError as exc:
             return Loaded(item, error=exc.reason, detail=exc.detail or None)
+        except MemoryError:  # this image's allocation failed: the others' may not (never the shard's)
+            return Loaded(
+                item, error=OUT_OF_MEMORY, detail="reading or decoding it needed more memory than was free"
+            )
         except FileNotFoundError:
             return Loaded(item, error=MISSING)
         except (PermissionError, IsADirectoryError) as exc:
@@ -267,6 +276,7 @@ class RowBuilder:
         has_label = np.array([lb is not None for lb in labels])
         label_arr = np.array([-1 if lb is None else lb for lb in labels])
         heat_type = self.schema.field("heatmap").type
+        x = self._stack(good) if self.cfg.faithfulness else None
         tables = []
         for out in outs:
             # The write step: each tensor crosses to host memory once, for the whole batch.
@@ -307,12 +317,29 @@ class RowBuilder:
                     if name in scores:
                         full[with_mask] = scores[name]
                     table[name] = pa.array(full, mask=np.isnan(full))
+                faithful = self._faithfulness(x, h, out.targets) if x is not None else {}
+                for name in FAITHFULNESS_METRICS:
+                    table[name] = pa.array(faithful[name]) if name in faithful else pa.nulls(n, pa.float32())
                 if self.cfg.save_png:
                     table["heatmap_png"] = pa.array(
                         [_png(heat[i].reshape(gh, gw), b.geometry) for i, b in enumerate(good)], pa.binary()
                     )
                 tables.append(pa.table(table).select(self.schema.names).cast(self.schema))
         return tables
+
+    def _faithfulness(
+        self, x: torch.Tensor, heat: torch.Tensor, targets: torch.Tensor
+    ) -> dict[str, np.ndarray]:
+        """The ``--faithfulness`` columns of one method's maps of the batch ``x``, in the model's
+        precision, one forward per ``--batch-size`` step images (lnstd/metrics/faithfulness.py)."""
+        from .explain import PRECISIONS
+        from .metrics.faithfulness import faithfulness
+
+        scores = faithfulness(
+            self.model, x, heat, targets, metrics=self.cfg.faithfulness, chunk=self.cfg.batch_size,
+            dtype=PRECISIONS[self.cfg.precision],
+        )  # fmt: skip
+        return {k: v.cpu().numpy().astype(np.float32) for k, v in scores.items()}
 
     def _error_row(self, b: Loaded, method: str, shard: int) -> dict[str, Any]:
         return {

@@ -41,6 +41,12 @@ __all__ = [
     "resolve",
     "retry",
     "s3_client",
+    "s3_copy",
+    "s3_delete_if",
+    "s3_etag",
+    "s3_objects",
+    "s3_put_once",
+    "stage_local",
     "walk_local",
     "write_bytes",
     "write_new",
@@ -175,6 +181,104 @@ def check_endpoint(url: str, timeout: float = 5.0) -> None:
     _REACHED.add((host, port))
 
 
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key
+
+
+_ONCE: dict[tuple[StorageOptions, float], object] = {}
+
+
+def _client_once(opts: StorageOptions, timeout: float):  # -> botocore client
+    """A client that makes one attempt per request, within ``timeout`` seconds (no retry of its own
+    that could land after the caller gave up)."""
+    if (opts, timeout) not in _ONCE:
+        import boto3
+        from botocore.config import Config
+
+        check_credentials()
+        config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=timeout,
+                        read_timeout=timeout)  # fmt: skip
+        _ONCE[(opts, timeout)] = boto3.client(
+            "s3", endpoint_url=opts.s3_endpoint, region_name=opts.region or "us-east-1", config=config
+        )
+    return _ONCE[(opts, timeout)]
+
+
+def s3_put_once(uri: str, data: bytes, opts: StorageOptions, timeout: float) -> str:
+    """Upload ``data`` to ``uri`` in a single attempt; returns the object's ETag.
+
+    Raises:
+        StorageError: the attempt failed or timed out (it may still land later: give each attempt
+            its own key).
+    """
+    bucket, key = _bucket_key(uri)
+    try:
+        return str(_client_once(opts, timeout).put_object(Bucket=bucket, Key=key, Body=data)["ETag"])
+    except Exception as exc:  # botocore's client and connection errors alike
+        raise StorageError(f"writing {uri}: {type(exc).__name__}: {exc}") from None
+
+
+def s3_copy(src: str, dst: str, etag: str, opts: StorageOptions, timeout: float, create_only: bool) -> bool:
+    """Server-side copy of ``src`` (only while it still has ``etag``) to ``dst``; with
+    ``create_only``, not over an existing ``dst`` (False then). One attempt within ``timeout``.
+
+    Raises:
+        StorageError: the copy failed, timed out, or ``src`` is gone or changed.
+    """
+    client = _client_once(opts, timeout)
+    bucket, key = _bucket_key(dst)
+    try:
+        if create_only:
+            try:
+                client.head_object(Bucket=bucket, Key=key)
+                return False
+            except client.exceptions.ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+        src_bucket, src_key = _bucket_key(src)
+        client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": src_bucket, "Key": src_key},
+                           CopySourceIfMatch=etag)  # fmt: skip
+        return True
+    except Exception as exc:
+        raise StorageError(f"publishing {dst}: {type(exc).__name__}: {exc}") from None
+
+
+def s3_delete_if(uri: str, etag: str, opts: StorageOptions, timeout: float) -> bool:
+    """Delete ``uri`` only while it still has ``etag`` (a conditional delete); False if it changed
+    or is gone."""
+    client = _client_once(opts, timeout)
+    bucket, key = _bucket_key(uri)
+    try:
+        client.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+        return True
+    except client.exceptions.ClientError as exc:
+        if precondition_failed(exc) or str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey"):
+            return False
+        raise StorageError(f"deleting {uri}: {exc}") from None
+
+
+def s3_objects(uri: str, opts: StorageOptions) -> Iterator[tuple[str, str]]:
+    """(uri, ETag) of every object under the prefix ``uri`` (recursively), page by page."""
+    bucket, key = _bucket_key(uri.rstrip("/") + "/")
+    pages = s3_client(opts).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+    for page in pages:
+        for obj in page.get("Contents", []):
+            yield f"s3://{bucket}/{obj['Key']}", str(obj["ETag"])
+
+
+def s3_etag(uri: str, opts: StorageOptions) -> str | None:
+    """The object's ETag (None if there is none)."""
+    client = s3_client(opts)
+    bucket, key = _bucket_key(uri)
+    try:
+        return str(client.head_object(Bucket=bucket, Key=key)["ETag"])
+    except client.exceptions.ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
 def local_uri(path: str) -> str:
     """A local path as text that UTF-8 can carry (Arrow and Parquet strings must be UTF-8).
 
@@ -237,7 +341,7 @@ def read_bytes(uri: str, opts: StorageOptions | None = None) -> bytes:
     return retry(read, f"reading {uri}")
 
 
-def _temporary(path: str, data: bytes) -> str:
+def stage_local(path: str, data: bytes) -> str:
     """``data`` written and synced to a temporary beside ``path``; returns its name. A dot-name:
     Parquet dataset readers skip it, so a writer killed mid-write leaves nothing that a reader of
     the folder would take for data (remove_temporaries clears it later)."""
@@ -267,7 +371,7 @@ def write_new(uri: str, data: bytes, opts: StorageOptions | None = None) -> bool
     fails if the name exists). S3: ``PutObject`` with ``If-None-Match: *`` (a conditional create)."""
     fs, path = resolve(uri, opts)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = _temporary(path, data)
+        tmp = stage_local(path, data)
         try:
             os.link(tmp, path)
             return True
@@ -299,7 +403,7 @@ def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> No
     """
     fs, path = resolve(uri, opts)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = _temporary(path, data)
+        tmp = stage_local(path, data)
         try:
             os.replace(tmp, path)
         except BaseException:
@@ -424,6 +528,10 @@ def walk_local(
                 if not e.is_symlink():
                     subfolders.append(e.path)
             elif e.name.lower().endswith(extensions):
-                # A FIFO, socket or device is not; a link is judged when it is read.
-                yield e.path, e.is_file() or e.is_symlink()
+                # A FIFO, socket or device is not; a link (a loop too) is judged when it is read.
+                try:
+                    regular = e.is_file()
+                except OSError:  # ELOOP: a link that leads back to itself
+                    regular = False
+                yield e.path, regular or e.is_symlink()
         stack.extend(reversed(subfolders))

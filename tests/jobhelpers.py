@@ -131,3 +131,16 @@ def mask_scores_by_hand(heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:
         "pointing_game": float(mask.flat[int(np.argmax(up))]),
         "mass_in_mask": float(up[mask].sum() / max(up.sum(), 1e-12)),
     }
+
+
+def only_lease_files(out: Path) -> bool:
+    """A fresh output whose run failed: nothing is left but the lease's own files (its lock is never
+    deleted and its generation only grows), the lease released. True also when nothing was created."""
+    if not out.exists():
+        return True
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    if files != ["_lnstd/lease.json", "_lnstd/lease.lock"]:
+        return False
+    import json
+
+    return json.loads((out / "_lnstd" / "lease.json").read_text())["released"] is True

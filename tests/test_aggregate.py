@@ -123,3 +123,13 @@ def test_parts_without_footer_counts_are_counted_from_their_rows(tmp_path):
     c = aggregate(str(tmp_path / "out"), write=False)["counts"]
     assert c["images"] == len({r["image_id"] for r in rows})
     assert c["error_images"] == len({r["image_id"] for r in rows if r["status"] == "error"})
+
+
+def test_the_counts_say_whether_the_totals_are_partial(tmp_path):
+    """Without _SUCCESS (a run still writing, or one that did not finish) the totals are partial,
+    and the counts say so."""
+    out = tmp_path / "out"
+    _write_output(out, parts=1, per_part=10)
+    assert aggregate(str(out), write=False)["counts"]["complete"] is False
+    (out / "_SUCCESS").write_bytes(b"")
+    assert aggregate(str(out), write=False)["counts"]["complete"] is True

@@ -87,3 +87,66 @@ def test_a_garbage_manifest_is_the_users_error_when_the_report_reads_it(finished
     code, err = cli_in_process("report", str(out))
     assert code == 2 and err.count("\n") == 1, err
     assert f"{out}/_manifest.json is damaged" in err and "rerun the same lnstd run" in err
+
+
+# --- fuzz: every state file, every kind of damage ----------------------------------------------------
+def _lie(data: bytes) -> bytes:
+    """The same JSON record with counts that disagree with the parts."""
+    d = json.loads(data)
+    if "counts" in d:
+        d["counts"] = {**d["counts"], "images": d["counts"]["images"] + 5, "ok": d["counts"]["ok"] + 5}
+    if "shards" in d:
+        d["shards"] += 1
+        d["inputs"] += 3
+    return json.dumps(d).encode()
+
+
+DAMAGES = {
+    "missing": lambda path: path.unlink(),
+    "empty": lambda path: path.write_bytes(b""),
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)]),
+    "wrong type": lambda path: path.write_bytes(b"[1, 2, 3]"),
+    "a directory": lambda path: (path.unlink(), path.mkdir()),
+    "lying counts": lambda path: path.write_bytes(_lie(path.read_bytes())),
+}
+STATE_FILES = [
+    "_lnstd/run.json",
+    "_lnstd/plan/plan.json",
+    "PLAN_PART",
+    "_lnstd/lease.json",
+    "_lnstd/lease.lock",
+    "_manifest.json",
+    "_SUCCESS",
+    "heatmaps/part-00000.parquet",
+]
+# The default run takes one damage per file (a directory in its place: every reader meets a folder
+# where a file should be) and the lying records; -m slow takes the whole matrix.
+QUICK = {("a directory", f) for f in STATE_FILES} | {("lying counts", "_manifest.json"),
+                                                    ("lying counts", "_lnstd/plan/plan.json")}  # fmt: skip
+
+
+def _fuzz_cases():
+    for damage in DAMAGES:
+        for name in STATE_FILES:
+            if damage == "lying counts" and name not in ("_manifest.json", "_lnstd/plan/plan.json"):
+                continue
+            marks = [pytest.mark.integration] + ([] if (damage, name) in QUICK else [pytest.mark.slow])
+            yield pytest.param(name, damage, marks=marks, id=f"{damage}-{name}")
+
+
+@pytest.mark.parametrize(("name", "damage"), list(_fuzz_cases()))
+def test_a_damaged_state_file_is_healed_or_one_line_never_an_internal_error(finished, tmp_path, name, damage):
+    name = _plan_part(finished) if name == "PLAN_PART" else name
+    out = tmp_path / "out"
+    shutil.copytree(finished[0], out)
+    DAMAGES[damage](out / name)
+    code, err = cli_in_process("run", "--output", str(out), *finished[1])
+    assert code in (0, 2), err
+    assert "internal error" not in err and "Traceback" not in err, err
+    if code == 2:
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("lnstd: error: ") and name.split("/")[-1] in last, err
+        return
+    ids = sorted(r["image_id"] for r in read_rows(out, ["image_id"]))
+    assert ids == ["i0.png", "i1.png", "i2.png"]  # healed: each input once (one method)
+    assert (out / "_SUCCESS").is_file()

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from lnstd.jobs.lease import Lease
-from lnstd.jobs.plan import Plan
-from lnstd.jobs.worker import ShardWorker
 
-from lnstd import output as layout
 from lnstd import storage
 from lnstd.config import RunConfig
 from lnstd.data import open_source
 from lnstd.errors import LeaseLostError
+from lnstd.jobs.lease import Lease
+from lnstd.jobs.worker import ShardWorker
+from lnstd.output import Output
+from lnstd.plan import Plan
 
 from .jobhelpers import ROOT, TINY_ARGS, TINY_MODEL, good_image, model_flags, run_cli, tiny_checkpoint
 
@@ -41,23 +41,23 @@ def test_an_actor_whose_run_lost_the_lease_commits_nothing(tmp_path):
     _images(tmp_path / "in", 3)
     out = str(tmp_path / "out")
     opts = storage.StorageOptions()
-    a = Lease(out, opts, ttl=0.5)
+    a = Lease(Output(out, opts), ttl=0.5)
     a.acquire()
     a._stop.set()  # A's driver stops renewing (paused, killed, cut off)
-    Plan.create(out, open_source(str(tmp_path / "in")), 8, opts)
+    Plan.create(Output(out, opts), open_source(str(tmp_path / "in")), 8)
     cfg = RunConfig(input=str(tmp_path / "in"), output=out, model=TINY_MODEL, methods=["gae"],
                     checkpoint=str(ckpt), model_args=dict(TINY_ARGS), lease_ttl=0.5)  # fmt: skip
     actor_a = ShardWorker(cfg.to_dict(), "run-a", (a.token, a.generation))
     time.sleep(1.0)  # A's lease expires
-    b = Lease(out, opts, ttl=30)
+    b = Lease(Output(out, opts), ttl=30)
     b.acquire()
     assert b.generation == a.generation + 1
     with pytest.raises(LeaseLostError):
         actor_a.process(0)
-    assert not Path(layout.part_uri(out, 0)).exists()
+    assert not Path(Output(out, opts).part(0)).exists()
     actor_b = ShardWorker(cfg.to_dict(), "run-b", (b.token, b.generation))
-    assert actor_b.process(0)["ok"] == 3
-    assert pq.read_metadata(layout.part_uri(out, 0)).metadata[b"lnstd.run_id"] == b"run-b"
+    assert actor_b.process(0).ok == 3
+    assert pq.read_metadata(Output(out, opts).part(0)).metadata[b"lnstd.run_id"] == b"run-b"
     b.release()
 
 
@@ -109,6 +109,9 @@ def test_a_paused_run_whose_lease_was_taken_over_changes_nothing_when_it_resumes
         os.kill(a.pid, signal.SIGCONT)
         a.wait(timeout=120)
         assert a.returncode == 2, seen[-2000:]
+        said = [ln for ln in a.stderr.read().splitlines() if ln.startswith("lnstd: ")]  # -v adds Ray's
+        assert not [ln for ln in said if "retrying" in ln], said  # stops at once: no shard retried
+        assert [ln for ln in said if "lost the output's lease" in ln] == said[-1:], said
         assert _digest_parts(out) == after_b  # nothing of A's landed after B took over
         rows = pq.read_table(out / "heatmaps", columns=["image_id", "method"]).to_pylist()
         assert {r["method"] for r in rows} == {"rollout"} and len(rows) == 160

@@ -5,8 +5,6 @@ still recognised as this run's own."""
 
 from __future__ import annotations
 
-import http.client
-import http.server
 import json
 import multiprocessing as mp
 import os
@@ -16,10 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-from lnstd.jobs.lease import Lease
 
 from lnstd import storage
 from lnstd.errors import LeaseLostError, OutputLockedError
+from lnstd.jobs.lease import Lease
+from lnstd.output import Output
+
+from .s3proxy import FaultProxy
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,7 @@ def _racer(output: str, opts: storage.StorageOptions, ready, done, won, i: int, 
     """One racing process: in each trial, a new run (a new Lease) claims the output at the start line."""
     client = storage.s3_client(opts) if storage.is_s3(output) else None
     for _ in range(trials):
-        lease = Lease(output, opts, ttl=60.0)
+        lease = Lease(Output(output, opts), ttl=60.0)
         lease._s3_client = client  # connected before the start line: the race is the claim, not the setup
         ready.wait()
         try:
@@ -139,18 +140,18 @@ def test_generation_verify_and_fenced(tmp_path, where, request):
         output = "s3://fence/out"
     else:
         opts, output = storage.StorageOptions(), str(tmp_path / "out")
-    a = Lease(output, opts, ttl=0.8)
+    a = Lease(Output(output, opts), ttl=0.8)
     a.acquire()
     assert a.generation == 1 and a.verify()
     with a.fenced():
         pass
     # an actor's view of the driver's lease, in another object (as in another process)
-    actor = Lease.follow(output, opts, a.token, a.generation, ttl=0.8)
+    actor = Lease.follow(Output(output, opts), a.token, a.generation, ttl=0.8)
     assert actor.verify()
     a._stop.set()  # a hangs: no more heartbeats
     a._thread.join()
     time.sleep(1.0)  # past the ttl
-    b = Lease(output, opts, ttl=0.8)
+    b = Lease(Output(output, opts), ttl=0.8)
     b.acquire()  # taken over
     assert b.generation == 2 and b.verify()
     assert not a.verify() and not actor.verify()
@@ -160,7 +161,7 @@ def test_generation_verify_and_fenced(tmp_path, where, request):
     assert not a.renew()
     b.release()  # a tombstone: no holder, and the generation is kept for the next claim
     assert b.holder() is None and not b.verify()
-    c = Lease(output, opts, ttl=0.8)
+    c = Lease(Output(output, opts), ttl=0.8)
     c.acquire()
     assert c.generation == 3
     c.release()
@@ -170,12 +171,12 @@ def test_a_local_commit_inside_fenced_cannot_interleave_with_a_takeover(tmp_path
     """While a commit holds fenced(), a takeover waits for it; after it, the old holder's fenced()
     refuses."""
     output, opts = str(tmp_path / "out"), storage.StorageOptions()
-    a = Lease(output, opts, ttl=0.5)
+    a = Lease(Output(output, opts), ttl=0.5)
     a.acquire()
     a._stop.set()
     a._thread.join()
     time.sleep(0.7)  # a's lease has expired; nobody has taken it yet
-    b = Lease(output, opts, ttl=0.5)
+    b = Lease(Output(output, opts), ttl=0.5)
     taken = threading.Event()
 
     def take() -> None:
@@ -195,84 +196,6 @@ def test_a_local_commit_inside_fenced_cannot_interleave_with_a_takeover(tmp_path
 
 
 # --- a lost reply ------------------------------------------------------------------------------------
-class FaultProxy:
-    """An HTTP proxy on 127.0.0.1 in front of the S3 server. ``arm(fault)`` makes it forward the next
-    PUT of the lease, let the server apply it, and then drop the connection without a reply
-    (``"drop"``) or answer 503 (``"503"``) in place of the server's reply."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream.split("://", 1)[1]
-        self.armed: str | None = None
-        self.fired: list[str] = []
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    out = b""
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0], 16)
-                        chunk = self.rfile.read(size + 2)[:size]
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b""):
-                                pass
-                            return out
-                        out += chunk
-                return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-
-            def _forward(self) -> None:
-                body = self._body()
-                skip = {"expect", "transfer-encoding", "content-length", "connection"}
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                fault = None
-                if self.command == "PUT" and self.path.split("?")[0].endswith("lease.json"):
-                    fault, proxy.armed = proxy.armed, None
-                if fault:
-                    proxy.fired.append(fault)
-                if fault == "drop":  # the server applied the write; its reply never arrives
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                if fault == "503":
-                    status, data = 503, b"<Error><Code>ServiceUnavailable</Code></Error>"
-                    out = [("Content-Type", "application/xml")]
-                else:
-                    status = resp.status
-                    hop = ("transfer-encoding", "connection", "content-length")
-                    out = [(k, v) for k, v in resp.getheaders() if k.lower() not in hop]
-                self.send_response(status)
-                for k, v in out:
-                    self.send_header(k, v)
-                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", length or str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def arm(self, fault: str) -> None:
-        self.armed = fault
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.mark.parametrize("fault", ["drop", "503"])
 def test_a_lease_write_whose_reply_is_lost_is_still_this_runs(s3_server, s3_opts, fault):
     bucket = f"lost-{fault}"
@@ -280,7 +203,7 @@ def test_a_lease_write_whose_reply_is_lost_is_still_this_runs(s3_server, s3_opts
     proxy = FaultProxy(s3_server.endpoint)
     try:
         opts = storage.StorageOptions(s3_endpoint=proxy.endpoint, region="us-east-1")
-        lease = Lease(f"s3://{bucket}/out", opts, ttl=30.0)
+        lease = Lease(Output(f"s3://{bucket}/out", opts), ttl=30.0)
         proxy.arm(fault)
         lease.acquire()  # create: If-None-Match applied, reply lost, the retry meets 412
         assert proxy.fired == [fault] and lease.generation == 1 and lease.verify()
@@ -296,7 +219,7 @@ def test_a_lease_write_whose_reply_is_lost_is_still_this_runs(s3_server, s3_opts
         assert got["token"] == lease.token and got["released"]
         # a takeover whose reply is lost: a killed run's lease on another host
         s3_server.client().put_object(Bucket=bucket, Key="out/_lnstd/lease.json", Body=_stale("expired", 7))
-        other = Lease(f"s3://{bucket}/out", opts, ttl=30.0)
+        other = Lease(Output(f"s3://{bucket}/out", opts), ttl=30.0)
         proxy.arm(fault)
         other.acquire()
         assert proxy.fired == [fault] * 4 and other.generation == 8 and other.verify()

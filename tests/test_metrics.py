@@ -111,13 +111,15 @@ def test_perturbation_curves_known_answer_and_batching():
     # deleting the relevant quadrant first destroys the evidence; deleting elsewhere does not
     assert (auc(right["deletion"]) < auc(wrong["deletion"])).all()
     assert (auc(right["insertion"]) > auc(wrong["insertion"])).all()
-    # The right map ranks the 16 quadrant pixels strictly first (bilinear values >= 0.5625 inside,
-    # <= 0.25 outside). Positive: 10% (6 px) leaves the quadrant's mean at 10/16 (still class 0),
-    # 20% (13 px) at 3/16 (class 1). Negative: up to 70% only outside pixels go; 80% removes 3
-    # quadrant pixels (13/16 left, class 0), 90% removes 10 (6/16, class 1).
-    torch.testing.assert_close(right["positive"], torch.tensor([[1.0, 1.0] + [0.0] * 8] * 2))
-    torch.testing.assert_close(right["negative"], torch.tensor([[1.0] * 9 + [0.0]] * 2))
-    torch.testing.assert_close(auc(right["positive"]), torch.tensor([0.15, 0.15]))
+    # The right map, upsampled, ranks the quadrant's pixels first: nine at 1.0 (average rank 4),
+    # six at 0.75 (11.5), one at 0.5625 (15); outside: 0.25 x6 (18.5), 0.1875 x2, 0.0625, 0.0 x39
+    # (44). Ties share their average rank. Positive: 10% (k = 6) removes the nine 1.0 pixels
+    # (rank 4 < 6), leaving the quadrant's mean at 7/16 (class 1). Negative removes pixels of rank
+    # > 63 - k: 80% (k = 51) the 0.5625 one (15/16 left), 90% (k = 58) the 0.75 ones too (9/16 left,
+    # still class 0).
+    torch.testing.assert_close(right["positive"], torch.tensor([[1.0] + [0.0] * 9] * 2))
+    torch.testing.assert_close(right["negative"], torch.tensor([[1.0] * 10] * 2))
+    torch.testing.assert_close(auc(right["positive"]), torch.tensor([0.05, 0.05]))
     assert (auc(wrong["positive"]) > auc(right["positive"])).all()
     # a batch equals its images one by one
     hm = torch.rand(2, 4, 4)

@@ -17,7 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from .browser import visit
-from .jobhelpers import ROOT, cli_in_process, good_image, model_flags, read_rows, run_cli, tiny_checkpoint
+from .jobhelpers import (
+    ROOT,
+    cli_in_process,
+    good_image,
+    model_flags,
+    only_lease_files,
+    read_rows,
+    run_cli,
+    tiny_checkpoint,
+)
 
 CLEAN_ENV = {"RAY_ADDRESS": None}
 
@@ -167,7 +176,7 @@ def test_unschedulable_actors_fail_fast_naming_what_is_missing(ckpt, tmp_path):
         r = run_cli(*base, *flags, env=CLEAN_ENV, timeout=60)
         assert r.returncode == 2, r.stderr
         assert needle in r.stderr and r.stderr.count("\n") == 2  # the plan line, then the error
-    assert not (tmp_path / "out").exists()
+    assert only_lease_files(tmp_path / "out")
 
 
 # --- the shipped job specs run on this machine ------------------------------------------------------
@@ -274,3 +283,13 @@ def test_explain_and_eval_name_a_wrong_option_in_one_line(no_ray, tmp_path):
         assert code == 2 and err.count("\n") == 1, err
         assert "std must be one of" in err or "unknown option 'stdd'" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("check", [["check"], ["format", "--check"]])
+def test_the_code_is_lint_and_format_clean(check):
+    """``ruff check`` and ``ruff format --check`` over the project: the test command (and so CI)
+    fails on a lint or format error."""
+    ruff = Path(sys.executable).with_name("ruff")
+    r = subprocess.run([str(ruff), *check, "lnstd", "jobs", "tests", "benchmarks", "docs"], cwd=ROOT,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from lnstd.jobs.plan import Plan, _digest
-
 from lnstd import storage
 from lnstd.data import Item, Source
+from lnstd.output import Output
+from lnstd.plan import Plan, _digest
 
 
 class Listed(Source):
@@ -26,7 +26,7 @@ def test_refresh_adds_exactly_the_new_inputs_whatever_their_id_digest(tmp_path):
     NumPy's fixed-width bytes drop trailing zero bytes when an element is read back."""
     names = [f"img{k}.png" for k in range(300)]
     assert sum(_digest(n).endswith(b"\x00") for n in names) >= 1  # img60.png among them
-    plan = Plan.create(str(tmp_path / "out"), Listed(names), 7, storage.StorageOptions())
+    plan = Plan.create(Output(str(tmp_path / "out")), Listed(names), 7)
     assert plan.inputs == 300 and plan.shards == 43
     diff = plan.diff(Listed(names), keep_added=True)
     assert (diff.added, diff.removed, diff.added_items) == (0, 0, [])
@@ -35,6 +35,6 @@ def test_refresh_adds_exactly_the_new_inputs_whatever_their_id_digest(tmp_path):
     assert (diff.added, diff.removed) == (2, 2)
     assert [it.image_id for it in diff.added_items] == ["new-a.png", "new-b.png"]
     assert plan.extend(diff.added_items) == [43]
-    reread = Plan.load(str(tmp_path / "out"), storage.StorageOptions())
-    ids = [it.image_id for _, items in reread.iter_shards() for it in items]
+    reread = Plan.load(Output(str(tmp_path / "out")))
+    ids = [it.image_id for s in range(reread.shards) for it in reread.read_shard(s)]
     assert ids == [*names, "new-a.png", "new-b.png"] and reread.shards == 44

@@ -18,13 +18,23 @@ import time
 from pathlib import Path
 
 import pytest
-from lnstd.jobs.attribute import _CLOSED, ShardSource
-from lnstd.jobs.plan import Plan
 
 from lnstd import storage
 from lnstd.data import Item, Source
+from lnstd.jobs.scheduler import CLOSED, ShardSource
+from lnstd.output import Output
+from lnstd.plan import Plan
 
-from .jobhelpers import ROOT, cli_in_process, good_image, model_flags, read_rows, run_cli, tiny_checkpoint
+from .jobhelpers import (
+    ROOT,
+    cli_in_process,
+    good_image,
+    model_flags,
+    only_lease_files,
+    read_rows,
+    run_cli,
+    tiny_checkpoint,
+)
 from .test_newcomer import no_ray  # noqa: F401  (a fixture)
 
 QUICK = ["--methods", "gae", "--shard-size", "4", "--no-progress", "--no-report", "--cpus-per-actor", "0.5"]
@@ -39,7 +49,7 @@ def test_a_shard_queued_at_the_moment_the_loop_drains_is_run():
     assert [src.take(), src.take(), src.take()] == [0, 2, None]
     assert not src.exhausted  # the check may still add shards
     q.put(5)  # the check finishes exactly now
-    q.put(_CLOSED)
+    q.put(CLOSED)
     assert not src.exhausted
     assert src.take() == 5
     assert src.take() is None and src.exhausted
@@ -55,7 +65,7 @@ def test_shards_queued_concurrently_are_all_taken_before_the_source_is_exhausted
             time.sleep(rng.random() * 1e-3)
             for s in (2, 3):
                 q.put(s)
-            q.put(_CLOSED)
+            q.put(CLOSED)
 
         t = threading.Thread(target=check)
         t.start()
@@ -90,10 +100,10 @@ class Listed(Source):
 
 def test_an_actor_reads_one_shard_from_the_plan_and_the_plan_is_compact(tmp_path):
     uris = [f"/data/imagenet/val/ILSVRC2012_val_{k:08d}.JPEG" for k in range(20_000)]
-    plan = Plan.create(str(tmp_path / "out"), Listed(uris), 256, storage.StorageOptions(), part_rows=5_000)
+    plan = Plan.create(Output(str(tmp_path / "out")), Listed(uris), 256, part_rows=5_000)
     assert (plan.inputs, plan.shards, len(plan.meta["parts"])) == (20_000, 79, 5)  # 19 shards a part
     assert plan.bytes / plan.inputs < 20  # zstd, one record batch per shard
-    again = Plan.load(str(tmp_path / "out"), storage.StorageOptions())
+    again = Plan.load(Output(str(tmp_path / "out")))
     for shard in (0, 18, 19, 78):
         assert [it.uri for it in again.read_shard(shard)] == uris[shard * 256 : (shard + 1) * 256]
 
@@ -102,9 +112,9 @@ def test_a_repeated_uri_among_many_is_found_by_its_row(tmp_path):
     uris = [f"/d/{k}.png" for k in range(3000)]
     uris.insert(2500, uris[17])
     with pytest.raises(Exception, match=r"rows 18 and 2501 have the same image_id '/d/17.png'"):
-        Plan.create(str(tmp_path / "out"), Listed(uris), 100, storage.StorageOptions())
+        Plan.create(Output(str(tmp_path / "out")), Listed(uris), 100)
     assert not list((tmp_path / "out" / "_lnstd" / "plan").glob("*"))  # refused: no plan left
-    plan = Plan.create(str(tmp_path / "out"), Listed(uris), 100, storage.StorageOptions(), dedupe=True)
+    plan = Plan.create(Output(str(tmp_path / "out")), Listed(uris), 100, dedupe=True)
     assert plan.inputs == 3000
     kept = [it.uri for s in range(plan.shards) for it in plan.read_shard(s)]
     assert kept == uris[:2500] + uris[2501:]
@@ -256,4 +266,51 @@ def test_ray_that_cannot_start_is_one_line_not_an_internal_error(tmp_path, monke
     code, err = cli_in_process(*args)
     assert code == 2 and err.count("\n") == 2, err  # the plan line, then the error
     assert "this machine's Ray cluster could not start (The current node timed out" in err
-    assert not out.exists()
+    assert out.exists() and only_lease_files(out)  # the listing ran, and was removed by its holder
+
+
+def test_a_failed_fresh_run_cleans_under_its_lease_and_a_racing_run_keeps_its_own(tmp_path, monkeypatch):
+    """The clean-up of a fresh output whose run failed deletes the run's files, never the lease's: a
+    second run that claims the output the moment the first lets go keeps its lease (the lock file and
+    lease.json it wrote stay; generations only grow)."""
+    import threading
+
+    import ray
+
+    from lnstd.errors import OutputLockedError
+    from lnstd.jobs.lease import Lease
+    from lnstd.output import Output
+
+    def timed_out(**kwargs):
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "init", timed_out)
+    out, args = _job(tmp_path, 2)
+    claimed: list[Lease] = []
+    stop = threading.Event()
+
+    def second_run() -> None:  # claims the output as soon as the first run's lease allows it
+        while not stop.is_set() and not (out / "_lnstd" / "run.json").exists():  # the first run holds it
+            time.sleep(0.001)
+        while not stop.is_set() and not claimed:
+            lease = Lease(Output(str(out)), ttl=30)
+            try:
+                lease.acquire()
+                claimed.append(lease)
+            except (OutputLockedError, OSError):
+                time.sleep(0.001)
+
+    racer = threading.Thread(target=second_run)
+    racer.start()
+    code, err = cli_in_process(*args)
+    racer.join(timeout=60)
+    stop.set()
+    assert code == 2 and "could not start" in err, err
+    assert claimed, "the second run never got the output"
+    b = claimed[0]
+    try:
+        assert b.verify() and b.generation >= 2  # still the holder, after the first run's clean-up
+        assert (out / "_lnstd" / "lease.lock").exists() and (out / "_lnstd" / "lease.json").exists()
+        assert not (out / "_lnstd" / "plan").exists() and not (out / "_lnstd" / "run.json").exists()
+    finally:
+        b.release()

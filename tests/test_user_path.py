@@ -116,8 +116,9 @@ def test_an_interrupt_message_does_not_share_the_progress_bars_line(monkeypatch)
 
 
 def test_job_log_lines_do_not_share_the_progress_bars_line(monkeypatch):
-    from lnstd.jobs.attribute import _log
     from tqdm import tqdm
+
+    from lnstd.jobs.console import log as _log
 
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)

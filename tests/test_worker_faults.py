@@ -10,14 +10,13 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from lnstd.jobs.plan import Plan
-from lnstd.jobs.worker import ShardWorker
 from PIL import Image
 
-from lnstd import output as layout
-from lnstd import storage
 from lnstd.config import RunConfig
 from lnstd.data import open_source
+from lnstd.jobs.worker import ShardWorker
+from lnstd.output import Output
+from lnstd.plan import Plan
 
 from .jobhelpers import TINY_ARGS, TINY_MODEL, good_image, tiny_checkpoint
 
@@ -26,7 +25,7 @@ def _worker(inp: Path, out: Path, ckpt: Path, batch_size: int, shard_size: int =
     cfg = RunConfig(input=str(inp), output=str(out), model=TINY_MODEL, methods=["gae", "lnstd"],
                     checkpoint=str(ckpt), model_args=dict(TINY_ARGS), batch_size=batch_size,
                     shard_size=shard_size)  # fmt: skip
-    Plan.create(str(out), open_source(str(inp)), shard_size, storage.StorageOptions())
+    Plan.create(Output(str(out)), open_source(str(inp)), shard_size)
     return ShardWorker(cfg.to_dict(), "test-run")
 
 
@@ -37,14 +36,14 @@ def _images(folder: Path, n: int) -> None:
 
 
 def _rows(out: Path, shard: int = 0) -> list[dict]:
-    return pq.read_table(layout.part_uri(str(out), shard)).to_pylist()
+    return pq.read_table(Output(str(out)).part(shard)).to_pylist()
 
 
 def test_device_out_of_memory_halves_the_batch_and_every_row_is_ok(tmp_path):
     ckpt = tiny_checkpoint(tmp_path)
     _images(tmp_path / "in", 8)
     reference = _worker(tmp_path / "in", tmp_path / "ref", ckpt, batch_size=8)
-    assert reference.process(0)["ok"] == 8
+    assert reference.process(0).ok == 8
     worker = _worker(tmp_path / "in", tmp_path / "out", ckpt, batch_size=8)
     real = worker.explainer
     sizes = []
@@ -57,7 +56,7 @@ def test_device_out_of_memory_halves_the_batch_and_every_row_is_ok(tmp_path):
 
     worker.explainer = small_device
     res = worker.process(0)
-    assert (res["ok"], res["errors"]) == (8, 0)
+    assert (res.ok, res.errors) == (8, 0)
     assert sizes == [8, 4, 2, 2, 4, 2, 2]  # halved down to what fits, never to one image each
     rows, ref = _rows(tmp_path / "out"), _rows(tmp_path / "ref")
     assert [r["status"] for r in rows] == ["ok"] * 16
@@ -80,7 +79,7 @@ def test_out_of_memory_on_one_image_fails_the_shard_with_that_reason(tmp_path):
         raise AssertionError("the shard should have failed")
     except torch.OutOfMemoryError as exc:
         assert "out of memory" in str(exc)
-    assert not Path(layout.part_uri(str(tmp_path / "out"), 0)).exists()  # nothing committed
+    assert not Path(Output(str(tmp_path / "out")).part(0)).exists()  # nothing committed
 
 
 def test_a_lone_image_the_model_fails_on_is_one_error_row_and_the_shard_commits(tmp_path):
@@ -98,7 +97,7 @@ def test_a_lone_image_the_model_fails_on_is_one_error_row_and_the_shard_commits(
 
     worker.explainer = fails_on_white
     res = worker.process(0)
-    assert (res["images"], res["ok"], res["errors"]) == (5, 4, 1)
+    assert (res.images, res.ok, res.errors) == (5, 4, 1)
     rows = _rows(tmp_path / "out")
     bad = [r for r in rows if r["status"] == "error"]
     assert len(rows) == 10 and {r["image_id"] for r in bad} == {"img99.png"} and len(bad) == 2
@@ -120,7 +119,7 @@ def test_an_unreadable_mat_file_is_each_inputs_error_row(tmp_path):
     except OSError:
         pass
     res = worker.process(0)
-    assert (res["images"], res["ok"], res["errors"]) == (3, 0, 3)
+    assert (res.images, res.ok, res.errors) == (3, 0, 3)
     rows = _rows(tmp_path / "out")
     assert len(rows) == 6 and {r["error"] for r in rows} == {"unreadable"}
     assert all("OSError" in r["error_detail"] for r in rows)
@@ -129,7 +128,7 @@ def test_an_unreadable_mat_file_is_each_inputs_error_row(tmp_path):
 def test_the_driver_counts_only_parts_that_are_readable_complete_and_this_runs(tmp_path):
     """The check a rerun makes of every committed part (and the driver before _SUCCESS): a torn, an
     empty and another run's part are left out of the totals; with the lease, they are removed."""
-    from lnstd.jobs.attribute import _verify_parts
+    from lnstd.jobs.attribute import verify_parts
     from lnstd.jobs.lease import Lease
 
     ckpt = tiny_checkpoint(tmp_path)
@@ -137,21 +136,24 @@ def test_the_driver_counts_only_parts_that_are_readable_complete_and_this_runs(t
     out = tmp_path / "out"
     worker = _worker(tmp_path / "in", out, ckpt, batch_size=4, shard_size=2)
     for shard in range(4):
-        assert worker.process(shard)["ok"] == 2
+        assert worker.process(shard).ok == 2
     cfg = RunConfig(**{**worker.cfg.to_dict()})
-    plan = Plan.load(str(out), storage.StorageOptions())
+    output = Output(str(out))
+    plan = Plan.load(output)
     committed = {0, 1, 2, 3}
-    totals = _verify_parts(cfg, storage.StorageOptions(), plan, committed, "test-run", heal=None)
+    totals = verify_parts(output, plan, committed, "test-run", len(cfg.methods), cfg.topk, heal=None)
     assert totals == {"images": 8, "ok": 8, "errors": 0} and committed == {0, 1, 2, 3}
-    part = [Path(layout.part_uri(str(out), s)) for s in range(4)]
+    part = [Path(output.part(s)) for s in range(4)]
     part[0].write_bytes(part[0].read_bytes()[:200])  # torn
     part[1].write_bytes(b"")  # empty
     other = set(committed)
-    assert _verify_parts(cfg, storage.StorageOptions(), plan, other, "another-run", heal=None)["images"] == 0
+    assert (
+        verify_parts(output, plan, other, "another-run", len(cfg.methods), cfg.topk, heal=None)["images"] == 0
+    )
     assert other == set()  # written by another run: none counts
-    lease = Lease(str(out), storage.StorageOptions())
+    lease = Lease(output)
     lease.acquire()
-    totals = _verify_parts(cfg, storage.StorageOptions(), plan, committed, "test-run", heal=lease)
+    totals = verify_parts(output, plan, committed, "test-run", len(cfg.methods), cfg.topk, heal=lease)
     lease.release()
     assert totals == {"images": 4, "ok": 4, "errors": 0} and committed == {2, 3}
     assert not part[0].exists() and not part[1].exists() and part[2].exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -16,14 +17,29 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import one_line
 
-__all__ = ["MAX_IMAGE_PIXELS", "DecodeError", "decode_image", "decode_mask", "jpeg_header"]
+__all__ = [
+    "HEAD_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "DecodeError",
+    "check_limits",
+    "decode_image",
+    "decode_mask",
+    "jpeg_header",
+    "max_file_bytes",
+]
 
 _ROTATING_ORIENTATIONS = {5, 6, 7, 8}
 #: The largest picture decoded by default (width x height): Pillow's own guard against
 #: decompression bombs, a small file that expands to gigabytes (89,478,485 pixels, ~0.27 GB as RGB).
 #: ``--max-image-pixels`` changes it per run.
 MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
-_TOO_LARGE = "image too large to decode safely"
+
+#: How much of a file :func:`check_limits` looks at: enough for the header that states the size
+#: (PNG's IHDR at byte 16; a JPEG's frame header, after its EXIF segment; WebP, BMP, GIF).
+HEAD_BYTES = 64 * 1024
+_BYTES_PER_PIXEL = 16  # four 32-bit channels, stored uncompressed: the widest pixel Pillow reads
+_METADATA_BYTES = 64 * 1024 * 1024  # EXIF, ICC profiles, XMP: far above what cameras write
+TOO_LARGE = "image too large to decode safely"
 
 
 class DecodeError(ValueError):
@@ -61,8 +77,7 @@ def _decoding(max_pixels: int) -> Iterator[None]:
     """PIL's ways of saying no, as :class:`DecodeError` with a stable reason (decompression bombs
     included: their warning is an error here). Pillow's process-wide limit is raised to
     ``max_pixels`` when that is larger (never lowered: :func:`_check_size` applies each caller's)."""
-    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = max_pixels
+    _allow(max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -72,15 +87,73 @@ def _decoding(max_pixels: int) -> Iterator[None]:
     except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError(_TOO_LARGE, _clean(exc)) from None
+        raise DecodeError(TOO_LARGE, _clean(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError("corrupt or truncated image", _clean(exc)) from None
+
+
+def _allow(max_pixels: int) -> None:
+    """Raise Pillow's process-wide guard to ``max_pixels`` if it is lower (never lower it: each
+    caller's own limit is checked by :func:`_check_size` and :func:`check_limits`)."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file that can hold an image of ``max_pixels`` pixels: 16 bytes a pixel (an
+    uncompressed 4 x 32-bit pixel; PNG's and BMP's overheads are far below it) plus 64 MiB of
+    metadata. A larger file cannot be an image within the limit (a multi-page TIFF aside)."""
+    return _BYTES_PER_PIXEL * max_pixels + _METADATA_BYTES
+
+
+def check_limits(head: bytes, size: int, max_pixels: int | None = None) -> None:
+    """Refuse, before the file is read, an image that the decode limit would refuse anyway.
+
+    Args:
+        head: the file's first bytes (:data:`HEAD_BYTES` of them, or all of a smaller file).
+        size: the file's size in bytes.
+        max_pixels: the decode limit; Pillow's ``Image.MAX_IMAGE_PIXELS`` by default (None there:
+            no limit).
+
+    Raises:
+        DecodeError: ``image too large to decode safely``: the file is larger than
+            :func:`max_file_bytes`, or its header declares more pixels than the limit. A header
+            that cannot be read from ``head`` says nothing here (the full decode judges the file).
+    """
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if limit is None:
+        return
+    _allow(limit)
+    declared = _declared_size(head)
+    if declared is not None and declared[0] * declared[1] > limit:
+        width, height = declared
+        raise DecodeError(TOO_LARGE, f"{width} x {height} pixels, more than the limit of {limit}")
+    if size > max_file_bytes(limit):
+        raise DecodeError(
+            TOO_LARGE, f"a file of {size} bytes (at most {max_file_bytes(limit)} for {limit} pixels)"
+        )
+
+
+def _declared_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) as the header in ``head`` states them, or None when it does not tell."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller judges
+            return Image.open(io.BytesIO(head)).size
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(TOO_LARGE, _clean(exc)) from None
+    except Exception:  # an unreadable or incomplete header
+        pass
+    # Pillow opens a PNG only once it reaches the first image data; its size is in IHDR, at byte 16
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+        return struct.unpack(">II", head[16:24])
+    return None
 
 
 def _check_size(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise DecodeError(
-            _TOO_LARGE,
+            TOO_LARGE,
             f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
             "(--max-image-pixels)",
         )

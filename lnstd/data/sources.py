@@ -4,8 +4,9 @@ Every source streams :class:`Item` records in a deterministic order, so fixed-si
 same ids on every run (what resume relies on), and a listing of millions never sits in memory.
 
 Names are data: any name a file system allows is an input. A local name that is not UTF-8 keeps
-its bytes in a ``file://`` URI with percent-escapes (:func:`lnstd.storage.local_uri`; its id is its
-relative path escaped the same way), which every reader turns back into the same bytes. A file that
+its bytes in a ``file://`` URI with percent-escapes (:func:`lnstd.storage.local_uri`), which every
+reader turns back into the same bytes; its id is its relative path escaped so that no two names share
+one (:func:`local_id`). An S3 key is UTF-8 and its own id. A file that
 is not a regular file (a FIFO, socket or device) is an input with the error "not a regular file",
 never opened. ``path#index`` references exist only for ``.mat`` inputs (:func:`mat_ref`).
 """
@@ -23,6 +24,7 @@ import numpy as np
 
 from .. import storage
 from ..errors import InputError, one_line
+from .decode import DecodeError
 
 __all__ = ["IMAGE_EXTENSIONS", "Item", "Source", "mat_ref", "open_source"]
 
@@ -91,7 +93,7 @@ class FolderSource(Source):
         self.unreadable = []
         for path, regular in storage.walk_local(root, IMAGE_EXTENSIONS, self.unreadable):
             rel = path[len(root) + 1 :]
-            yield Item(_id_text(rel), storage.local_uri(path),
+            yield Item(local_id(rel), storage.local_uri(path),
                        problem=None if regular else storage.NotRegularFileError.reason)  # fmt: skip
 
     def notice(self) -> str:
@@ -105,13 +107,23 @@ class FolderSource(Source):
         )
 
 
-def _id_text(rel: str) -> str:
-    """A relative path as an id: itself when UTF-8, else its bytes percent-escaped (lossless)."""
+_LOOKS_ESCAPED = re.compile(r"%(?=[0-9A-Fa-f]{2})")
+
+
+def local_id(rel: str) -> str:
+    """A local relative path as its image id, one id per name: ``urllib.parse.unquote_to_bytes(id)``
+    gives the name's bytes back, so two names never share an id.
+
+    A UTF-8 name is its own id, except that a ``%`` followed by two hex digits (``%41``, ``%FF``)
+    is written ``%25``, so that it cannot be taken for an escape; a name that is not UTF-8 has its
+    bytes percent-escaped (``bad\\xffname.png`` -> ``bad%FFname.png``, and a real file named
+    ``bad%FFname.png`` -> ``bad%25FFname.png``).
+    """
     try:
         rel.encode("utf-8")
-        return rel
     except UnicodeEncodeError:
         return urllib.parse.quote(os.fsencode(rel), safe="/")
+    return _LOOKS_ESCAPED.sub("%25", rel)
 
 
 class ManifestSource(Source):
@@ -202,7 +214,9 @@ def _label(value: object) -> tuple[int | None, str | None]:
 class MatSource(Source):
     """ImageNet-segmentation ``gtsegs_ijcv.mat`` (MATLAB v7.3 / HDF5): images with masks.
 
-    Items point into the file (``path#index``); :func:`read_mat_sample` reads one.
+    Items point into the file (``path#index``); :func:`read_mat_sample` reads one. A file that is
+    not HDF5, or lacks the ``/value/img`` and ``/value/gt`` reference arrays, is refused in one
+    line (:class:`InputError`); a bad reference inside it is that one image's error row.
     """
 
     unique_ids = True
@@ -210,8 +224,16 @@ class MatSource(Source):
     def count(self) -> int:
         import h5py
 
-        with h5py.File(self._local(), "r") as f:
-            return int(f["/value/img"].shape[0])
+        path = self._local()
+        try:
+            with h5py.File(path, "r") as f:
+                return _mat_layout(f)
+        except OSError as exc:
+            raise InputError(f"{self.uri} is not a MATLAB v7.3 (HDF5) file: {one_line(exc)}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(
+                f"{self.uri} is not ImageNet-segmentation's .mat layout: {one_line(exc, 160)}"
+            ) from None
 
     def _local(self) -> str:
         if storage.is_s3(self.uri):
@@ -223,9 +245,28 @@ class MatSource(Source):
 
     def items(self) -> Iterator[Item]:
         n = self.count()
+        path = self._local()
         for i in range(n):
-            ref = f"{self._local()}#{i}"
+            ref = f"{path}#{i}"
             yield Item(image_id=f"{os.path.basename(self.uri)}#{i:05d}", uri=ref, mask_uri=ref)
+
+
+def _mat_layout(f) -> int:  # f: h5py.File
+    """The number of samples of an open gtsegs file; ValueError saying what is wrong if its
+    layout is not ``/value/img`` and ``/value/gt``, two (n, 1) arrays of object references."""
+    import h5py
+
+    shapes = []
+    for name in ("/value/img", "/value/gt"):
+        obj = f.get(name)
+        if not isinstance(obj, h5py.Dataset):
+            raise ValueError(f"no dataset {name}")
+        if obj.dtype != h5py.ref_dtype or len(obj.shape) != 2 or obj.shape[1] < 1:
+            raise ValueError(f"{name} is not an (n, 1) array of object references ({obj.dtype}, {obj.shape})")
+        shapes.append(obj.shape[0])
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"/value/img has {shapes[0]} entries and /value/gt {shapes[1]}")
+    return int(shapes[0])
 
 
 _MAT_REF = re.compile(r"\.mat#(\d+)$", re.IGNORECASE)
@@ -238,7 +279,12 @@ def mat_ref(uri: str) -> tuple[str, int] | None:
 
 
 def read_mat_sample(ref: str) -> tuple[np.ndarray, np.ndarray]:
-    """``path#i`` -> (image uint8 (H, W, 3), mask bool (H, W)), transposed as docs/methods.md states."""
+    """``path#i`` -> (image uint8 (H, W, 3), mask bool (H, W)), transposed as docs/methods.md states.
+
+    Raises:
+        DecodeError: entry ``i``'s references do not lead to an (H, W, 3) image and a 2-D mask.
+        OSError: the file cannot be opened.
+    """
     import h5py
 
     parsed = mat_ref(ref)
@@ -246,8 +292,13 @@ def read_mat_sample(ref: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"not a .mat reference: {ref!r}")
     path, i = parsed
     with h5py.File(path, "r") as f:
-        img = np.array(f[f["/value/img"][i, 0]]).transpose(2, 1, 0)
-        mask = np.array(f[f[f["/value/gt"][i, 0]][0, 0]]).transpose(1, 0)
+        try:
+            img = np.array(f[f["/value/img"][i, 0]]).transpose(2, 1, 0)
+            mask = np.array(f[f[f["/value/gt"][i, 0]][0, 0]]).transpose(1, 0)
+        except (TypeError, ValueError, KeyError, IndexError, OSError) as exc:
+            raise DecodeError("bad .mat entry", f"{type(exc).__name__}: {one_line(exc, 160)}") from None
+    if img.shape[2] != 3:
+        raise DecodeError("bad .mat entry", f"image of shape {img.shape}, not (H, W, 3)")
     return img.astype(np.uint8), mask > 0
 
 

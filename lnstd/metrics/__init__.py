@@ -12,6 +12,7 @@ from .registry import MASK_METRICS, METRICS, Metric, higher_is_better
 
 _LAZY = {
     "mask_metrics": ".mask",
+    "impute": ".faithfulness",
     "FRACTIONS": ".perturbation",
     "PERTURBATION_METRICS": ".perturbation",
     "auc": ".perturbation",
@@ -30,6 +31,7 @@ __all__ = [
     "auc",
     "average_precision",
     "higher_is_better",
+    "impute",
     "mask_metrics",
     "perturbation_curves",
 ]

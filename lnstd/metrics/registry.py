@@ -8,10 +8,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MASK_METRICS", "METRICS", "Metric", "column_metrics", "eval_metrics", "higher_is_better"]
+__all__ = [
+    "FAITHFULNESS",
+    "FAITHFULNESS_COLUMNS",
+    "FAITHFULNESS_METRICS",
+    "MASK_METRICS",
+    "METRICS",
+    "Metric",
+    "column_metrics",
+    "eval_metrics",
+    "higher_is_better",
+]
 
 # Per-image columns against a mask (lnstd.metrics.mask computes them).
 MASK_METRICS = ("foreground_iou", "pointing_game", "mass_in_mask")
+# Faithfulness tests of ``lnstd run --faithfulness`` and their per-image columns
+# (lnstd.metrics.faithfulness computes them).
+FAITHFULNESS = ("deletion", "insertion", "road")
+FAITHFULNESS_COLUMNS = {
+    "deletion": ("deletion_auc",),
+    "insertion": ("insertion_auc",),
+    "road": ("road_morf", "road_lerf", "road_gap"),
+}
+FAITHFULNESS_METRICS = tuple(c for cols in FAITHFULNESS_COLUMNS.values() for c in cols)
 
 
 @dataclass(frozen=True)
@@ -49,8 +68,15 @@ _ALL = (
     Metric("mass_in_mask", True, "image", True, "share of the heatmap's total relevance inside the mask"),
     Metric("positive_auc", False, "image", False, "accuracy under removing the most relevant pixels first"),
     Metric("negative_auc", True, "image", False, "accuracy under removing the least relevant pixels first"),
-    Metric("deletion_auc", False, "image", False, "target probability as the most relevant pixels go"),
-    Metric("insertion_auc", True, "image", False, "target probability as the most relevant pixels come in"),
+    Metric("deletion_auc", False, "image", True,
+           "area under the target probability as the most relevant pixels go (--faithfulness)"),
+    Metric("insertion_auc", True, "image", True,
+           "area under the target probability as the most relevant pixels come in (--faithfulness)"),
+    Metric("road_morf", False, "image", True,
+           "ROAD: target probability with the most relevant pixels imputed, mean over 10-90%"),
+    Metric("road_lerf", True, "image", True,
+           "ROAD: target probability with the least relevant pixels imputed, mean over 10-90%"),
+    Metric("road_gap", True, "image", True, "ROAD: road_lerf - road_morf (the map's faithfulness)"),
     Metric("elapsed_ms", False, "image", True, "attribution time per image in its batch (ms)"),
     Metric("completeness", True, "image", True,
            "LRP methods: share of the explained relevance the map accounts for (docs/lrp.md; 1 = all)"),
@@ -71,5 +97,6 @@ def column_metrics() -> list[str]:
 
 def eval_metrics() -> list[str]:
     """Figures of ``lnstd eval``, in table order."""
-    skip = ("probability", "correct", "elapsed_ms", "foreground_iou", "completeness")
+    skip = ("probability", "correct", "elapsed_ms", "foreground_iou", "completeness",
+            "road_morf", "road_lerf", "road_gap")  # fmt: skip
     return [m.name for m in _ALL if m.name not in skip]

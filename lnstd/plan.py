@@ -35,10 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from lnstd import output as layout
-from lnstd import storage
-from lnstd.data import Item, Source
-from lnstd.errors import InputError, OutputError, one_line
+from . import storage
+from .data import Item, Source
+from .errors import InputError, OutputError, one_line
+from .output import PLAN, Output
 
 __all__ = ["Plan", "PlanDiff"]
 
@@ -96,15 +96,13 @@ class PlanDiff:
 class Plan:
     """A committed plan of one output: read its shards, compare it with the input, extend it."""
 
-    def __init__(self, output: str, meta: dict[str, Any], opts: storage.StorageOptions) -> None:
-        self.output = output
+    def __init__(self, out: Output, meta: dict[str, Any]) -> None:
+        self.out = out
         self.meta = meta
-        self.opts = opts
 
     # --- where -----------------------------------------------------------------------------------
-    @staticmethod
-    def _dir(output: str) -> str:
-        return layout.uri(output, layout.PLAN)
+    def _file(self, name: str) -> str:
+        return self.out.path(PLAN, name)
 
     @property
     def shards(self) -> int:
@@ -121,47 +119,71 @@ class Plan:
 
     # --- read ------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, output: str, opts: storage.StorageOptions) -> Plan | None:
-        """The committed plan of ``output``, or None if there is none."""
+    def load(cls, out: Output) -> Plan | None:
+        """The committed plan of ``out``, or None if there is none."""
         keys = {"version": int, "input": str, "shard_size": int, "inputs": int, "shards": int, "parts": list}
-        meta = layout.read_state(output, f"{layout.PLAN}/plan.json", opts, keys)
+        meta = out.read_state(f"{PLAN}/plan.json", keys)
         if meta is None:
+            # Part files without plan.json are an interrupted listing, unless a run used the plan
+            # (its run.json, or heatmaps, are there): then the commit point was lost, and listing
+            # again could shift shards under committed parts.
+            if storage.list_names(out.path(PLAN), out.opts) and (
+                out.read_run() is not None or out.committed()
+            ):
+                raise OutputError(out.damaged(out.path(PLAN, "plan.json"), "missing"))
             return None
-        if meta["version"] not in (1, VERSION):
-            raise InputError(f"{output}: plan version {meta['version']} is not {VERSION}")
-        plan = cls(output, meta, opts)
+        if meta["version"] != VERSION:
+            raise InputError(f"{out.uri}: plan version {meta['version']} is not {VERSION}")
+        plan = cls(out, meta)
+        plan._check_shards()
         plan._check_parts()
         return plan
 
     def _check_parts(self) -> None:
         """Every part the plan names is there and has its footer (a torn or lost part is the output's
         damage, said in one line, not a failure later in some shard)."""
-        present = set(storage.list_names(self._dir(self.output), self.opts))
+        present = set(storage.list_names(self.out.path(PLAN), self.out.opts))
         for part in self.meta["parts"]:
             name = part.get("name") if isinstance(part, dict) else None
-            where = layout.uri(self._dir(self.output), str(name))
+            where = self._file(str(name))
             if not isinstance(name, str) or name not in present:
-                raise OutputError(layout.damaged(self.output, where, "missing"))
-            fs, path = storage.resolve(where, self.opts)
+                raise OutputError(self.out.damaged(where, "missing"))
+            fs, path = storage.resolve(where, self.out.opts)
             try:
                 with fs.open_input_file(path) as f:
                     ipc.open_file(f).num_record_batches  # noqa: B018 (reads and checks the footer)
             except (pa.ArrowInvalid, OSError) as exc:
                 why = f"damaged ({one_line(exc, 80)})"
-                raise OutputError(layout.damaged(self.output, where, why)) from None
+                raise OutputError(self.out.damaged(where, why)) from None
+
+    def _check_shards(self) -> None:
+        """plan.json's counts agree with its parts (consecutive shard ranges from 0)."""
+        where = self._file("plan.json")
+        try:
+            expect, inputs = 0, 0
+            for part in self.meta["parts"]:
+                if int(part["first_shard"]) != expect or int(part["last_shard"]) < expect:
+                    raise ValueError
+                expect, inputs = int(part["last_shard"]) + 1, inputs + int(part["inputs"])
+            if expect != self.shards or inputs != self.inputs:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise OutputError(
+                self.out.damaged(where, "damaged (its counts disagree with its parts)")
+            ) from None
 
     def clean(self) -> int:
         """Remove files of the plan's folder that the committed plan does not name (parts of a listing
         or an extension that was interrupted); returns how many. Called under the lease."""
         keep = {"plan.json", *(p["name"] for p in self.meta["parts"])}
-        stray = [n for n in storage.list_names(self._dir(self.output), self.opts) if n not in keep]
+        stray = [n for n in storage.list_names(self.out.path(PLAN), self.out.opts) if n not in keep]
         for name in stray:
-            storage.delete_file(layout.uri(self._dir(self.output), name), self.opts)
+            self.out.delete(self._file(name))
         return len(stray)
 
     def reload(self) -> None:
         """Read ``plan.json`` again (another process may have extended the plan)."""
-        fresh = Plan.load(self.output, self.opts)
+        fresh = Plan.load(self.out)
         if fresh is not None:
             self.meta = fresh.meta
 
@@ -171,12 +193,10 @@ class Plan:
             last = int(part.get("last_shard", first + int(part.get("shards", 1)) - 1))
             if first <= shard <= last:
                 return part, shard - first
-        raise KeyError(f"shard {shard} is not in the plan of {self.output}")
+        raise KeyError(f"shard {shard} is not in the plan of {self.out.uri}")
 
-    def shard_inputs(self, shard: int) -> int | None:
-        """How many inputs shard ``shard`` holds (None for a version-1 plan, which does not say)."""
-        if self.meta["version"] == 1:
-            return None
+    def shard_inputs(self, shard: int) -> int:
+        """How many inputs shard ``shard`` holds."""
         part, index = self._part_of(shard)
         size = int(self.meta["shard_size"])
         last = int(part["last_shard"]) - int(part["first_shard"])
@@ -188,41 +208,34 @@ class Plan:
         if shard >= self.shards:
             self.reload()
         part, index = self._part_of(shard)
-        fs, path = storage.resolve(layout.uri(self._dir(self.output), part["name"]), self.opts)
+        fs, path = storage.resolve(self._file(part["name"]), self.out.opts)
         with fs.open_input_file(path) as f:
-            reader = ipc.open_file(f)
-            if self.meta["version"] == 1:  # batches not aligned to shards: filter the whole part
-                table = reader.read_all()
-                table = table.filter(pa.compute.equal(table["shard"], shard))
-                return _items(table.to_batches())
-            return _items([reader.get_batch(index)])
+            return _items([ipc.open_file(f).get_batch(index)])
 
     def _batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         for part in self.meta["parts"]:
-            fs, path = storage.resolve(layout.uri(self._dir(self.output), part["name"]), self.opts)
+            fs, path = storage.resolve(self._file(part["name"]), self.out.opts)
             with fs.open_input_file(path) as f:
                 reader = ipc.open_file(f)
                 for k in range(reader.num_record_batches):
                     batch = reader.get_batch(k)
                     yield batch.select(columns) if columns else batch
 
-    def iter_shards(self, skip: Iterable[int] = ()) -> Iterator[tuple[int, list[Item]]]:
-        """(shard, items) in shard order, one shard in memory at a time; ``skip`` is passed over."""
-        skip = set(skip)
-        for shard in range(self.shards):
-            if shard not in skip:
-                yield shard, self.read_shard(shard)
+    def mask_uris(self, ids: Iterable[str]) -> dict[str, str]:
+        """The mask of each of ``ids`` that has one (one streaming pass over the plan)."""
+        wanted = pa.array(sorted(set(ids)), pa.string())
+        found: dict[str, str] = {}
+        for batch in self._batches(["image_id", "mask_uri"]):
+            hit = batch.filter(pa.compute.is_in(batch.column(0), value_set=wanted))
+            for image_id, mask in zip(*(hit.column(k).to_pylist() for k in range(2)), strict=True):
+                if mask:
+                    found[image_id] = mask
+        return found
 
     # --- write -----------------------------------------------------------------------------------
     @classmethod
     def create(
-        cls,
-        output: str,
-        source: Source,
-        shard_size: int,
-        opts: storage.StorageOptions,
-        dedupe: bool = False,
-        part_rows: int = PART_ROWS,
+        cls, out: Output, source: Source, shard_size: int, dedupe: bool = False, part_rows: int = PART_ROWS
     ) -> Plan:
         """List ``source`` once and commit the plan (ids checked unique, shards of ``shard_size``).
 
@@ -230,28 +243,32 @@ class Plan:
             InputError: the input is empty, or a manifest lists an id or uri twice (without
                 ``dedupe``; the message names the rows).
         """
-        storage.delete_tree(cls._dir(output), opts)  # an earlier, uncommitted listing's parts
+        folder = out.path(PLAN)
+        out.delete_tree(folder)  # an earlier, uncommitted listing's parts
         check = None if source.unique_ids else _Repeats()
         items = source.items() if check is None else check.watch(source.items())
-        parts, inputs, shards = _write_parts(output, items, 0, 0, shard_size, part_rows, opts)
+        parts, inputs, shards = _write_parts(out, items, 0, 0, shard_size, part_rows)
         if check is not None:
             repeats = check.verify(source)
             if repeats and not dedupe:
-                storage.delete_tree(cls._dir(output), opts)
+                out.delete_tree(folder)
                 raise InputError(_repeats_message(source, repeats))
             if repeats:  # list again, without the later repeats
-                storage.delete_tree(cls._dir(output), opts)
+                out.delete_tree(folder)
                 drop = {row for row, _, _ in repeats}
                 kept = (it for row, it in enumerate(source.items(), start=1) if row not in drop)
-                parts, inputs, shards = _write_parts(output, kept, 0, 0, shard_size, part_rows, opts)
+                parts, inputs, shards = _write_parts(out, kept, 0, 0, shard_size, part_rows)
         if inputs == 0:
             raise InputError(f"no images found in {source.uri}")
         meta = {"version": VERSION, "input": source.uri, "shard_size": shard_size, "created": time.time()}
         meta.update(inputs=inputs, shards=shards, parts=parts)
-        storage.write_bytes(
-            layout.uri(cls._dir(output), "plan.json"), json.dumps(meta, indent=1).encode(), opts
-        )
-        return cls(output, meta, opts)
+        plan = cls(out, meta)
+        plan._commit()
+        return plan
+
+    def _commit(self) -> None:
+        """Write ``plan.json``: the commit point of a listing or an extension."""
+        self.out.write(self._file("plan.json"), json.dumps(self.meta, indent=1).encode())
 
     def digests(self) -> np.ndarray:
         """The sorted, unique 16-byte digests of the plan's image ids (16 bytes per input)."""
@@ -291,17 +308,11 @@ class Plan:
             return []
         size = int(self.meta["shard_size"])
         first = self.shards
-        parts, inputs, shards = _write_parts(
-            self.output, iter(items), len(self.meta["parts"]), first, size, PART_ROWS, self.opts
-        )
+        parts, inputs, shards = _write_parts(self.out, iter(items), len(self.meta["parts"]), first, size)
         self.meta["parts"] = [*self.meta["parts"], *parts]
         self.meta["inputs"] = self.inputs + inputs
         self.meta["shards"] = first + shards
-        storage.write_bytes(
-            layout.uri(self._dir(self.output), "plan.json"),
-            json.dumps(self.meta, indent=1).encode(),
-            self.opts,
-        )
+        self._commit()
         return list(range(first, first + shards))
 
 
@@ -317,13 +328,12 @@ def _items(batches: list[pa.RecordBatch]) -> list[Item]:
 
 
 def _write_parts(
-    output: str,
+    out: Output,
     items: Iterator[Item],
     first_part: int,
     first_shard: int,
     shard_size: int,
-    part_rows: int,
-    opts: storage.StorageOptions,
+    part_rows: int = PART_ROWS,
 ) -> tuple[list[dict[str, Any]], int, int]:
     """Stream items into compressed Arrow part files, one record batch per shard and whole shards
     per part; returns (parts, inputs, shards). Memory: one shard's items and one part's bytes."""
@@ -341,7 +351,7 @@ def _write_parts(
         writer.close()
         name = f"part-{first_part + len(parts):05d}.arrow"
         data = buf.getvalue()
-        storage.write_bytes(layout.uri(Plan._dir(output), name), data, opts)
+        out.write(out.path(PLAN, name), data)
         first = first_shard + shards - in_part
         parts.append({"name": name, "inputs": part_inputs[0], "first_shard": first,
                       "last_shard": first + in_part - 1, "bytes": len(data)})  # fmt: skip
@@ -355,7 +365,10 @@ def _write_parts(
             break
         if writer is None:
             buf = io.BytesIO()
-            writer = ipc.new_file(buf, SCHEMA, options=_WRITE)
+            # the generation makes each listing's bytes (and S3 ETag) its own: a conditional delete
+            # of an earlier listing's part never matches this one
+            meta = {b"lnstd.generation": str(out.generation).encode()}
+            writer = ipc.new_file(buf, SCHEMA.with_metadata(meta), options=_WRITE)
         writer.write_batch(
             pa.record_batch(
                 [
