@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import pyarrow.fs as pafs
 
+from .endpoint import check_endpoint, checked_client
 from .errors import LnstdError
 
 __all__ = [
@@ -26,7 +27,6 @@ __all__ = [
     "StorageError",
     "StorageOptions",
     "check_credentials",
-    "check_endpoint",
     "delete_file",
     "delete_tree",
     "exists",
@@ -128,57 +128,20 @@ def _s3(opts: StorageOptions) -> pafs.FileSystem:
             "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=6),
         }
         if opts.s3_endpoint:
-            check_endpoint(opts.s3_endpoint)
-            scheme, _, host = opts.s3_endpoint.rpartition("://")
+            scheme, _, host = check_endpoint(opts.s3_endpoint).rpartition("://")
             kwargs.update(endpoint_override=host or opts.s3_endpoint, scheme=scheme or "https")
         _FS_CACHE[opts] = pafs.S3FileSystem(**kwargs)
     return _FS_CACHE[opts]
 
 
 def s3_client(opts: StorageOptions | None = None):  # -> botocore client
-    """A boto3 S3 client for the configured endpoint and region (credentials from the environment).
-
-    Raises:
-        StorageError: the endpoint cannot be reached (:func:`check_endpoint`).
-    """
+    """A boto3 S3 client for the configured endpoint (which must answer) and region (credentials: env)."""
     import boto3
 
     opts = opts or StorageOptions.from_env()
     check_credentials()
     client = boto3.client("s3", endpoint_url=opts.s3_endpoint, region_name=opts.region or "us-east-1")
-    check_endpoint(client.meta.endpoint_url)
-    return client
-
-
-_REACHED: set[tuple[str, int]] = set()
-
-
-def check_endpoint(url: str, timeout: float = 5.0) -> None:
-    """Fail in one line, naming the flag, when nothing answers at an S3 endpoint's host and port
-    (a TCP connection, once per endpoint and process; skipped behind an HTTP proxy). Without it an
-    unreachable endpoint is a minute of the SDK's retries, then a connection error of its own.
-
-    Raises:
-        StorageError: the host has no address, or refuses or ignores the connection.
-    """
-    import socket
-    import urllib.request
-
-    parts = urllib.parse.urlsplit(url)
-    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-    if (host, port) in _REACHED:
-        return
-    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
-        return  # the proxy connects, not this process
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as exc:
-        why = exc.strerror or type(exc).__name__
-        raise StorageError(
-            f"S3 endpoint {url} cannot be reached ({why}): check --s3-endpoint "
-            "(or AWS_ENDPOINT_URL) and that the server is up"
-        ) from None
-    _REACHED.add((host, port))
+    return checked_client(client)
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:
