@@ -39,13 +39,16 @@ from PIL import Image
 sys.path.insert(0, ".")
 from tests.browser import visit  # the same headless Chromium visit the report test makes
 
-for page, dest in zip(sys.argv[1::2], sys.argv[2::2]):
-    shot = Path(page).with_suffix(".png")
-    seen = visit(Path(page), shot, width=1280)  # the whole page, 1280 px wide
-    assert seen.scroll_width <= 1280, f"{page} overflows: {seen.scroll_width} px"
+shots = list(zip(sys.argv[1::2], sys.argv[2::2], [1280, 1280]))
+shots.append((sys.argv[1], "docs/img/report_390.png", 390))  # the demo's report on a phone
+for page, dest, width in shots:
+    shot = Path(dest).with_suffix(".tmp.png")
+    seen = visit(Path(page), shot, width=width)  # the whole page, `width` px wide
+    assert seen.scroll_width <= width, f"{page} overflows: {seen.scroll_width} px"
     img = Image.open(shot).convert("RGB")
+    shot.unlink()
     img.quantize(256, method=Image.Quantize.MEDIANCUT).save(dest, optimize=True)
     print(dest, img.size)
 PY
-echo "docs/img/strip.png docs/img/report.png docs/img/report_photos.png written"
+echo "docs/img/strip.png docs/img/report.png docs/img/report_390.png docs/img/report_photos.png written"
 .venv/bin/python docs/toy_figures.py

@@ -24,6 +24,7 @@ from lnstd.errors import ConfigMismatchError, OutputError, one_line
 from lnstd.output import Footer, Manifest, Output
 from lnstd.plan import Plan
 from lnstd.sysinfo import peak_rss_mb
+from lnstd.weights import say_if_random
 
 from .console import log
 from .lease import Lease
@@ -74,6 +75,7 @@ def run(
                 return done
         if start.committed:
             log(f"resuming: {len(start.committed)} of {start.plan.shards} shards already committed")
+        say_if_random(cfg.weights)  # once, after the refusals (each one line), before Ray starts
         manifest = _attribute(cfg, out, lease, source, start, t_start, progress)
         if report:
             _report(out, traceback_on_error or cfg.verbose)

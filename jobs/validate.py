@@ -49,7 +49,7 @@ def validate(cfg: RunConfig, out: Output) -> tuple[RunConfig, Source]:
     check_output(out)
     source = open_source(cfg.input, out.opts)
     source.check()
-    return cfg, source
+    return cfg.with_weights(), source
 
 
 def check_output(out: Output) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .choices import CAPTURE_MODES, DECODERS, FITS, METHODS, PRECISIONS
-from .errors import LnstdError, OptionError, UsageError, one_line
+from .errors import LnstdError, OptionError, UsageError, one_line, one_line_warnings
 from .jobs.specs import expand_specs
 
 __all__ = ["build_parser", "main"]
@@ -149,6 +149,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--target", default="predicted", help="predicted | label | topk:K")
     p.add_argument("--fit", choices=FITS, default="resize")
     p.add_argument("--decode", choices=DECODERS, default="cpu", help="where JPEGs are decoded")
+    _add_max_image_pixels(p)
     p.add_argument("--save-png", action=argparse.BooleanOptionalAction, default=False,
                    help="add pixel-size PNG heatmaps over the original image")  # fmt: skip
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
@@ -179,6 +180,12 @@ def _add_run(sub: Any) -> None:
     )  # read by expand_specs before parsing; kept here for --help
     _common(p)
     p.set_defaults(func=_cmd_run)
+
+
+def _add_max_image_pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse larger pictures (width x height), as a guard against decompression bombs "
+                   "(default: Pillow's, 89,478,485)")  # fmt: skip
 
 
 def _demo(args: argparse.Namespace) -> tuple[str, str, str, dict[str, Any]]:
@@ -216,13 +223,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(f"--model is required: {checkpoint} has no JSON beside it naming the model")
     cfg = RunConfig.from_args(args, **given)
     from .jobs.attribute import run  # torch, timm and Ray: after every check that needs none of them
-    from .report import RANDOM_WEIGHTS, random_weights
 
     with native_output_to_log(args.verbose):
         # a rerun with nothing to do keeps the real run's report (run() writes none then)
         manifest = run(cfg, progress=args.progress, report=args.report, traceback_on_error=args.traceback)
-        if random_weights({"checkpoint": cfg.checkpoint, "pretrained": cfg.pretrained}):
-            print(f"lnstd: warning: {RANDOM_WEIGHTS}", file=sys.stderr)
     counts = manifest.counts
     return 1 if counts["shards_failed"] or (args.fail_on_errors and counts["errors"]) else 0
 
@@ -252,14 +256,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     from .models import load_model
     from .pictures import explain_files
+    from .weights import weights_of
 
+    weights_of(args.model, args.checkpoint, args.pretrained, digest=False)  # random weights: said now
     torch.manual_seed(0)
     model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
     out_dir = os.path.join(args.out, _model_name(args))  # outputs of different models stay apart
     done = explain_files(
         files, out_dir, model, args.methods, target=target.k,
         fit=args.fit, batch_size=args.batch_size, precision=args.precision, capture=args.capture,
-        options=dict(args.option),
+        options=dict(args.option), max_pixels=args.max_image_pixels,
     )  # fmt: skip
     skipped = f"; {len(done.skipped)} skipped" if done.skipped else ""
     print(f"lnstd: {len(files) - len(done.skipped)} images explained with {', '.join(done.methods)} "
@@ -424,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="lnstd-explain", help="folder for the PNGs (one subfolder per model)")
     p.add_argument("--fit", choices=FITS, default="resize")
     p.add_argument("--target", default="predicted", help="'predicted' or a class index")
+    _add_max_image_pixels(p)
     p.add_argument("--batch-size", type=int, default=16)
     _common(p)
     p.set_defaults(func=_cmd_explain)
@@ -458,6 +465,11 @@ def _end_progress_bars() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lnstd`` console script and ``python -m lnstd``."""
+    with one_line_warnings():  # the project's warnings: `lnstd: warning: ...`, one line
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     show = "--traceback" in raw or "-v" in raw or "--verbose" in raw
     args = None

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from lnstd.choices import DECODERS, Capture, Decode, Fit, Precision
+from lnstd.data.decode import MAX_IMAGE_PIXELS
 from lnstd.errors import UsageError
 from lnstd.metrics.registry import FAITHFULNESS
+from lnstd.weights import sha256_of, weights_of
 
 __all__ = ["RESULT_FIELDS", "RunConfig", "Target"]
 
@@ -67,6 +69,10 @@ class Target:
     def __str__(self) -> str:
         return {"topk": f"topk:{self.k}", "class": str(self.k)}.get(self.kind, self.kind)
 
+# Result fields added after outputs were first written: recorded only when not at their default, so
+# those outputs still resume (their identity has no such key).
+_LATER_FIELDS = {"max_image_pixels": MAX_IMAGE_PIXELS}
+
 
 def _absolute(uri: str) -> str:
     """Local paths become absolute (a resume from another folder must name the same data)."""
@@ -100,6 +106,7 @@ class RunConfig:
     fit: Fit = "resize"
     decode: Decode = "cpu"
     save_png: bool = False
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # None given: this default
     overwrite: bool = False
     refresh_input: bool = False
     dedupe: bool = False
@@ -108,6 +115,9 @@ class RunConfig:
     startup_timeout: float = 600.0
     verbose: bool = False
     fail_on_errors: bool = False
+    # Where the weights came from and their digest (lnstd.weights.Weights.to_dict()), set by the job's
+    # validation; recorded, not compared (checkpoint_sha256 is).
+    weights: dict[str, Any] | None = None
     faithfulness: list[str] = field(default_factory=list)  # tests per row (metrics/faithfulness.py)
 
     def __post_init__(self) -> None:
@@ -116,9 +126,11 @@ class RunConfig:
         if self.checkpoint:
             self.checkpoint = os.path.abspath(self.checkpoint)
         if self.checkpoint and not self.checkpoint_sha256 and os.path.exists(self.checkpoint):
-            self.checkpoint_sha256 = _sha256(self.checkpoint)
+            self.checkpoint_sha256 = sha256_of(self.checkpoint)
         Target.parse(self.target)
-        for name in ("batch_size", "shard_size", "actors"):
+        if self.max_image_pixels is None:
+            self.max_image_pixels = MAX_IMAGE_PIXELS
+        for name in ("batch_size", "shard_size", "actors", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("gpus_per_actor", "cpus_per_actor"):
@@ -168,23 +180,18 @@ class RunConfig:
         ident = {k: d[k] for k in RESULT_FIELDS}
         if self.faithfulness:
             ident["faithfulness"] = sorted(self.faithfulness)
+        ident.update({k: d[k] for k, default in _LATER_FIELDS.items() if d[k] != default})
         return ident
+
+    def with_weights(self) -> RunConfig:
+        """This configuration with ``weights``: their source and digest (downloading hub or timm weights
+        into the local cache if they are not there). Random weights are not said here: the job says
+        them once its refusals are behind it (:func:`lnstd.weights.say_if_random`), so that a refusal
+        stays one line."""
+        w = weights_of(
+            self.model, self.checkpoint, self.pretrained, warn=False, known_sha256=self.checkpoint_sha256
+        )
+        return dataclasses.replace(self, weights=w.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _sha256(path: str) -> str:
-    """Digest of a checkpoint file, or of a folder's files (a Hugging Face ``save_pretrained`` folder:
-    their relative names and contents, in name order)."""
-    h = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, names in os.walk(path) for f in names
-    )  # fmt: skip
-    for name in files:
-        if name != path:
-            h.update(os.path.relpath(name, path).encode() + b"\0")
-        with open(name, "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
+
 __all__ = [
     "ConfigMismatchError",
     "InputError",
     "LeaseLostError",
     "LnstdError",
+    "LnstdWarning",
     "ModelError",
     "OptionError",
     "OutputError",
@@ -15,6 +21,7 @@ __all__ = [
     "UnknownOptionError",
     "UsageError",
     "one_line",
+    "one_line_warnings",
 ]
 
 
@@ -71,6 +78,28 @@ class ModelError(LnstdError, ValueError):
 
 class ResourceError(LnstdError, RuntimeError):
     """The cluster cannot place what the job asks for (CPUs, GPUs)."""
+
+
+class LnstdWarning(UserWarning):
+    """Something a user should know that does not stop the work (e.g. random weights)."""
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Within: the project's warnings are shown as ``lnstd: warning: <message>`` on stderr (one line,
+    no source line), each once; other warnings as Python shows them."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+        warnings.simplefilter("default", LnstdWarning)  # once per message and place
+
+        def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+            if issubclass(category, LnstdWarning):
+                print(f"lnstd: warning: {one_line(message, 10_000)}", file=sys.stderr, flush=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def one_line(exc: BaseException | str, limit: int = 200) -> str:

@@ -12,7 +12,7 @@ from .data.decode import decode_mask
 from .data.preprocess import Preprocess, input_size
 from .data.sources import IMAGE_EXTENSIONS, open_source, read_mat_sample
 from .data.toy import toy_batch
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .evaluate import Batch
 from .train import toy_tensors
 
@@ -83,13 +83,8 @@ def dataset_batches(
         return mat, len(items)
     if kind == "folder":
         img_dir = os.path.join(path, "images")
-        stems = sorted(f for f in os.listdir(img_dir) if f.lower().endswith(IMAGE_EXTENSIONS))[:n]
-        labels: dict[str, int] = {}
-        if os.path.isfile(os.path.join(path, "labels.csv")):
-            import csv
-
-            with open(os.path.join(path, "labels.csv")) as f:
-                labels = {row[0]: int(row[1]) for row in csv.reader(f) if row and row[0] != "stem"}
+        stems = _folder_images(path)[:n]
+        labels = _folder_labels(path)
 
         def folder() -> Iterator[Batch]:
             def pairs():
@@ -105,3 +100,44 @@ def dataset_batches(
 
         return folder, len(stems)
     raise UsageError(f"--dataset must be toy, imagenet-seg:PATH or folder:PATH, got {spec!r}")
+
+
+_FOLDER_LAYOUT = "folder:PATH holds images/<stem>.<ext>, masks/<stem>.png and optionally labels.csv"
+
+
+def _folder_images(path: str) -> list[str]:
+    """The image names of a ``folder:PATH`` data set, each with its mask (checked before any work)."""
+    img_dir = os.path.join(path, "images")
+    if not os.path.isdir(img_dir):
+        what = "does not exist" if not os.path.exists(path) else "has no images/ folder"
+        raise InputError(f"--dataset folder:{path}: {what} ({_FOLDER_LAYOUT})")
+    names = sorted(f for f in os.listdir(img_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise InputError(f"--dataset folder:{path}: no images in {img_dir} ({_FOLDER_LAYOUT})")
+    masks = os.path.join(path, "masks")
+    missing = [f for f in names if not os.path.isfile(os.path.join(masks, os.path.splitext(f)[0] + ".png"))]
+    if missing:
+        raise InputError(
+            f"--dataset folder:{path}: {len(missing)} of {len(names)} images have no mask "
+            f"(first: masks/{os.path.splitext(missing[0])[0]}.png; {_FOLDER_LAYOUT})"
+        )
+    return names
+
+
+def _folder_labels(path: str) -> dict[str, int]:
+    """``labels.csv`` (``stem,label`` rows, an optional ``stem`` header) of a ``folder:PATH`` data set."""
+    import csv
+
+    file = os.path.join(path, "labels.csv")
+    if not os.path.isfile(file):
+        return {}
+    labels: dict[str, int] = {}
+    with open(file, newline="") as f:
+        for k, row in enumerate(csv.reader(f), 1):
+            if not row or row[0] == "stem":
+                continue
+            try:
+                labels[row[0]] = int(row[1])
+            except (IndexError, ValueError):
+                raise InputError(f"{file}, line {k}: expected stem,label with an integer label") from None
+    return labels

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from torch import nn
 
 from .errors import ModelError, one_line
 
-__all__ = ["check_model", "check_pretrained", "load_checkpoint", "load_model"]
+__all__ = ["check_model", "check_pretrained", "class_names", "load_checkpoint", "load_model"]
 
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
@@ -69,6 +68,29 @@ def checkpoint_config(checkpoint: str | Path) -> dict[str, Any]:
 
     side = Path(checkpoint).with_suffix(".json")
     return json.loads(side.read_text()) if side.is_file() else {}
+
+
+def class_names(model: str | None, checkpoint: str | Path | None = None) -> list[str] | None:
+    """The names of a model's classes, by index, where its files give them: the ``classes`` of a
+    checkpoint's JSON (as ``lnstd train-toy`` writes), or the ``id2label`` of a Hugging Face folder's
+    ``config.json`` (not its ``LABEL_k`` placeholders). None otherwise, or when unreadable."""
+    import json
+    import re
+
+    name = str(model or "")
+    try:
+        if name.startswith("hf:"):
+            folder = Path(checkpoint) if checkpoint else Path(name[3:])
+            labels = json.loads((folder / "config.json").read_text()).get("id2label") or {}
+            names = [str(labels[k]) for k in sorted(labels, key=int)]
+            generic = all(re.fullmatch(r"LABEL_\d+", n) for n in names)
+            return names if names and not generic and len(names) == len(labels) else None
+        if checkpoint is not None and Path(checkpoint).is_file():
+            classes = checkpoint_config(checkpoint).get("classes")
+            return [str(c) for c in classes] if isinstance(classes, list) and classes else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return None
 
 
 def load_model(
@@ -217,25 +239,21 @@ def check_pretrained(name: str) -> None:
     import socket
     from urllib.parse import urlparse
 
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import constants
     from timm.models import get_pretrained_cfg
+
+    from .weights import pretrained_file
 
     cfg = get_pretrained_cfg(name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise ModelError(f"--pretrained: timm has no pretrained weights for {name}")
+    with contextlib.suppress(ModelError):
+        pretrained_file(name)  # in the local cache
+        return
     if cfg.hf_hub_id:
-        repo, _, revision = cfg.hf_hub_id.partition("@")
-        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        if any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in files):
-            return
-        host, what = (
-            urlparse(constants.ENDPOINT).hostname or "huggingface.co",
-            f"{repo} on the Hugging Face hub",
-        )
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        what = f"{cfg.hf_hub_id.partition('@')[0]} on the Hugging Face hub"
     else:
-        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))
-        if os.path.exists(cached):
-            return
         host, what = urlparse(cfg.url).hostname or "", cfg.url
     why = "HF_HUB_OFFLINE is set" if cfg.hf_hub_id and constants.HF_HUB_OFFLINE else ""
     if not why:
@@ -252,11 +270,7 @@ def check_pretrained(name: str) -> None:
             "run once with network access to cache them, or pass --checkpoint FILE"
         )
     if cfg.hf_hub_id:  # reachable: fetch now, so that a failure is one line here, not in every actor
-        last: Exception | None = None
-        for f in files:
-            try:
-                hf_hub_download(repo, f, revision=revision or None)
-                return
-            except Exception as exc:  # this file is not there: the next one may be
-                last = exc
-        raise ModelError(f"--pretrained: could not download the weights of {name}: {one_line(last)}")
+        try:
+            pretrained_file(name, fetch=True)
+        except ModelError as exc:
+            raise ModelError(f"--pretrained: could not download the weights of {name}: {exc}") from None

@@ -63,6 +63,7 @@ def explain_files(
     precision: Precision = "fp32",
     capture: Capture | None = None,
     options: Mapping[str, Any] | None = None,
+    max_pixels: int | None = None,
     log: Callable[[str], None] = _say,
 ) -> Explained:
     """Explain image files in batches and draw ``OUT_DIR/<stem>_<method>.png`` (the heatmap over
@@ -76,6 +77,7 @@ def explain_files(
         target: a class index for every image; None: each image's predicted class.
         fit, batch_size, precision, capture, options: as for :class:`~lnstd.Explainer` and
             :class:`~lnstd.data.preprocess.Preprocess`.
+        max_pixels: pictures larger than this (width x height) are skipped; None: Pillow's guard.
         log: receives one line per file that is skipped (unreadable or not an image).
 
     Raises:
@@ -84,7 +86,7 @@ def explain_files(
     """
     methods = list(methods or applicable_methods(get_adapter(model)))
     explainer = Explainer(model, methods, precision=precision, capture=capture, **dict(options or {}))
-    prep = Preprocess.for_model(model, fit)
+    prep = Preprocess.for_model(model, fit, max_pixels=max_pixels)
     done = Explained(methods)
     for k in range(0, len(files), batch_size):
         batch: list[tuple[str, Image.Image, Image.Image, Geometry]] = []  # stem, input, full, geometry
@@ -95,7 +97,9 @@ def explain_files(
                 img, geom = prep.decode(data)
                 # the pictures are drawn on the full-size image; decode again only if the model's
                 # input came from a reduced-scale (JPEG draft) decode
-                full = img if img.size == (geom.width, geom.height) else prep.decode_full(data)
+                full = (
+                    img if img.size == (geom.width, geom.height) else prep.decode_full(data, prep.max_pixels)
+                )
                 batch.append((stem, img, full, geom))
             except (DecodeError, OSError) as exc:
                 done.skipped.append((path, str(exc)))

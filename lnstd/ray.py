@@ -1,9 +1,10 @@
-"""``lnstd`` as a Ray Data building block: :class:`Attributor`, a callable class for ``map_batches``.
+"""``lnstd`` as a Ray Data building block: :class:`Attributor`, a callable class for ``map_batches``,
+and :func:`sized_pool`, its replicas sized to the cluster.
 
     ds = ray.data.read_binary_files("s3://bucket/images", include_paths=True)
     rows = ds.map_batches(Attributor, fn_constructor_kwargs={"model": "vit_base_patch16_224",
-                          "methods": ["lnstd", "gae"], "column": "bytes"},
-                          compute=ActorPoolStrategy(size=4), num_gpus=1, batch_size=64)
+                          "methods": ["lnstd", "gae"], "column": "bytes"}, batch_size=64,
+                          **sized_pool(cpus_per_replica=4, gpus_per_replica=1))
 
 Each replica loads the model once (on its GPU when Ray gave it one); each call returns the batch's
 heatmap rows, the columns of ``lnstd run``'s output (``lnstd/output.py: row_fields``), one row per
@@ -23,7 +24,7 @@ import torch
 from .data import Item
 from .rows import Loaded, RowBuilder
 
-__all__ = ["Attributor"]
+__all__ = ["Attributor", "sized_pool"]
 
 _NOWHERE = "ray-data://"  # a pipeline's input and output are Ray Data's, not the Attributor's
 
@@ -41,7 +42,7 @@ class Attributor:
             ``image_id`` and ``source``.
         label_column: optional integer labels (``target="label"``, ``correct``).
         checkpoint, pretrained, model_args, options, precision, capture, target, fit, save_png,
-        s3_endpoint: as the flags of ``lnstd run``.
+        s3_endpoint, max_image_pixels: as the flags of ``lnstd run``.
 
     ``__call__`` never raises for one bad picture: it becomes that picture's error rows
     (``status="error"``, the job's reasons). Rows have ``shard`` -1 (no shard plan).
@@ -64,15 +65,19 @@ class Attributor:
         fit: str = "resize",
         save_png: bool = False,
         s3_endpoint: str | None = None,
+        max_image_pixels: int | None = None,
     ) -> None:
         from .config import RunConfig
+        from .weights import weights_of
 
+        weights_of(model, checkpoint, pretrained, digest=False)  # random weights: a RandomWeightsWarning
         self.column, self.id_column, self.label_column = column, id_column, label_column
         cfg = RunConfig(
             input=_NOWHERE, output=_NOWHERE + "rows", model=model, methods=list(methods),
             checkpoint=checkpoint, pretrained=pretrained, model_args=dict(model_args or {}),
             options=dict(options or {}), precision=precision, capture=capture, target=target, fit=fit,
-            save_png=save_png, s3_endpoint=s3_endpoint, gpus_per_actor=float(torch.cuda.is_available()),
+            save_png=save_png, s3_endpoint=s3_endpoint, max_image_pixels=max_image_pixels,
+            gpus_per_actor=float(torch.cuda.is_available()),
             cpus_per_actor=_assigned_cpus(),
         )  # fmt: skip
         self.rows = RowBuilder(cfg, run_id="")
@@ -98,6 +103,46 @@ class Attributor:
         if isinstance(value, (bytes, bytearray, memoryview)):
             return self.rows._load(item, bytes(value))
         return self.rows._load(item, np.asarray(value))
+
+
+def sized_pool(
+    cpus_per_replica: float = 2.0, gpus_per_replica: float = 0.0, reserve_cpus: float = 1.0
+) -> dict[str, Any]:
+    """``map_batches`` arguments that size the :class:`Attributor` replicas to the Ray cluster
+    (``ray.cluster_resources()``; Ray is started here if it is not yet): ``compute`` (an actor pool),
+    ``num_cpus`` and ``num_gpus`` per replica.
+
+    ``reserve_cpus`` stay free for the pipeline's own tasks (``read_images``, ``write_parquet``): if
+    the replicas hold every CPU those tasks wait for ever ("backpressured", no error). The rule:
+    ``free = CPUs - reserve_cpus``; each replica takes ``min(cpus_per_replica, free)`` CPUs (its
+    decoding and torch threads), and there are ``free // that`` replicas, at least one, and no more
+    than ``GPUs // gpus_per_replica``. On 2 CPUs: one replica of 1 CPU, one CPU for reading.
+
+    Raises:
+        ResourceError: fewer CPUs than ``reserve_cpus`` plus a fraction, or no GPU where one is asked for.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from .errors import ResourceError
+
+    if not ray.is_initialized():
+        ray.init()
+    have = ray.cluster_resources()
+    free = float(have.get("CPU", 0.0)) - reserve_cpus
+    if free < 0.25:
+        raise ResourceError(
+            f"the cluster has {have.get('CPU', 0):g} CPUs: a pipeline needs {reserve_cpus:g} for its "
+            "own tasks and some for the model replicas (lower reserve_cpus, or add CPUs)"
+        )
+    per = min(float(cpus_per_replica), free)
+    size = max(1, int(free // per))
+    if gpus_per_replica > 0:
+        size = min(size, int(float(have.get("GPU", 0.0)) // gpus_per_replica))
+        if size < 1:
+            raise ResourceError(f"no replica fits: {gpus_per_replica:g} GPUs each, the cluster has "
+                                f"{have.get('GPU', 0):g}")  # fmt: skip
+    return {"compute": ActorPoolStrategy(size=size), "num_cpus": per, "num_gpus": gpus_per_replica}
 
 
 def _assigned_cpus() -> float:

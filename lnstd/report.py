@@ -37,18 +37,18 @@ from .data.preprocess import Geometry
 from .errors import InputError, OutputError
 from .metrics.mask import MASK_METRICS as MASK_COLUMNS
 from .metrics.registry import FAITHFULNESS_METRICS, METRICS, column_metrics, higher_is_better
+from .models import class_names
 from .output import REPORT, Output
 from .plan import Plan
 from .ranking import ranking_section
 from .viz import colorize, contour, overlay
+from .weights import RANDOM_WEIGHTS, Weights
 
 __all__ = [
     "MAP_SAMPLE",
-    "RANDOM_WEIGHTS",
     "agreement",
     "build_report",
     "concentration",
-    "random_weights",
     "write_report",
 ]
 
@@ -57,23 +57,44 @@ MAP_SAMPLE = 200  # images whose maps give the concentration and agreement figur
 FAILURES_SHOWN = 20
 TOP_SHARE = 0.1  # concentration: the share of a map's mass in its top 10% of tokens
 PER_IMAGE = ("probability", "correct")  # the model's values: the same under every method
-RANDOM_WEIGHTS = (
-    "random weights: the model had no --checkpoint and no --pretrained weights, so its predictions are "
-    "chance and the maps explain an untrained network"
-)
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;padding:0 16px;
-color:#222;max-width:1400px;overflow-wrap:anywhere}
+color:#222;max-width:1400px}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
-h3{font-size:14px;margin:14px 0 4px}.box{overflow-x:auto;max-width:100%}
-table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
-th{background:#f4f4f4}td.k,th.k{text-align:left}.muted{color:#777}.err{color:#b00}
+h3{font-size:14px;margin:14px 0 4px}.box{overflow-x:auto;max-width:100%}.path{overflow-wrap:anywhere}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap}
+th{background:#f4f4f4}td.k,th.k{text-align:left;white-space:normal}#per-image td.k:first-child{min-width:9em}td.path{min-width:12em}.muted{color:#777}.err{color:#b00}
 .banner{background:#fef3c7;border:1px solid #d97706;color:#78350f;padding:10px 14px;font-weight:600;margin:12px 0}
-.plots{display:flex;flex-wrap:wrap;gap:12px}.plot{border:1px solid #eee;padding:4px}
-table.agreement td{width:64px;text-align:center}table.failures th{text-align:left}
-table.gallery{table-layout:fixed;width:100%}.gallery td,.gallery th{text-align:center;vertical-align:top;font-size:12px}
-.gallery th.label,.gallery td.label{width:110px}.gallery img{display:block;margin:auto;width:100%;max-width:160px;height:auto}
+.plots{display:flex;flex-wrap:wrap;gap:12px}.plot{border:1px solid #eee;padding:4px;max-width:100%;overflow-x:auto}
+table.agreement td{min-width:40px;text-align:center}table.agreement th.col{writing-mode:vertical-rl;transform:rotate(180deg);text-align:left}
+table.failures th{text-align:left}
+.gallery td,.gallery th{text-align:center;vertical-align:top;font-size:12px}
+.gallery td.label{text-align:left;white-space:normal;min-width:120px;max-width:160px}
+.gallery img{display:block;margin:auto;max-width:none;height:auto;
+width:max(96px,min(160px,calc((min(100vw,1400px) - 200px) / var(--cols,8) - 20px)))}
+.legend{display:flex;align-items:center;gap:6px;font-size:12px;color:#555;margin:6px 0;flex-wrap:wrap}
+.legend .bar{display:inline-block;width:160px;height:12px;border:1px solid #ccc}
+@media (max-width:700px){body{margin:8px auto;padding:0 8px}h1{font-size:18px}}
 """
+
+
+def _num(v: float, digits: int) -> str:
+    """A number to ``digits`` decimals, never ``-0.00`` (a tiny negative rounds to plain 0)."""
+    text = f"{v:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def _legend(labels: tuple[str, str, str], what: str, ident: str) -> str:
+    """The colour scale of the maps and the matrix (:func:`lnstd.viz.colorize`) as a bar, with its
+    low, middle and high labels and what it shows."""
+    stops = colorize(np.linspace(0.0, 1.0, 9))
+    grad = ", ".join(f"rgb({r},{g},{b}) {100 * k // (len(stops) - 1)}%" for k, (r, g, b) in enumerate(stops))
+    lo, mid, hi = (_esc(x) for x in labels)
+    return (
+        f"<div class='legend' id='{ident}'><span>{_esc(what)}:</span><span>{lo}</span>"
+        f"<span class='bar' style='background:linear-gradient(to right, {grad})'></span><span>{hi}</span>"
+        f"<span class='muted'>(middle: {mid})</span></div>"
+    )
 
 
 def _esc(x: Any) -> str:
@@ -161,13 +182,6 @@ def _load_thumb(source: str, opts: storage.StorageOptions) -> Image.Image | None
     except (OSError, ValueError):
         return None
     return img.resize(_thumb_size(*img.size), Image.BILINEAR)
-
-
-def random_weights(config: dict[str, Any]) -> bool:
-    """True when a run's configuration (``_manifest.json``'s ``config``, or ``run.json``'s identity,
-    which holds the checkpoint's digest) loaded no weights: neither a checkpoint nor pretrained ones."""
-    known = "pretrained" in config and ("checkpoint" in config or "checkpoint_sha256" in config)
-    return known and not any(config.get(k) for k in ("pretrained", "checkpoint", "checkpoint_sha256"))
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -286,7 +300,7 @@ def _first_rows(t: pa.Table, method: str) -> pa.Table:
 
 def _agreement_html(names: list[str], rho: np.ndarray, count: np.ndarray) -> str:
     """The agreement matrix as a table whose cells are coloured by the correlation (-1 to 1)."""
-    head = "<tr><th class='k'></th>" + "".join(f"<th>{_esc(n)}</th>" for n in names) + "</tr>"
+    head = "<tr><th class='k'></th>" + "".join(f"<th class='col'>{_esc(n)}</th>" for n in names) + "</tr>"
     body = []
     for i, a in enumerate(names):
         cells = [f"<th class='k'>{_esc(a)}</th>"]
@@ -299,7 +313,7 @@ def _agreement_html(names: list[str], rho: np.ndarray, count: np.ndarray) -> str
             ink = "#fff" if (v + 1) / 2 < 0.55 else "#111"
             cells.append(
                 f"<td data-a='{_esc(a)}' data-b='{_esc(b)}' data-rho='{float(v)!r}' data-n='{int(count[i, j])}' "
-                f"style='background:rgb({r},{g},{bl});color:{ink}'>{v:.2f}</td>"
+                f"style='background:rgb({r},{g},{bl});color:{ink}'>{_num(v, 2)}</td>"
             )
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<div class='box'><table class='agreement' id='agreement'>{head}{''.join(body)}</table></div>"
@@ -337,28 +351,26 @@ def build_report(
     stat = {(r["method"], r["metric"]): r for r in per_method}
 
     out = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>lnstd report</title><style>{CSS}</style></head><body>"
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>lnstd report</title><style>{CSS}</style></head><body>"
     ]
-    out.append(f"<h1>lnstd report: {_esc(output)}</h1>")
+    out.append(f"<h1>lnstd report: <span class='path'>{_esc(output)}</span></h1>")
     out.append(
         f"<p class='muted'>run {_esc(manifest.get('run_id', '?'))}, generated "
         f"{_esc(dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))}</p>"
     )
-    if random_weights(config):
+    weights = Weights.from_config(config)
+    if weights is not None and weights.random:
         out.append(f"<div class='banner' id='random-weights'>{_esc(RANDOM_WEIGHTS)}</div>")
 
     out.append("<h2>Run</h2>")
-    weights = (
-        f"checkpoint {config['checkpoint']}"
-        if config.get("checkpoint")
-        else ("timm's pretrained weights" if config.get("pretrained") else "random (none loaded)")
-    )
-    key = [("model", config.get("model", "?")), ("weights", weights),
+    key = [("model", config.get("model", "?")), ("weights", weights.describe() if weights else "?"),
            ("methods", ", ".join(counts["methods"])), ("input", config.get("input", "?"))]  # fmt: skip
-    out.append(_table([], [[f"<td class='k'>{_esc(k)}</td>", f"<td class='k'>{_esc(v)}</td>"]
+    out.append(_table([], [[f"<td class='k'>{_esc(k)}</td>", f"<td class='k path'>{_esc(v)}</td>"]
                                  for k, v in key], "run"))  # fmt: skip
     rows = [
-        [f"<td class='k'>{_esc(k)}</td>", f"<td class='k'>{_esc(json.dumps(v))}</td>"]
+        [f"<td class='k'>{_esc(k)}</td>", f"<td class='k path'>{_esc(json.dumps(v))}</td>"]
         for k, v in config.items()
     ]
     out.append(f"<details><summary>every setting ({len(rows)})</summary>")
@@ -408,10 +420,10 @@ def build_report(
                 ["image", "source", "reason", "detail"],
                 [
                     [
-                        f"<td class='k'>{_esc(f['image_id'])}</td>",
-                        f"<td class='k'>{_esc(f['source'])}</td>",
+                        f"<td class='k path'>{_esc(f['image_id'])}</td>",
+                        f"<td class='k path'>{_esc(f['source'])}</td>",
                         f"<td class='k err'>{_esc(f['error'])}</td>",
-                        f"<td class='k muted'>{_esc(f['error_detail'] or '')}</td>",
+                        f"<td class='k path muted'>{_esc(f['error_detail'] or '')}</td>",
                     ]
                     for f in failures
                 ],
@@ -419,7 +431,7 @@ def build_report(
             )
         )
 
-    out.append(_per_image(t, methods, stat))
+    out.append(_per_image(t, methods, stat, class_names(config.get("model"), config.get("checkpoint"))))
     sample = _sample_ids(t, methods)
     out.append(_per_method(ds, sample, methods, stat))
     out.append(_agreement_section(ds, sample, methods))
@@ -469,8 +481,11 @@ def _sample_ids(t: pa.Table, methods: list[str]) -> list[str]:
     return [ids[i] for i in sorted(pick)]
 
 
-def _per_image(t: pa.Table, methods: list[str], stat: dict[tuple[str, str], dict]) -> str:
-    """The model's values, once: prediction, probability, correctness, time per image."""
+def _per_image(
+    t: pa.Table, methods: list[str], stat: dict[tuple[str, str], dict], names: list[str] | None = None
+) -> str:
+    """The model's values, once: prediction (by class name where ``names`` gives it), probability,
+    correctness, time per image."""
     out = ["<h2>Per image</h2>"]
     if t.num_rows == 0 or not methods:
         return out[0] + "<p class='muted'>no image was explained (every row is an error row)</p>"
@@ -488,15 +503,19 @@ def _per_image(t: pa.Table, methods: list[str], stat: dict[tuple[str, str], dict
     pred = first["predicted"].to_numpy()
     classes, n = np.unique(pred, return_counts=True)
     order = np.argsort(-n, kind="stable")[:5]
+
+    def name(c: int) -> str:
+        return f"{names[c]} ({c})" if names and 0 <= c < len(names) else str(c)
+
     rows.append(["most predicted classes (images)",
-                 ", ".join(f"{int(classes[i])} ({int(n[i])})" for i in order)])  # fmt: skip
+                 ", ".join(f"{name(int(classes[i]))}: {int(n[i])}" for i in order)])  # fmt: skip
     times = [stat[(m, "elapsed_ms")]["mean"] for m in methods if (m, "elapsed_ms") in stat]
     if times:
         rows.append(["time per image, all methods (ms)", f"{sum(times):.1f}"])
     out.append(
         "<div class='box'><table id='per-image'>"
         + "".join(
-            f"<tr><td class='k'>{_esc(k)}</td><td data-key='{_esc(k.split()[0])}'>{_esc(v)}</td></tr>"
+            f"<tr><td class='k'>{_esc(k)}</td><td class='k' data-key='{_esc(k.split()[0])}'>{_esc(v)}</td></tr>"
             for k, v in rows
         )
         + "</table></div>"
@@ -525,7 +544,7 @@ def _per_method(
             v = v[~np.isnan(v)]
             cells.append(
                 f"<td data-method='{_esc(method)}' data-stat='{name}' data-mean='{float(v.mean())!r}' "
-                f"data-count='{len(v)}'>{v.mean():.3f} ({len(v)})</td>"
+                f"data-count='{len(v)}'>{_num(v.mean(), 3)} ({len(v)})</td>"
                 if len(v)
                 else "<td>-</td>"
             )
@@ -537,7 +556,7 @@ def _per_method(
         f"shares with the other methods, mean per image (n); concentration: over {len(sample)} images "
         f"(maps min-max scaled; a flat map puts {TOP_SHARE:.0%} of its mass in the top {TOP_SHARE:.0%})"
         + (
-            "; mask metrics: mean ± std (n), ↑ higher is better"
+            "; mask metrics: mean ± std (n; no ± when every value is the same), ↑ higher is better"
             if masks
             else "; no masks, so no mask metrics"
         )
@@ -549,10 +568,16 @@ def _per_method(
 def _stat_cell(method: str, metric: str, r: dict | None, digits: int) -> str:
     if r is None:
         return "<td>-</td>"
+    n = int(r["count"])
+    if r["std"]:
+        value = f"{_num(r['mean'], digits)} ± {_num(r['std'], digits)} ({n})"
+    elif metric == "elapsed_ms":  # one batch: every image got the batch's time / its size
+        value = f"{_num(r['mean'], digits)} ({n}, one batch)"
+    else:
+        value = f"{_num(r['mean'], digits)} ({n}, all equal)" if n > 1 else f"{_num(r['mean'], digits)} (1)"
     return (
         f"<td data-method='{_esc(method)}' data-metric='{_esc(metric)}' data-mean='{r['mean']!r}' "
-        f"data-count='{int(r['count'])}'>{r['mean']:.{digits}f} ± {(r['std'] or 0):.{digits}f} "
-        f"({int(r['count'])})</td>"
+        f"data-count='{n}'>{value}</td>"
     )
 
 
@@ -568,7 +593,9 @@ def _agreement_section(ds: pads.Dataset, sample: list[str], methods: list[str]) 
     return (
         head + f"<p class='muted'>Spearman rank correlation of two methods' maps of the same image "
         f"(average ranks for ties; grids resampled to the finest), mean over {n} images; 1: the same "
-        "ranking of tokens, 0: unrelated, -1: reversed</p>" + _agreement_html(methods, rho, count)
+        "ranking of tokens, 0: unrelated, -1: reversed</p>"
+        + _legend(("-1", "0", "1"), "cell colour: rank correlation", "legend-agreement")
+        + _agreement_html(methods, rho, count)
     )
 
 
@@ -656,6 +683,9 @@ def _gallery(
         f"{head}<p class='muted'>ranked by {_esc(what)}: best, worst and random images"
         + ("; the object's mask outlined in green" if with_masks else "")
         + "</p>"
+        + _legend(
+            ("least", "half", "most"), "map colour: relevance, each map to its own range", "legend-heatmap"
+        )
     ]
     header = "<th class='label'></th>" + "".join(f"<th>{_esc(h)}</th>" for h in ["image", *methods])
     body = []
@@ -663,7 +693,8 @@ def _gallery(
         src = next((maps[(image_id, m)]["source"] for m in methods if (image_id, m) in maps), None)
         thumb = _load_thumb(src, opts) if src else None
         cells = [
-            f"<td class='label'>{_esc(group)}<br>{_esc(image_id)}<br>{_esc(metric)}<br>{seen[image_id]:.3f}</td>"
+            f"<td class='label'>{_esc(group)}<br><span class='path'>{_esc(image_id)}</span><br>{_esc(metric)}"
+            f"<br>{_num(seen[image_id], 3)}</td>"
         ]
         if thumb is None:
             cells.append("<td class='muted'>source unreadable</td>" + "<td></td>" * len(methods))
@@ -688,7 +719,8 @@ def _gallery(
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (
         "".join(out)
-        + f"<div class='box'><table class='gallery'><tr>{header}</tr>{''.join(body)}</table></div>"
+        + f"<div class='box'><table class='gallery' style='--cols:{len(methods) + 1}'><tr>{header}</tr>"
+        + f"{''.join(body)}</table></div>"
     )
 
 

@@ -85,7 +85,7 @@ class RowBuilder:
             capture=self.cfg.capture,
             **self.cfg.options,
         )
-        self.prep = Preprocess.for_model(self.model, self.cfg.fit)
+        self.prep = Preprocess.for_model(self.model, self.cfg.fit, max_pixels=self.cfg.max_image_pixels)
         h, w = self.prep.size
         probe = self.explainer(torch.zeros(1, 3, h, w, device=self.device))
         self.num_classes = int(probe.logits.shape[1])
@@ -134,8 +134,8 @@ class RowBuilder:
                 arr, mask_arr = read_mat_sample(item.uri)
                 tensor, geom = self.prep.from_array(arr)
                 return Loaded(item, tensor, self.prep.mask(mask_arr, geom), geom)
-            data = read_image(item.uri, self.opts) if data is None else data
-            header = jpeg_header(data) if self.cfg.decode == "gpu" else None
+            data = read_image(item.uri, self.opts, self.prep.max_pixels) if data is None else data
+            header = jpeg_header(data, self.prep.max_pixels) if self.cfg.decode == "gpu" else None
             if header is not None and header[2]:
                 # decoded on the GPU with the whole batch; the geometry needs only the header
                 geom = self.prep.geometry(header[0], header[1])

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import pyarrow.fs as pafs
 
+from .endpoint import check_endpoint, checked_client
 from .errors import LnstdError
 
 __all__ = [
@@ -127,19 +128,20 @@ def _s3(opts: StorageOptions) -> pafs.FileSystem:
             "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=6),
         }
         if opts.s3_endpoint:
-            scheme, _, host = opts.s3_endpoint.rpartition("://")
+            scheme, _, host = check_endpoint(opts.s3_endpoint).rpartition("://")
             kwargs.update(endpoint_override=host or opts.s3_endpoint, scheme=scheme or "https")
         _FS_CACHE[opts] = pafs.S3FileSystem(**kwargs)
     return _FS_CACHE[opts]
 
 
 def s3_client(opts: StorageOptions | None = None):  # -> botocore client
-    """A boto3 S3 client for the configured endpoint and region (credentials from the environment)."""
+    """A boto3 S3 client for the configured endpoint (which must answer) and region (credentials: env)."""
     import boto3
 
     opts = opts or StorageOptions.from_env()
     check_credentials()
-    return boto3.client("s3", endpoint_url=opts.s3_endpoint, region_name=opts.region or "us-east-1")
+    client = boto3.client("s3", endpoint_url=opts.s3_endpoint, region_name=opts.region or "us-east-1")
+    return checked_client(client)
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:

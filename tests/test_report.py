@@ -298,12 +298,48 @@ def test_mask_contour_width():
     assert green[10, 10] and green[11, 11] and not green[12, 12] and not green[9, 9]
 
 
-def test_random_weights_is_read_from_the_manifest_or_the_run_identity():
-    from lnstd.report import random_weights
+@pytest.fixture(scope="module")
+def all_methods_output(tmp_path_factory) -> Path:
+    """The committed toy ViT (its JSON names the classes), every method, one batch of 12 images."""
+    from lnstd.train import toy_checkpoint
 
-    assert random_weights({"pretrained": False, "checkpoint": None})
-    assert not random_weights({"pretrained": True, "checkpoint": None})
-    assert not random_weights({"pretrained": False, "checkpoint": "/w/toy_vit.safetensors"})
-    assert not random_weights({"pretrained": False, "checkpoint_sha256": "a0cc80"})  # run.json's identity
-    assert random_weights({"pretrained": False, "checkpoint_sha256": None})
-    assert not random_weights({})  # nothing known: no banner
+    tmp = tmp_path_factory.mktemp("all-methods")
+    manifest = write_dataset(str(tmp / "data"), n=12, size=64, seed=3)
+    ckpt = str(toy_checkpoint("vit"))
+    r = run_cli("run", "--input", manifest, "--output", str(tmp / "out"), "--checkpoint", ckpt,
+                "--methods", "all", "--no-progress", "--cpus-per-actor", "0.5")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return tmp / "out"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("width", [390, 1920])
+def test_report_is_readable_from_a_phone_to_a_wide_screen(all_methods_output, tmp_path, width):
+    html = all_methods_output / "_report.html"
+    seen = visit(html, tmp_path / f"report_{width}.png", width=width)
+    assert seen.viewport_width == width and seen.scroll_width <= width, "the page overflows sideways"
+    assert seen.broken_words == [], "words or numbers split over two lines"
+    assert seen.overflowing == [], "elements narrower than their own label"
+    assert seen.agreement_cells == 7 * 7  # every method, the labels among the checked elements
+    assert len(seen.thumb_widths) == 12 * 8 and min(seen.thumb_widths) >= 96
+
+
+@pytest.mark.integration
+def test_report_has_legends_class_names_and_no_empty_spread(all_methods_output):
+    import json
+
+    from lnstd.train import toy_checkpoint
+    from lnstd.viz import colorize
+
+    page = (all_methods_output / "_report.html").read_text()
+    assert "name='viewport' content='width=device-width" in page
+    for ident in ("legend-heatmap", "legend-agreement"):
+        bar = re.search(rf"id='{ident}'.*?linear-gradient\(to right, (.*?)\)'", page).group(1)
+        lo, hi = (f"rgb({r},{g},{b})" for r, g, b in colorize(np.array([0.0, 1.0])))
+        assert bar.startswith(f"{lo} 0%") and bar.endswith(f"{hi} 100%"), bar
+    classes = json.loads(toy_checkpoint("vit").with_suffix(".json").read_text())["classes"]
+    predicted = re.search(r"most predicted classes \(images\)</td><td[^>]*>([^<]*)<", page).group(1)
+    assert any(f"{name} ({k})" in predicted for k, name in enumerate(classes)), predicted
+    assert not re.search(r"± 0\.0+ \(", page) and not re.search(r"-0\.0+\b", page)
+    times = re.findall(r"data-metric='elapsed_ms'[^>]*>([^<]*)<", page)
+    assert len(times) == 7 and all(t.endswith("(12, one batch)") for t in times), times  # 12 < --batch-size

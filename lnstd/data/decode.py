@@ -19,6 +19,7 @@ from ..errors import one_line
 
 __all__ = [
     "HEAD_BYTES",
+    "MAX_IMAGE_PIXELS",
     "DecodeError",
     "check_limits",
     "decode_image",
@@ -28,6 +29,10 @@ __all__ = [
 ]
 
 _ROTATING_ORIENTATIONS = {5, 6, 7, 8}
+#: The largest picture decoded by default (width x height): Pillow's own guard against
+#: decompression bombs, a small file that expands to gigabytes (89,478,485 pixels, ~0.27 GB as RGB).
+#: ``--max-image-pixels`` changes it per run.
+MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 #: How much of a file :func:`check_limits` looks at: enough for the header that states the size
 #: (PNG's IHDR at byte 16; a JPEG's frame header, after its EXIF segment; WebP, BMP, GIF).
@@ -68,19 +73,30 @@ def _clean(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _decoding() -> Iterator[None]:
+def _decoding(max_pixels: int) -> Iterator[None]:
     """PIL's ways of saying no, as :class:`DecodeError` with a stable reason (decompression bombs
-    included: their warning is an error here)."""
+    included: their warning is an error here). Pillow's process-wide limit is raised to
+    ``max_pixels`` when that is larger (never lowered: :func:`_check_size` applies each caller's)."""
+    _allow(max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
+    except DecodeError:  # our own refusal (the size check), already in its words
+        raise
     except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(TOO_LARGE, _clean(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError("corrupt or truncated image", _clean(exc)) from None
+
+
+def _allow(max_pixels: int) -> None:
+    """Raise Pillow's process-wide guard to ``max_pixels`` if it is lower (never lower it: each
+    caller's own limit is checked by :func:`_check_size` and :func:`check_limits`)."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def max_file_bytes(max_pixels: int) -> int:
@@ -107,6 +123,7 @@ def check_limits(head: bytes, size: int, max_pixels: int | None = None) -> None:
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if limit is None:
         return
+    _allow(limit)
     declared = _declared_size(head)
     if declared is not None and declared[0] * declared[1] > limit:
         width, height = declared
@@ -133,8 +150,19 @@ def _declared_size(head: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise DecodeError(
+            TOO_LARGE,
+            f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+            "(--max-image-pixels)",
+        )
+
+
 def decode_image(
-    data: bytes, draft: Callable[[int, int], tuple[int, int] | None] | None = None
+    data: bytes,
+    draft: Callable[[int, int], tuple[int, int] | None] | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[Image.Image, int, int]:
     """Bytes -> (RGB image, original width, original height), orientation fixed from EXIF.
 
@@ -147,15 +175,19 @@ def decode_image(
             size the caller needs; JPEGs are then decoded at a reduced scale (libjpeg's DCT
             scaling, 1/2 to 1/8) no smaller than that. The returned image may therefore be
             smaller than the original; its original size is returned alongside.
+        max_pixels: larger pictures (width x height) are refused before their pixels are read
+            (None: :data:`MAX_IMAGE_PIXELS`).
 
     Raises:
         DecodeError: not an image, truncated, corrupt, empty, or too large to decode safely.
     """
     if not data:
         raise DecodeError("empty file")
-    with _decoding():
+    max_pixels = max_pixels or MAX_IMAGE_PIXELS
+    with _decoding(max_pixels):
         img = Image.open(io.BytesIO(data))
         width, height = img.size
+        _check_size(width, height, max_pixels)
         rotated = img.getexif().get(0x0112) in _ROTATING_ORIENTATIONS
         if rotated:
             width, height = height, width
@@ -171,17 +203,20 @@ def decode_image(
     return rgb, width, height
 
 
-def jpeg_header(data: bytes) -> tuple[int, int, bool] | None:
+def jpeg_header(data: bytes, max_pixels: int | None = None) -> tuple[int, int, bool] | None:
     """(displayed width, height, plain) of a JPEG from its header alone, or None if not a JPEG.
 
     ``plain`` is True for a baseline RGB or grayscale JPEG without EXIF rotation, the kind a
-    GPU decoder handles exactly; anything else (CMYK, rotated) should take the CPU path.
+    GPU decoder handles exactly; anything else (CMYK, rotated) should take the CPU path. A JPEG
+    over ``max_pixels`` is refused as :func:`decode_image` refuses it.
     """
     if data[:2] != b"\xff\xd8":
         return None
-    with _decoding():
+    max_pixels = max_pixels or MAX_IMAGE_PIXELS
+    with _decoding(max_pixels):
         img = Image.open(io.BytesIO(data))
         width, height = img.size
+        _check_size(width, height, max_pixels)
         orientation = img.getexif().get(0x0112, 1)
     if orientation in _ROTATING_ORIENTATIONS:
         width, height = height, width

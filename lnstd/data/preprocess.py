@@ -24,7 +24,7 @@ from torch import nn
 
 from ..choices import FITS, Fit
 from ..ops import minmax, upsample
-from .decode import DecodeError, decode_image
+from .decode import MAX_IMAGE_PIXELS, DecodeError, decode_image
 
 __all__ = ["Geometry", "Preprocess", "input_size", "transform_for"]
 
@@ -66,6 +66,8 @@ class Preprocess:
         draft: decode JPEGs at a reduced DCT scale when the box is much larger than the input
             (benchmarks/README.md measures the speed and the difference to a full decode).
         reducing_gap: PIL's ``reducing_gap`` for large downscales (None: exact resampling).
+        max_pixels: larger pictures (width x height) are refused (``--max-image-pixels``; None:
+            Pillow's guard, :data:`lnstd.data.decode.MAX_IMAGE_PIXELS`).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class Preprocess:
         crop_pct: float = 1.0,
         draft: bool = True,
         reducing_gap: float | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         if fit not in FITS:
             raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
@@ -91,6 +94,7 @@ class Preprocess:
         self.crop_pct = float(crop_pct)
         self.draft = draft
         self.reducing_gap = reducing_gap
+        self.max_pixels = int(max_pixels or MAX_IMAGE_PIXELS)
 
     @classmethod
     def for_model(cls, model: nn.Module, fit: Fit = "resize", **kwargs: object) -> Preprocess:
@@ -132,7 +136,7 @@ class Preprocess:
     # --- images ----------------------------------------------------------------------------------
     def decode(self, data: bytes) -> tuple[Image.Image, Geometry]:
         """Bytes -> (decoded RGB picture, possibly at a reduced scale; its geometry)."""
-        img, width, height = decode_image(data, draft=self._needed)
+        img, width, height = decode_image(data, draft=self._needed, max_pixels=self.max_pixels)
         return img, self.geometry(width, height)
 
     def pixels_tensor(self, pixels: torch.Tensor, geom: Geometry) -> torch.Tensor:
@@ -151,9 +155,9 @@ class Preprocess:
         return self.normalize(out.clamp(0, 255) if out.is_floating_point() else out)
 
     @staticmethod
-    def decode_full(data: bytes) -> Image.Image:
+    def decode_full(data: bytes, max_pixels: int | None = None) -> Image.Image:
         """Bytes -> the RGB picture at its original size (for pictures of the result)."""
-        return decode_image(data)[0]
+        return decode_image(data, max_pixels=max_pixels)[0]
 
     def resized(self, img: Image.Image, geom: Geometry) -> Image.Image:
         """The box of ``img`` resized to the input size (``img`` may be a reduced-scale decode)."""

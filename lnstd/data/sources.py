@@ -85,6 +85,11 @@ class FolderSource(Source):
                 yield Item(image_id=uri[len(root) + 1 :], uri=uri)
             return
         root = storage.resolve(root, self.opts)[1]
+        if os.path.isfile(root):
+            raise InputError(
+                f"--input {self.uri} is one file: `lnstd run` takes a folder, an s3:// prefix or a "
+                "manifest (.parquet/.csv with a uri column); for single images use `lnstd explain IMAGE`"
+            )
         self.unreadable = []
         for path, regular in storage.walk_local(root, IMAGE_EXTENSIONS, self.unreadable):
             rel = path[len(root) + 1 :]
