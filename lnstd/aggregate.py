@@ -34,8 +34,7 @@ from .errors import OutputError
 from .metrics.registry import column_metrics, higher_is_better
 from .output import AGGREGATE, HEATMAPS, SHARD_COUNTS, Output
 
-__all__ = ["aggregate", "format_table", "heatmap_dataset", "plural"]
-
+__all__ = ["aggregate", "describe", "format_table", "heatmap_dataset", "plural"]
 BATCH_ROWS = 1 << 17
 _BINS = 16384
 _SCALE = 1e-3
@@ -358,3 +357,17 @@ def format_table(per_method: pa.Table) -> str:
             f"{(r['std'] or 0):10.4f} {r['median']:10.4f}"
         )
     return "\n".join(lines)
+
+
+def describe(result: dict[str, Any]) -> str:
+    """``lnstd aggregate``'s text: the counts in one line (marked partial without ``_SUCCESS``), the
+    commonest error reasons, and the per-method table."""
+    c = result["counts"]
+    lines = [
+        f"{plural(c['images'], 'image')} ({c['ok_images']} ok, {plural(c['error_images'], 'error')}), "
+        f"{plural(c['rows'], 'row')}, {plural(c['shards'], 'shard')}, "
+        f"{plural(len(c['methods']), 'method')}: {', '.join(c['methods'])}"
+        + ("" if c["complete"] else " (partial: no _SUCCESS; a run is writing this output or did not finish)")
+    ]
+    lines += [f"  {plural(e['images'], 'image')}: {e['error']}" for e in c["errors"][:5]]
+    return "\n".join([*lines, format_table(result["per_method"])])

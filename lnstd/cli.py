@@ -325,20 +325,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
-    from .aggregate import aggregate, format_table, plural
+    from .aggregate import aggregate, describe
     from .storage import StorageOptions
 
-    out = aggregate(args.output, StorageOptions.from_env(args.s3_endpoint))
-    c = out["counts"]
-    print(
-        f"{plural(c['images'], 'image')} ({c['ok_images']} ok, {plural(c['error_images'], 'error')}), "
-        f"{plural(c['rows'], 'row')}, {plural(c['shards'], 'shard')}, "
-        f"{plural(len(c['methods']), 'method')}: {', '.join(c['methods'])}"
-        + ("" if c["complete"] else " (partial: no _SUCCESS; a run is writing this output or did not finish)")
-    )
-    for e in c["errors"][:5]:
-        print(f"  {plural(e['images'], 'image')}: {e['error']}")
-    print(format_table(out["per_method"]))
+    print(describe(aggregate(args.output, StorageOptions.from_env(args.s3_endpoint))))
     return 0
 
 
