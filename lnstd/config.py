@@ -69,6 +69,7 @@ class Target:
     def __str__(self) -> str:
         return {"topk": f"topk:{self.k}", "class": str(self.k)}.get(self.kind, self.kind)
 
+
 # Result fields added after outputs were first written: recorded only when not at their default, so
 # those outputs still resume (their identity has no such key).
 _LATER_FIELDS = {"max_image_pixels": MAX_IMAGE_PIXELS}

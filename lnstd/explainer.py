@@ -19,9 +19,9 @@ from .errors import OptionError, UnknownOptionError
 from .methods import ChainMethod, Method, PassMethod, PassResult, get_method
 from .relevance import ChainRunner
 
-__all__ = ["Explainer", "Explanation", "explain", "split_options"]
+__all__ = ["DTYPES", "Explainer", "Explanation", "explain", "split_options"]
 
-_DTYPES: dict[Precision, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES: dict[Precision, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -265,7 +265,7 @@ class Explainer:
         return {name: dict(m.config) for name, m in self.methods.items()}
 
     def _autocast(self, device: torch.device) -> Callable[[], Any]:
-        dtype = _DTYPES[self.precision]
+        dtype = DTYPES[self.precision]
         return lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def _shared_pass(

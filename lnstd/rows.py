@@ -328,12 +328,12 @@ class RowBuilder:
     ) -> dict[str, np.ndarray]:
         """The ``--faithfulness`` columns of one method's maps of the batch ``x``, in the model's
         precision, one forward per ``--batch-size`` step images (lnstd/metrics/faithfulness.py)."""
-        from .explain import PRECISIONS
+        from .explainer import DTYPES
         from .metrics.faithfulness import faithfulness
 
         scores = faithfulness(
             self.model, x, heat, targets, metrics=self.cfg.faithfulness, chunk=self.cfg.batch_size,
-            dtype=PRECISIONS[self.cfg.precision],
+            dtype=DTYPES[self.cfg.precision],
         )  # fmt: skip
         return {k: v.cpu().numpy().astype(np.float32) for k, v in scores.items()}
 
