@@ -187,17 +187,10 @@ class Output:
             tmp = storage.stage_local(path, data)
             try:
                 with self._fenced():
-                    if not create_only:
-                        os.replace(tmp, path)
-                        return True
-                    try:
-                        os.link(tmp, path)
-                        return True
-                    except FileExistsError:
-                        return False
+                    return storage.publish_local(path, tmp, create_only)
             finally:
                 with contextlib.suppress(OSError):
-                    os.remove(tmp)
+                    os.remove(tmp)  # the fence refused: the temporary goes
         staged = self.path(STAGING, f"g{self.generation:06d}", f"{uuid.uuid4().hex}-{uri.rsplit('/', 1)[-1]}")
         etag = storage.s3_put_once(staged, data, self.opts, self.deadline)
         try:

@@ -36,6 +36,7 @@ __all__ = [
     "list_names",
     "local_uri",
     "precondition_failed",
+    "publish_local",
     "read_bytes",
     "remove_temporaries",
     "resolve",
@@ -49,7 +50,6 @@ __all__ = [
     "stage_local",
     "walk_local",
     "write_bytes",
-    "write_new",
 ]
 
 T = TypeVar("T")
@@ -328,34 +328,22 @@ def precondition_failed(exc: Exception) -> bool:
     return code in ("PreconditionFailed", "412", "ConditionalRequestConflict")
 
 
-def write_new(uri: str, data: bytes, opts: StorageOptions | None = None) -> bool:
-    """Create ``uri`` with ``data``, complete or not at all, only if nothing is there yet; False if
-    something is (it is left as it is). Local: a temporary, then a hard link to the name (which
-    fails if the name exists). S3: ``PutObject`` with ``If-None-Match: *`` (a conditional create)."""
-    fs, path = resolve(uri, opts)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = stage_local(path, data)
+def publish_local(path: str, tmp: str, create_only: bool = False) -> bool:
+    """Give the temporary ``tmp`` (from :func:`stage_local`) the name ``path``: an atomic rename, or
+    with ``create_only`` a hard link, which fails if the name exists (False then: what is there stays).
+    The temporary is gone afterwards either way."""
+    try:
+        if not create_only:
+            os.replace(tmp, path)
+            return True
         try:
             os.link(tmp, path)
             return True
         except FileExistsError:
             return False
-        finally:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-    client = s3_client(opts)
-    bucket, _, key = uri[len("s3://") :].partition("/")
-
-    def put() -> bool:
-        try:
-            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-            return True
-        except client.exceptions.ClientError as exc:
-            if precondition_failed(exc):
-                return False
-            raise OSError(str(exc)) from exc
-
-    return retry(put, f"writing {uri}")
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> None:
@@ -366,13 +354,7 @@ def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> No
     """
     fs, path = resolve(uri, opts)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = stage_local(path, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        publish_local(path, stage_local(path, data))
         return
 
     def put() -> None:

@@ -82,14 +82,21 @@ def test_parquet_readers_skip_a_killed_writers_temporary(tmp_path):
 
 
 @pytest.mark.integration
-def test_write_new_creates_once_and_never_replaces(tmp_path, s3_server, monkeypatch):
-    """A part is published only if its name is free (local: a hard link; S3: If-None-Match)."""
+def test_a_create_only_write_creates_once_and_never_replaces(tmp_path, s3_server, monkeypatch):
+    """A part is published only if its name is free (local: a hard link; S3: the staged copy is
+    made only if nothing has the name), and no temporary or staged object is left."""
+    from lnstd.output import Output
+
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     opts = storage.StorageOptions(s3_endpoint=s3_server.endpoint, region="us-east-1")
     s3_server.client().create_bucket(Bucket="once")
-    for uri in (str(tmp_path / "d" / "part-00000.parquet"), "s3://once/d/part-00000.parquet"):
-        assert storage.write_new(uri, b"first", opts) is True
-        assert storage.write_new(uri, b"second", opts) is False
+    for base in (str(tmp_path / "d"), "s3://once/d"):
+        out = Output(base, opts)
+        uri = out.path("part-00000.parquet")
+        assert out.write(uri, b"first", create_only=True) is True
+        assert out.write(uri, b"second", create_only=True) is False
         assert storage.read_bytes(uri, opts) == b"first"
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["part-00000.parquet"]  # no temporary left
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="once")["Contents"]]
+    assert keys == ["d/part-00000.parquet"]  # nothing left in staging
