@@ -427,25 +427,31 @@ def _cmd_train_toy(args: argparse.Namespace) -> int:
     from .train import check_destination, train_toy
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
-    check_destination(args.out, archs, args.force)  # before any training, not after the first model
+    check_destination(args.out, archs, args.force, args.dataset)  # before any training
     for arch in archs:
         train_toy(
             arch, args.out, steps=args.steps, seed=args.seed, train_images=args.train_images,
             batch=args.batch, lr=args.lr, warmup=args.warmup, target_accuracy=args.target_accuracy,
             device=args.device, max_minutes=args.max_minutes, threads=args.threads,
-            log=lambda m: print(m, flush=True), force=args.force,
+            log=lambda m: print(m, flush=True), force=args.force, dataset=args.dataset,
         )  # fmt: skip
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .train import toy_checkpoint
+    from .train import TRAIN_DATASETS, toy_checkpoint
 
     if args.model is None and args.checkpoint is None:
-        if args.dataset != "toy":
-            raise UsageError("--model or --checkpoint is required (only --dataset toy has default models)")
-        for arch in ("vit", "swin"):  # the committed known-answer models
-            _eval_one(args, str(toy_checkpoint(arch)))
+        if args.dataset not in TRAIN_DATASETS:
+            raise UsageError(
+                "--model or --checkpoint is required (only --dataset "
+                + ", ".join(TRAIN_DATASETS) + " have default models)"
+            )  # fmt: skip
+        committed = [p for a in ("vit", "swin") if (p := toy_checkpoint(a, args.dataset)).exists()]
+        if not committed:
+            raise UsageError(f"--dataset {args.dataset}: no committed model yet; give --checkpoint")
+        for path in committed:  # the committed known-answer models
+            _eval_one(args, str(path))
         return 0
     _eval_one(args, args.checkpoint)
     return 0
@@ -596,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_report)
     p = sub.add_parser("eval", help="measure explanation quality (segmentation, perturbation, sanity)")
-    p.add_argument("--dataset", required=True, help="toy | imagenet-seg:PATH | folder:PATH")
+    p.add_argument(
+        "--dataset", required=True, help="toy | planted | planted-shortcut | imagenet-seg:PATH | folder:PATH"
+    )
     _add_model_flags(p, required=False)
     _add_method_flags(p, default="all")  # a benchmark compares every method
     p.add_argument("--batch-size", type=int, default=50)
@@ -612,11 +620,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _common(p)
     p.set_defaults(func=_cmd_eval)
-    p = sub.add_parser("train-toy", help="train the known-answer benchmark's small ViT / Swin (CPU)")
+    p = sub.add_parser("train-toy", help="train the known-answer benchmarks' small ViT / Swin (CPU)")
     p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
     p.add_argument(
+        "--dataset", default="toy", help="toy | planted | planted-shortcut (the generated training set)"
+    )
+    p.add_argument(
         "--out", default="toy-checkpoints",
-        help="folder for toy_<arch>.safetensors/.json (the committed models stay in lnstd/checkpoints)",
+        help="folder for <dataset>_<arch>.safetensors/.json (the committed models stay in lnstd/checkpoints)",
     )  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace models already in --out")
     p.add_argument("--steps", type=int, default=2000, help="length of the cosine schedule")
