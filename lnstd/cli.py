@@ -608,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p, required=False)
     _add_method_flags(p, default="all")  # a benchmark compares every method
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--n", type=int, default=None, help="images to use (toy default 500)")
+    p.add_argument("--n", type=int, default=None, help="images to use (generated sets: default 500)")
     p.add_argument("--ablation", action="store_true", help="also lnstd's std x normalize x blocks table")
     p.add_argument("--no-perturbation", action="store_true", help="skip the perturbation curves")
     p.add_argument(

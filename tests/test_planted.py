@@ -16,6 +16,8 @@ from lnstd.errors import UsageError
 from lnstd.evidence import evidence_check, evidence_holds, masked_accuracies
 from lnstd.train import check_destination, make_model, toy_tensors
 
+from .jobhelpers import cli_in_process
+
 # The glyphs, written out here independently of the generator: class k is GLYPHS[k].
 GLYPHS = [
     ["..#..", "..#..", "#####", "..#..", "..#.."],  # plus
@@ -180,3 +182,36 @@ def test_eval_registry_serves_the_planted_sets_with_marker_masks():
 def test_train_toy_refuses_an_unknown_dataset_by_its_flag(tmp_path):
     with pytest.raises(UsageError, match="--dataset"):
         check_destination(str(tmp_path), ["vit"], dataset="plantd")
+
+
+def test_eval_without_a_committed_planted_model_asks_for_a_checkpoint(monkeypatch, tmp_path):
+    import lnstd.train
+
+    monkeypatch.setattr(lnstd.train, "CHECKPOINTS", tmp_path)  # no planted model there
+    code, err = cli_in_process("eval", "--dataset", "planted")
+    assert code != 0 and len(err.strip().splitlines()) == 1
+    assert "--dataset planted" in err and "--checkpoint" in err
+    code, err = cli_in_process("train-toy", "--dataset", "plantd", "--out", str(tmp_path))
+    assert code != 0 and "--dataset" in err and "plantd" in err
+
+
+def test_lnstd_eval_runs_on_the_planted_set(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from lnstd.train import TOY_MODELS
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in make_model("vit").state_dict().items()}, str(ckpt))
+    args = {k: v for k, v in TOY_MODELS["vit"]["model_args"].items() if k not in ("mean", "std")}
+    meta = {"model": TOY_MODELS["vit"]["model"], "model_args": args,
+            "normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}}  # fmt: skip
+    ckpt.with_suffix(".json").write_text(json.dumps(meta))
+    flags = ["--n", "6", "--methods", "gae", "--no-perturbation", "--no-progress", "--out", str(tmp_path)]
+    code, err = cli_in_process("eval", "--dataset", "planted-shortcut", "--checkpoint", str(ckpt), *flags)
+    assert code == 0, err
+    results = json.loads((tmp_path / "planted-shortcut-w" / "results.json").read_text())
+    assert results["n"] == 6 and results["dataset"] == "planted-shortcut"
+    assert 0 <= results["methods"]["gae"]["mass_in_mask"] <= 1
