@@ -197,11 +197,12 @@ def train_toy(
             log(f"{arch}: time limit of {max_minutes} min reached at step {step}")
             break
     command = (
-        f"lnstd train-toy --dataset {dataset} --arch {arch} --out {out} --steps {steps} --seed {seed} "
+        f"lnstd train-toy --arch {arch} --out {out} --steps {steps} --seed {seed} "
         f"--train-images {train_images} --batch {batch} --lr {lr} --warmup {warmup} "
         f"--target-accuracy {target_accuracy} --device {device}"
         + (f" --threads {threads}" if threads else "")
         + (f" --max-minutes {max_minutes}" if max_minutes else "")
+        + (f" --dataset {dataset}" if dataset != "toy" else "")
     )
     run = {"steps": step, "batch": batch, "seed": seed, "command": command}
     return _save(model.eval(), arch, dataset, out, run, t0, device, log)
