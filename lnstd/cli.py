@@ -555,6 +555,34 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_toy(sub) -> None:
+    """The ``train-toy`` subcommand: the known-answer benchmarks' small models."""
+    p = sub.add_parser("train-toy", help="train the known-answer benchmarks' small ViT / Swin (CPU)")
+    p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
+    p.add_argument(
+        "--dataset", default="toy", help="toy | planted | planted-shortcut (the generated training set)"
+    )
+    p.add_argument(
+        "--out", default="toy-checkpoints",
+        help="folder for <dataset>_<arch>.safetensors/.json (the committed models stay in lnstd/checkpoints)",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace models already in --out")
+    p.add_argument("--steps", type=int, default=2000, help="length of the cosine schedule")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-images", type=int, default=20_000, help="size of the generated training set")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    p.add_argument(
+        "--target-accuracy", type=float, default=0.99, help="stop once validation accuracy reaches this"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    _common(p)
+    p.set_defaults(func=_cmd_train_toy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands), also used by tests to check job entrypoints."""
     from . import __version__
@@ -620,30 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _common(p)
     p.set_defaults(func=_cmd_eval)
-    p = sub.add_parser("train-toy", help="train the known-answer benchmarks' small ViT / Swin (CPU)")
-    p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
-    p.add_argument(
-        "--dataset", default="toy", help="toy | planted | planted-shortcut (the generated training set)"
-    )
-    p.add_argument(
-        "--out", default="toy-checkpoints",
-        help="folder for <dataset>_<arch>.safetensors/.json (the committed models stay in lnstd/checkpoints)",
-    )  # fmt: skip
-    p.add_argument("--force", action="store_true", help="replace models already in --out")
-    p.add_argument("--steps", type=int, default=2000, help="length of the cosine schedule")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-images", type=int, default=20_000, help="size of the generated training set")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
-    p.add_argument(
-        "--target-accuracy", type=float, default=0.99, help="stop once validation accuracy reaches this"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
-    _common(p)
-    p.set_defaults(func=_cmd_train_toy)
+    _add_train_toy(sub)
     p = sub.add_parser("methods", help="list the attribution methods and their options")
     _common(p)
     p.set_defaults(func=_cmd_methods)
