@@ -555,7 +555,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_toy(sub) -> None:
+def _add_train_toy(sub: Any) -> None:
     """The ``train-toy`` subcommand: the known-answer benchmarks' small models."""
     p = sub.add_parser("train-toy", help="train the known-answer benchmarks' small ViT / Swin (CPU)")
     p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
