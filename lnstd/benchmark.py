@@ -22,7 +22,7 @@ from .evaluate import ablation, class_sensitivity, evaluate, write_results
 from .explainer import Explainer
 from .methods import applicable_methods
 from .models import load_model
-from .train import toy_checkpoint, toy_tensors
+from .train import TRAIN_DATASETS, toy_checkpoint, toy_tensors
 
 __all__ = ["Evaluated", "default_checkpoints", "evaluate_model"]
 
@@ -37,11 +37,15 @@ class Evaluated:
 
 
 def default_checkpoints(dataset: str) -> list[str]:
-    """The models evaluated when none is named: the committed known-answer ViT and Swin, for the toy
-    set only (a UsageError for any other set)."""
-    if dataset != "toy":
-        raise UsageError("--model or --checkpoint is required (only --dataset toy has default models)")
-    return [str(toy_checkpoint(arch)) for arch in ("vit", "swin")]
+    """The models evaluated when none is named: the committed ViT and Swin trained on a generated
+    set (``TRAIN_DATASETS``); a UsageError for any other set, or when none is committed yet."""
+    if dataset not in TRAIN_DATASETS:
+        sets = ", ".join(TRAIN_DATASETS)
+        raise UsageError(f"--model or --checkpoint is required (only --dataset {sets} have default models)")
+    committed = [str(p) for a in ("vit", "swin") if (p := toy_checkpoint(a, dataset)).exists()]
+    if not committed:
+        raise UsageError(f"--dataset {dataset}: no committed model yet; give --checkpoint")
+    return committed
 
 
 def evaluate_model(

@@ -204,7 +204,9 @@ def _demo(args: argparse.Namespace) -> tuple[str, str, str, dict[str, Any]]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import RunConfig
+    from .data.sources import open_source
     from .native_log import native_output_to_log
+    from .storage import is_s3
 
     given: dict[str, Any] = {}
     if args.input is None and args.model is None and args.checkpoint is None:
@@ -213,7 +215,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--input is required with --model")
     elif args.model is None and args.checkpoint is None:
         raise UsageError("--model is required with --input")
-    _check_local_input(given.get("input", args.input))
+    uri = given.get("input", args.input)
+    if not is_s3(uri):  # a local input that cannot be read at all: here, before torch loads
+        open_source(uri).check()
     checkpoint = given.get("checkpoint", args.checkpoint)
     if args.model is None and checkpoint is not None:
         from .models import checkpoint_config
@@ -236,16 +240,6 @@ def _model_name(args: argparse.Namespace) -> str:
     return Path(args.checkpoint).stem if args.checkpoint else str(args.model)
 
 
-def _check_local_input(uri: str) -> None:
-    """A local input that cannot be read at all fails here, in a second, before torch and the model
-    load (an S3 input is checked by the job, once its credentials are)."""
-    from .data.sources import open_source
-    from .storage import is_s3
-
-    if not is_s3(uri):
-        open_source(uri).check()
-
-
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .config import Target
     from .data.files import image_files
@@ -258,7 +252,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from .pictures import explain_files
     from .weights import weights_of
 
-    weights_of(args.model, args.checkpoint, args.pretrained, digest=False)  # random weights: said now
     torch.manual_seed(0)
     model = load_model(args.model, args.checkpoint, args.pretrained, **dict(args.model_arg))
     out_dir = os.path.join(args.out, _model_name(args))  # outputs of different models stay apart
@@ -266,6 +259,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         files, out_dir, model, args.methods, target=target.k,
         fit=args.fit, batch_size=args.batch_size, precision=args.precision, capture=args.capture,
         options=dict(args.option), max_pixels=args.max_image_pixels,
+        ready=lambda: weights_of(args.model, args.checkpoint, args.pretrained, digest=False),  # random?
     )  # fmt: skip
     skipped = f"; {len(done.skipped)} skipped" if done.skipped else ""
     print(f"lnstd: {len(files) - len(done.skipped)} images explained with {', '.join(done.methods)} "
@@ -289,13 +283,13 @@ def _cmd_train_toy(args: argparse.Namespace) -> int:
     from .train import check_destination, train_toy
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
-    check_destination(args.out, archs, args.force)  # before any training, not after the first model
+    check_destination(args.out, archs, args.force, args.dataset)  # before any training
     for arch in archs:
         train_toy(
             arch, args.out, steps=args.steps, seed=args.seed, train_images=args.train_images,
             batch=args.batch, lr=args.lr, warmup=args.warmup, target_accuracy=args.target_accuracy,
             device=args.device, max_minutes=args.max_minutes, threads=args.threads,
-            log=lambda m: print(m, flush=True), force=args.force,
+            log=lambda m: print(m, flush=True), force=args.force, dataset=args.dataset,
         )  # fmt: skip
     return 0
 
@@ -347,11 +341,13 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="measure explanation quality (segmentation, perturbation, sanity)")
-    p.add_argument("--dataset", required=True, help="toy | imagenet-seg:PATH | folder:PATH")
+    p.add_argument(
+        "--dataset", required=True, help="toy | planted | planted-shortcut | imagenet-seg:PATH | folder:PATH"
+    )
     _add_model_flags(p, required=False)
     _add_method_flags(p, default="all")  # a benchmark compares every method
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--n", type=int, default=None, help="images to use (toy default 500)")
+    p.add_argument("--n", type=int, default=None, help="images to use (generated sets: default 500)")
     p.add_argument("--ablation", action="store_true", help="also lnstd's std x normalize x blocks table")
     p.add_argument("--no-perturbation", action="store_true", help="skip the perturbation curves")
     p.add_argument(
@@ -366,11 +362,15 @@ def _add_eval(sub: Any) -> None:
 
 
 def _add_train_toy(sub: Any) -> None:
-    p = sub.add_parser("train-toy", help="train the known-answer benchmark's small ViT / Swin (CPU)")
+    """The ``train-toy`` subcommand: the known-answer benchmarks' small models."""
+    p = sub.add_parser("train-toy", help="train the known-answer benchmarks' small ViT / Swin (CPU)")
     p.add_argument("--arch", default="vit,swin", help="vit, swin or both (comma list)")
     p.add_argument(
+        "--dataset", default="toy", help="toy | planted | planted-shortcut (the generated training set)"
+    )
+    p.add_argument(
         "--out", default="toy-checkpoints",
-        help="folder for toy_<arch>.safetensors/.json (the committed models stay in lnstd/checkpoints)",
+        help="folder for <dataset>_<arch>.safetensors/.json (the committed models stay in lnstd/checkpoints)",
     )  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace models already in --out")
     p.add_argument("--steps", type=int, default=2000, help="length of the cosine schedule")

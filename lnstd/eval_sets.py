@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .data.decode import decode_mask
+from .data.planted import PLANTED_DATASETS, planted_batch
 from .data.preprocess import Preprocess, input_size
 from .data.sources import IMAGE_EXTENSIONS, open_source, read_mat_sample
 from .data.toy import toy_batch
@@ -44,18 +45,23 @@ def _batch(buf: list) -> Batch:
 def dataset_batches(
     spec: str, model: nn.Module, batch: int, n: int | None = None, seed: int = TOY_EVAL_SEED
 ) -> tuple[Callable[[], Iterator[Batch]], int]:
-    """``toy`` | ``imagenet-seg:PATH`` | ``folder:PATH`` -> (a function yielding batches, size).
+    """``toy`` | ``planted`` | ``planted-shortcut`` | ``imagenet-seg:PATH`` | ``folder:PATH`` ->
+    (a function yielding batches, size).
 
     Images are resized to the model's input size without cropping (the protocol's choice), masks
     with nearest neighbour; ``folder:PATH`` holds ``images/<stem>.<ext>``, ``masks/<stem>.png`` and
-    optionally ``labels.csv`` (``stem,label``). ``seed`` picks the toy split (default: the one
-    the README's figures use).
+    optionally ``labels.csv`` (``stem,label``). ``seed`` picks the generated split (default: the
+    one the README's figures use); on the planted sets the mask is the marker's box (the
+    shortcut variant's watermark, where drawn, lies outside it).
     """
     kind, _, path = spec.partition(":")
     size = input_size(model)
-    if kind == "toy":
+    if kind == "toy" or kind in PLANTED_DATASETS:
         count = n or 500
-        images, masks, labels = toy_batch(count, seed, size=size[0])
+        if kind == "toy":
+            images, masks, labels = toy_batch(count, seed, size=size[0])
+        else:
+            images, masks, labels, _ = planted_batch(count, seed, size[0], kind == "planted-shortcut")
 
         def toy() -> Iterator[Batch]:
             for k in range(0, count, batch):
@@ -99,7 +105,9 @@ def dataset_batches(
             yield from _chunks(pairs(), batch)
 
         return folder, len(stems)
-    raise UsageError(f"--dataset must be toy, imagenet-seg:PATH or folder:PATH, got {spec!r}")
+    raise UsageError(
+        f"--dataset must be toy, planted, planted-shortcut, imagenet-seg:PATH or folder:PATH, got {spec!r}"
+    )
 
 
 _FOLDER_LAYOUT = "folder:PATH holds images/<stem>.<ext>, masks/<stem>.png and optionally labels.csv"

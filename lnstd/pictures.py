@@ -65,6 +65,7 @@ def explain_files(
     options: Mapping[str, Any] | None = None,
     max_pixels: int | None = None,
     log: Callable[[str], None] = _say,
+    ready: Callable[[], None] | None = None,
 ) -> Explained:
     """Explain image files in batches and draw ``OUT_DIR/<stem>_<method>.png`` (the heatmap over
     the full-size image) and ``OUT_DIR/<stem>_strip.png`` (the image and every method side by side).
@@ -79,6 +80,8 @@ def explain_files(
             :class:`~lnstd.data.preprocess.Preprocess`.
         max_pixels: pictures larger than this (width x height) are skipped; None: Pillow's guard.
         log: receives one line per file that is skipped (unreadable or not an image).
+        ready: called once every setting is checked, before the first file is read (the command
+            line says there whether the model has random weights, after any refusal).
 
     Raises:
         OptionError, UnsupportedModelError: a method, option or capture that cannot be used,
@@ -86,6 +89,8 @@ def explain_files(
     """
     methods = list(methods or applicable_methods(get_adapter(model)))
     explainer = Explainer(model, methods, precision=precision, capture=capture, **dict(options or {}))
+    if ready is not None:
+        ready()
     prep = Preprocess.for_model(model, fit, max_pixels=max_pixels)
     done = Explained(methods)
     for k in range(0, len(files), batch_size):

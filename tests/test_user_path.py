@@ -217,7 +217,7 @@ def test_every_run_flag_reaches_its_config_field(tmp_path):
         "--address", "auto", "--precision", "bf16", "--capture", "fused", "--target", "topk:3",
         "--fit", "center-crop", "--decode", "gpu", "--save-png", "--overwrite", "--refresh-input", "--dedupe",
         "--s3-endpoint", "http://x", "--lease-ttl", "7", "--startup-timeout", "9", "-v", "--fail-on-errors",
-        "--pretrained",
+        "--pretrained", "--faithfulness", "deletion,road", "--max-image-pixels", "1000",
     ])  # fmt: skip
     expect = dict(
         input=str(tmp_path / "in"), output=str(tmp_path / "out"), model="m", methods=["gae", "lnstd"],
@@ -225,10 +225,11 @@ def test_every_run_flag_reaches_its_config_field(tmp_path):
         gpus_per_actor=0.5, cpus_per_actor=2.0, address="auto", precision="bf16", capture="fused",
         target="topk:3", fit="center-crop", decode="gpu", save_png=True, overwrite=True, refresh_input=True,
         dedupe=True, s3_endpoint="http://x", lease_ttl=7.0, startup_timeout=9.0, verbose=True,
-        fail_on_errors=True, pretrained=True,
+        fail_on_errors=True, pretrained=True, faithfulness=["deletion", "road"], max_image_pixels=1000,
     )  # fmt: skip
     cfg = RunConfig.from_args(args)
-    assert {f.name for f in fields(RunConfig)} - set(expect) == {"checkpoint", "checkpoint_sha256"}
+    # the checkpoint's (a flag of its own, and its digest) and the weights' record (made at validation)
+    assert {f.name for f in fields(RunConfig)} - set(expect) == {"checkpoint", "checkpoint_sha256", "weights"}
     assert {k: getattr(cfg, k) for k in expect} == expect
     defaults = RunConfig(input="i", output="o", model="m", methods=[])
     assert all(getattr(defaults, k) != v for k, v in expect.items() if k not in ("model",))
