@@ -215,9 +215,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--input is required with --model")
     elif args.model is None and args.checkpoint is None:
         raise UsageError("--model is required with --input")
-    uri = given.get("input", args.input)
-    if not is_s3(uri):  # a local input that cannot be read at all: here, before torch loads
-        open_source(uri).check()
     checkpoint = given.get("checkpoint", args.checkpoint)
     if args.model is None and checkpoint is not None:
         from .models import checkpoint_config
@@ -225,7 +222,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         given["model"] = checkpoint_config(checkpoint).get("model") if os.path.isfile(checkpoint) else None
         if given["model"] is None:
             raise UsageError(f"--model is required: {checkpoint} has no JSON beside it naming the model")
-    cfg = RunConfig.from_args(args, **given)
+    cfg = RunConfig.from_args(args, **given)  # every flag's value checked, then the input
+    if not is_s3(cfg.input):  # a local input that cannot be read at all: here, before torch loads
+        open_source(cfg.input).check()
     from .jobs.attribute import run  # torch, timm and Ray: after every check that needs none of them
 
     with native_output_to_log(args.verbose):

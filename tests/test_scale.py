@@ -35,7 +35,6 @@ from .jobhelpers import (
     run_cli,
     tiny_checkpoint,
 )
-from .test_newcomer import no_ray  # noqa: F401  (a fixture)
 
 QUICK = ["--methods", "gae", "--shard-size", "4", "--no-progress", "--no-report", "--cpus-per-actor", "0.5"]
 
@@ -121,7 +120,7 @@ def test_a_repeated_uri_among_many_is_found_by_its_row(tmp_path):
 
 
 # --- the lease before anything expensive -----------------------------------------------------------
-def test_a_second_run_is_refused_before_listing_or_ray(tmp_path, monkeypatch, no_ray):  # noqa: F811
+def test_a_second_run_is_refused_before_listing_or_ray(tmp_path, monkeypatch, no_ray):
     """A live lease on the output: the run stops at the lease, in one line, without Ray (importing it
     fails here) and without writing a plan."""
     import json
@@ -233,7 +232,7 @@ def test_a_refresh_killed_after_the_plan_grew_leaves_no_stale_success(tmp_path):
     assert (out / "_SUCCESS").exists()
 
 
-def test_pretrained_weights_that_cannot_be_had_fail_before_ray_in_seconds(tmp_path, monkeypatch, no_ray):  # noqa: F811
+def test_pretrained_weights_that_cannot_be_had_fail_before_ray_in_seconds(tmp_path, monkeypatch, no_ray):
     """No cached weights and no hub (offline): one line naming --pretrained and the way out,
     before Ray (importing it fails here) and without the hub client's minute of retries."""
     import huggingface_hub.constants as hub
