@@ -98,6 +98,7 @@ def write_bad_refs(path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a whole job, about 25 s
 def test_a_mat_with_bad_references_gives_those_images_error_rows(ckpt, tmp_path):
     mat = tmp_path / "gtsegs_ijcv.mat"
     write_bad_refs(mat)

@@ -246,6 +246,7 @@ def test_a_lost_plan_record_with_a_changed_input_is_one_line_not_a_shifted_plan(
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # two runs end to end, about 55 s; the default run checks the same healing on a stray part
 def test_another_runs_part_landing_mid_run_is_removed_and_its_shard_done_again(ckpt, tmp_path):
     """A part of another run appears in the shard range while the run works (a delayed write):
     the run removes it and does the shard itself (was: counted out but kept, no _SUCCESS, exit 0)."""

@@ -63,6 +63,7 @@ def test_explain_skips_pictures_over_the_limit(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a whole job, about 25 s; the limit itself is unit-tested above
 def test_run_passes_the_limit_to_its_actors(tmp_path):
     ckpt = tiny_checkpoint(tmp_path)
     (tmp_path / "in").mkdir()

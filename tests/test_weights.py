@@ -130,6 +130,7 @@ def test_attributor_warns_of_random_weights_only(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a whole job, about 55 s; the weights record is unit-tested above
 def test_run_of_an_hf_folder_records_it_and_random_weights_are_said_first(tmp_path):
     from .test_hf import make_hf
 
