@@ -242,7 +242,7 @@ def _attribute(
         check.join()
         if check.error:
             log(f"warning: the input check failed ({check.error}); the plan was finished as recorded")
-    return _finish(cfg, out, lease, start, sched, check, t_start)
+    return _finish(cfg, out, start, sched, check, t_start)
 
 
 def _redo_bad_parts(
@@ -269,7 +269,6 @@ def _redo_bad_parts(
 def _finish(
     cfg: RunConfig,
     out: Output,
-    lease: Lease,
     start: _Start,
     sched: Scheduler | None,
     check: InputCheck | None,
