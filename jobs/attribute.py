@@ -214,6 +214,7 @@ def _attribute(
     shards = ShardSource(start.plan.shards, start.committed, refresh)
     pool: ReplicaPool | None = None
     sched: Scheduler | None = None
+    checked: tuple[set[int], dict[str, int]] = (set(), {"images": 0, "ok": 0, "errors": 0})
     probe = out.probe(lease.token)
     out.write(probe, start.run_id.encode())
     try:
@@ -229,7 +230,7 @@ def _attribute(
                 pool, shards, lease.lost, start.plan.inputs, cfg.startup_timeout, out.uri, progress
             )
             sched.run(start.prior["images"])
-            _redo_bad_parts(cfg, out, start, sched, shards)
+            checked = _redo_bad_parts(cfg, out, start, sched, shards)
             sched.close()
     except BaseException:
         if pool is not None:
@@ -242,28 +243,32 @@ def _attribute(
         check.join()
         if check.error:
             log(f"warning: the input check failed ({check.error}); the plan was finished as recorded")
-    return _finish(cfg, out, start, sched, check, t_start)
+    return _finish(cfg, out, start, sched, check, checked, t_start)
 
 
 def _redo_bad_parts(
     cfg: RunConfig, out: Output, start: _Start, sched: Scheduler, shards: ShardSource
-) -> None:
+) -> tuple[set[int], dict[str, int]]:
     """Before the replicas stop: every part that appeared during the run is checked; one that is not
     this run's (a delayed write of another run), not a shard of the plan, or short, is removed under
-    the fence and its shard run again (up to the shard's tries)."""
+    the fence and its shard run again (up to the shard's tries). Returns the good parts checked and
+    their totals (a good part cannot change after: :func:`_finish` reads only the others)."""
     checked: set[int] = set()
+    totals = {"images": 0, "ok": 0, "errors": 0}
     for _ in range(SHARD_TRIES):
         start.plan.reload()
         new = out.committed() - start.committed - checked
         good = set(new)
-        verify_parts(out, start.plan, good, start.run_id, len(cfg.methods), cfg.topk, heal=True)
+        found = verify_parts(out, start.plan, good, start.run_id, len(cfg.methods), cfg.topk, heal=True)
         checked |= good
+        totals = {k: totals[k] + found[k] for k in totals}
         redo = sorted(s for s in new - good if s < start.plan.shards and s not in sched.failed_shards)
         if not redo:
-            return
+            break
         for s in redo:
             shards.retry(s)
         sched.run()
+    return checked, totals
 
 
 def _finish(
@@ -272,6 +277,7 @@ def _finish(
     start: _Start,
     sched: Scheduler | None,
     check: InputCheck | None,
+    checked: tuple[set[int], dict[str, int]],
     t_start: float,
 ) -> Manifest:
     """What the output holds now, from the parts themselves (each checked against the plan and this
@@ -279,16 +285,17 @@ def _finish(
     plan = start.plan
     plan.reload()
     out.remove_temporaries()
-    # The parts checked before the run cannot have changed since: parts are created, never
-    # replaced, and only this run's holder deletes. Only the others are read now; one that is not
-    # this run's (or not the plan's) is removed.
-    new = out.committed() - start.committed
+    # The parts checked before the run, or before its replicas stopped (``checked``), cannot have
+    # changed since: parts are created, never replaced, and only this run's holder deletes. Only the
+    # others are read now (one footer read per part per run); one that is not this run's (or not the
+    # plan's) is removed.
+    good, seen = checked
+    new = out.committed() - start.committed - good
     final = verify_parts(out, plan, new, start.run_id, len(cfg.methods), cfg.topk, heal=True)
-    final = {k: final[k] + start.prior[k] for k in final}
+    final = {k: final[k] + start.prior[k] + seen[k] for k in final}
     failed = sched.failed if sched else []
-    complete = (
-        not failed and start.committed | new >= set(range(plan.shards)) and final["images"] == plan.inputs
-    )
+    present = start.committed | good | new
+    complete = not failed and present >= set(range(plan.shards)) and final["images"] == plan.inputs
     t_ready = sched.t_ready if sched else time.time()
     elapsed = time.time() - t_start
     done = sched.counts if sched else {"shards_done": 0}
