@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from lnstd import storage
 from lnstd.config import Target
 from lnstd.errors import LnstdError, one_line
-from lnstd.output import HEATMAPS, SUCCESS, Manifest, Output, shard_of
+from lnstd.output import HEATMAPS, SUCCESS, Footer, Manifest, Output, shard_of
 from lnstd.plan import Plan
 
 __all__ = ["Verdict", "command", "repair", "verify"]
@@ -100,8 +100,9 @@ def _check_parts(out: Output, plan: Plan, manifest: Manifest, v: Verdict) -> dic
     problems: list[str] = []
     for name in storage.list_names(out.path(HEATMAPS), out.opts):
         shard = shard_of(name)
+        f = out.footer(shard) if shard is not None and shard < plan.shards else None
         why = (
-            _part_problem(out, plan, manifest.run_id, shard, methods, topk)
+            _part_problem(out, plan, manifest.run_id, shard, f, methods, topk)
             if shard is not None
             else "not a part"
         )
@@ -111,7 +112,6 @@ def _check_parts(out: Output, plan: Plan, manifest: Manifest, v: Verdict) -> dic
             continue
         assert shard is not None
         seen.add(shard)
-        f = out.footer(shard)
         for k in totals:
             totals[k] += int(f.counts.get(k, 0)) if f else 0
     v.missing = sorted(set(range(plan.shards)) - seen)
@@ -121,12 +121,11 @@ def _check_parts(out: Output, plan: Plan, manifest: Manifest, v: Verdict) -> dic
 
 
 def _part_problem(
-    out: Output, plan: Plan, run_id: str, shard: int, methods: int, topk: int | None
+    out: Output, plan: Plan, run_id: str, shard: int, f: Footer | None, methods: int, topk: int | None
 ) -> str | None:
-    """Why shard ``shard``'s part is not a committed part of this run (None: it is)."""
+    """Why shard ``shard``'s part (its footer ``f``) is not a committed part of this run (None: it is)."""
     if shard >= plan.shards:
         return f"shard {shard} is not in the plan's {plan.shards}"
-    f = out.footer(shard)
     if f is None:
         return "unreadable"
     if f.run_id != run_id:
