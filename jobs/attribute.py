@@ -18,6 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from lnstd import storage
+from lnstd.aggregate import plural
 from lnstd.config import RunConfig
 from lnstd.data import Source
 from lnstd.errors import ConfigMismatchError, OutputError, one_line
@@ -337,9 +338,9 @@ def _finish(
 def _summary(m: Manifest, out: Output, elapsed: float) -> None:
     c, t = m.counts, m.timings
     log(
-        f"{'done' if not m.failed_shards else 'FAILED'}: {c['images']} images ({c['ok']} ok, {c['errors']} "
-        f"errors); this run wrote {c['shards_done']} shards at {t['images_per_s']:.1f} img/s, "
-        f"{c['shards_skipped']} shards were already committed, {c['shards_failed']} failed; "
+        f"{'done' if not m.failed_shards else 'FAILED'}: {plural(c['images'], 'image')} ({c['ok']} ok, "
+        f"{plural(c['errors'], 'error')}); this run wrote {plural(c['shards_done'], 'shard')} at "
+        f"{t['images_per_s']:.1f} img/s, {c['shards_skipped']} already committed, {c['shards_failed']} failed; "
         f"{elapsed:.1f} s in all (start-up {t['startup_s']:.1f} s) -> {out.uri}"
     )
 

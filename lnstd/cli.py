@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import os
 import sys
@@ -25,6 +26,10 @@ from .errors import LnstdError, OptionError, UsageError, one_line, one_line_warn
 from .jobs.specs import expand_specs
 
 __all__ = ["build_parser", "main"]
+
+# A write that fails for want of room or permission on the machine, not for a bug: one line, exit 2.
+_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+         errno.EROFS: "the file system is read-only"}  # fmt: skip
 
 DEMO_IMAGES = 48
 # The paper's method and the cheapest gradient baseline: one forward + backward per image. `all`
@@ -470,6 +475,7 @@ def _main(argv: Sequence[str] | None) -> int:
             return 2
         return int(args.func(args) or 0)
     except LnstdError as exc:
+        _end_progress_bars()  # the message starts a line of its own
         if show:
             traceback.print_exc()
         flag = f"{exc.flag}: " if isinstance(exc, OptionError) else ""  # the flag the user typed
@@ -481,15 +487,32 @@ def _main(argv: Sequence[str] | None) -> int:
         why = " (a rerun of the same command resumes)" if resumes else ""
         print(f"lnstd: interrupted{why}", file=sys.stderr)
         return 130
-    except Exception as exc:
+    except OSError as exc:
+        if exc.errno not in _FULL:
+            return _bug(exc, show)
+        _end_progress_bars()
         if show:
             traceback.print_exc()
-        print(
-            f"lnstd: internal error ({type(exc).__name__}: {one_line(exc, 300)}); "
-            "this is a bug: rerun with --traceback and report it",
-            file=sys.stderr,
-        )
-        return 1
+        where = f" ({exc.filename})" if exc.filename else ""
+        again = " (it resumes from what was committed)" if getattr(args, "command", None) == "run" else ""
+        print(f"lnstd: error: {_FULL[exc.errno]}{where}: make room and run the same command again{again}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    except Exception as exc:
+        return _bug(exc, show)
+
+
+def _bug(exc: Exception, show: bool) -> int:
+    """An error the code did not expect: one line saying so (the traceback with ``show``), exit 1."""
+    _end_progress_bars()
+    if show:
+        traceback.print_exc()
+    print(
+        f"lnstd: internal error ({type(exc).__name__}: {one_line(exc, 300)}); "
+        "this is a bug: rerun with --traceback and report it",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

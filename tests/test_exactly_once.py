@@ -90,7 +90,7 @@ def test_resume_after_inputs_were_added_and_removed_keeps_exactly_once(ckpt, tmp
     rows = {r["image_id"]: r for r in read_rows(out, ["image_id", "status", "error"])}
     assert rows["img17.png"]["status"] == "error" and rows["img17.png"]["error"] == "missing at run time"
     assert rows["img02.png"]["status"] == "ok"  # committed before it was removed
-    assert "20 images (19 ok, 1 errors)" in r.stderr
+    assert "20 images (19 ok, 1 error)" in r.stderr
     assert "resuming: 3 of 4 shards already committed" in r.stderr
 
     r = run_cli(*args, "--refresh-input")
