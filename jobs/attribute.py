@@ -340,8 +340,8 @@ def _summary(m: Manifest, out: Output, elapsed: float) -> None:
     log(
         f"{'done' if not m.failed_shards else 'FAILED'}: {plural(c['images'], 'image')} ({c['ok']} ok, "
         f"{plural(c['errors'], 'error')}); this run wrote {plural(c['shards_done'], 'shard')} at "
-        f"{t['images_per_s']:.1f} img/s, {c['shards_skipped']} already committed, {c['shards_failed']} failed; "
-        f"{elapsed:.1f} s in all (start-up {t['startup_s']:.1f} s) -> {out.uri}"
+        f"{t['images_per_s']:.1f} img/s, {c['shards_skipped']} already committed, "
+        f"{c['shards_failed']} failed; {elapsed:.1f} s in all (start-up {t['startup_s']:.1f} s) -> {out.uri}"
     )
 
 
