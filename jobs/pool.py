@@ -145,7 +145,11 @@ class RayBackend:
         try:
             return ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            raise ActorLost(last_line(exc), init_failed=exc.actor_init_failed) from None
+            if exc.actor_init_failed:
+                raise ActorLost(last_line(exc), init_failed=True) from None
+            # Ray's first sentence says what happened ("... its worker process has died", "... its
+            # node has died"); the rest is a troubleshooting guide, in Ray's log for who wants it.
+            raise ActorLost(last_line(exc).split(". ")[0].rstrip("."), init_failed=False) from None
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, LeaseLostError):  # every other shard would meet the same: stop now

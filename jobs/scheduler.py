@@ -165,8 +165,8 @@ class Scheduler:
         try:
             _, res = self.pool.finished(ref)
         except ActorLost as exc:
-            log(f"actor lost on shard {exc.shard}; replacing it")
-            self._retry(exc.shard, exc.why)
+            log(f"actor lost on shard {exc.shard}; replacing it ({exc.why})")
+            self._retry(exc.shard, exc.why, said=True)
             return
         except CallFailed as exc:
             self._retry(exc.shard, exc.why)
@@ -181,11 +181,14 @@ class Scheduler:
         self.bar.set_postfix_str(f"{self.rate():.1f} img/s", refresh=False)
         self.bar.update(res.images)
 
-    def _retry(self, shard: int, why: str) -> None:
+    def _retry(self, shard: int, why: str, said: bool = False) -> None:
+        """Queue ``shard`` again, or record it failed after :data:`SHARD_TRIES` tries (``said``: the
+        caller has told the user already)."""
         tries = self.tries.get(shard, 0) + 1
         self.tries[shard] = tries
         if tries < SHARD_TRIES:
-            log(f"shard {shard} failed ({why}); retrying")
+            if not said:
+                log(f"shard {shard} failed ({why}); retrying")
             self.source.retry(shard)
         else:
             self.failed.append({"shard": shard, "error": why})

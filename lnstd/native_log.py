@@ -26,7 +26,8 @@ __all__ = ["keep", "native_output_to_log"]
 @contextlib.contextmanager
 def native_output_to_log(verbose: bool) -> Iterator[str | None]:
     """Send what native code writes to file descriptor 2 (Ray's core worker and raylet state dumps,
-    Arrow's and the AWS SDK's retry messages) to a log file, ``$TMPDIR/lnstd-native-*.log``, kept
+    Arrow's and the AWS SDK's retry messages) and Python's ``sys.stdout`` (where Ray prints the
+    raylet's messages) to a log file, ``$TMPDIR/lnstd-native-*.log``, kept
     when the body raises and removed otherwise (also after Ctrl-C); Python's ``sys.stderr`` (our
     one-line messages, the progress bar, ``--traceback``) still reaches the user. With ``verbose``
     nothing is redirected.
@@ -63,6 +64,12 @@ def native_output_to_log(verbose: bool) -> Iterator[str | None]:
         sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
     os.dup2(out_w, 2)
     os.close(out_w)
+    # Ray's driver prints the raylet's error messages ("(raylet) A worker died ...", with colour
+    # codes) on Python's stdout from a thread of its own; a run says what it does on stderr, so its
+    # stdout goes to the log as well.
+    sys.stdout.flush()
+    shown = sys.stdout
+    sys.stdout = os.fdopen(os.dup(2), "w", buffering=1, errors="backslashreplace")
     failed = True
     try:
         yield path
@@ -78,6 +85,9 @@ def native_output_to_log(verbose: bool) -> Iterator[str | None]:
         except KeyboardInterrupt:  # a second Ctrl-C during Ray's shutdown: stop waiting for it
             pass
         sys.stderr.flush()
+        with contextlib.suppress(Exception):
+            sys.stdout.close()
+        sys.stdout = shown
         os.write(life_w, b"done")  # we finish by ourselves: the keeper need not speak
         os.dup2(saved, 2)
         os.close(saved)

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,10 +203,12 @@ def test_killed_actor_is_replaced_and_the_job_completes(ckpt, tmp_path):
     cmd = [sys.executable, "-m", "lnstd", "run", "--input", str(tmp_path / "in"), "--output",
            str(out), *model_flags(ckpt), "--methods", "gae", "--shard-size", "4", "--batch-size", "4",
            *FAST]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
+    shown: list[str] = []  # stdout (Ray's driver prints the raylet's "A worker died ..." there)
+    threading.Thread(target=lambda: shown.extend(proc.stdout), daemon=True).start()
     try:
         deadline = time.time() + 120
         pid = None
@@ -223,6 +226,13 @@ def test_killed_actor_is_replaced_and_the_job_completes(ckpt, tmp_path):
         if proc.poll() is None:
             proc.kill()
     reader.join(timeout=10)
+    # the loss is told in one line of ours (was: Ray's coloured multi-line raylet diagnostic, and a
+    # "shard N failed (...)" line quoting Ray's troubleshooting guide)
+    assert shown == [] and not [ln for ln in lines if "raylet" in ln or "\x1b[" in ln], lines
+    lost = [ln for ln in lines if "actor lost" in ln or "failed (" in ln]
+    said = r"lnstd: actor lost on shard \d+; replacing it \(The actor is dead because its worker process "
+    said += r"has died\)\n"
+    assert 1 <= len(lost) <= 2 and all(re.fullmatch(said, ln) for ln in lost), lost  # and a call queued on it
     rows = read_rows(out, ["image_id", "status"])
     ids = collections.Counter(r["image_id"] for r in rows)
     assert set(ids) == set(names) and set(ids.values()) == {1}

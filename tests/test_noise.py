@@ -68,9 +68,9 @@ def test_native_diagnostics_go_to_a_log_and_the_user_sees_lnstds_lines():
 
 def test_a_killed_run_with_nothing_native_to_say_leaves_no_log_and_no_line():
     script = (
-        "import os, signal\nfrom lnstd.native_log import native_output_to_log\n"
-        "with native_output_to_log(verbose=False) as log:\n"
-        "    print(log, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "import os, signal, sys\nfrom lnstd.native_log import native_output_to_log\n"
+        "with native_output_to_log(verbose=False) as log:\n"  # (sys.stdout goes to the log inside)
+        "    print(log, file=sys.__stdout__, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == -9 and r.stderr == ""
