@@ -121,8 +121,9 @@ def _start(cfg: RunConfig, out: Output, lease: Lease, source: Source) -> _Start:
     else:  # list once, into the output (ids checked here), before any actor waits for work
         plan = Plan.create(out, source, cfg.shard_size, dedupe=cfg.dedupe)
         skipped = source.notice()
-        _plan_line = f"plan: {plan.inputs} inputs in {plan.shards} shards of up to {cfg.shard_size}"
-        log(_plan_line + (f"; {skipped}" if skipped else ""))
+        line = f"plan: {plural(plan.inputs, 'input')} in {plural(plan.shards, 'shard')}"
+        line += f" of up to {cfg.shard_size}"
+        log(line + (f"; {skipped}" if skipped else ""))
     out.write_run(run_id, cfg.identity())
     out.remove_temporaries()
     committed = out.committed()

@@ -262,6 +262,12 @@ class ReplicaPool:
             log(f"an actor was lost while starting ({exc.why}); starting another")
             self.spawn()
             return
+        except CallFailed as exc:  # its look at the storage raised (its node lacks the credentials)
+            self.backend.kill(actor)
+            raise OutputError(
+                f"an actor could not reach the run's storage ({exc.why}): every node needs the "
+                "storage's credentials"
+            ) from None
         if info.cannot_see:
             self.backend.kill(actor)
             raise OutputError(

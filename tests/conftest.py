@@ -22,17 +22,20 @@ def swin():
     return sharpen(make_swin())
 
 
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "lnstd-test-key",
+    "AWS_SECRET_ACCESS_KEY": "lnstd-test-secret-do-not-log",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
 class S3Server:
     """A real S3 HTTP endpoint (moto's server mode) on 127.0.0.1, with test credentials."""
 
     def __init__(self, port: int) -> None:
         self.endpoint = f"http://127.0.0.1:{port}"
-        self.env = {
-            "AWS_ACCESS_KEY_ID": "lnstd-test-key",
-            "AWS_SECRET_ACCESS_KEY": "lnstd-test-secret-do-not-log",
-            "AWS_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
+        self.env = dict(S3_CREDENTIALS)
 
     def fs(self):
         """A pyarrow S3 filesystem on this server (for reading what a run wrote)."""
@@ -123,3 +126,38 @@ def no_ray(monkeypatch):
         raise RuntimeError("Ray was started before the run's checks")
 
     monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.fixture(scope="session")
+def _ray_head():
+    """One Ray head node per test process (``ray.cluster_utils.Cluster``, a real raylet and GCS)
+    with this machine's two CPUs, started once: the job tests that use :func:`shared_ray` join it
+    as a user's ``RAY_ADDRESS`` would, instead of starting and stopping a cluster per run (about
+    7 s each). Tests about starting Ray itself run without it."""
+    import os
+
+    from ray.cluster_utils import Cluster
+
+    # its node holds the test S3 server's credentials, as a cluster's nodes hold theirs (a run does
+    # not ship secrets to its actors; the endpoint it does ship)
+    saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
+    os.environ.update(S3_CREDENTIALS)
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        yield cluster.address
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture
+def shared_ray(_ray_head, monkeypatch):
+    """Runs of this test (subprocesses and in-process) join the session's Ray head."""
+    monkeypatch.setenv("RAY_ADDRESS", _ray_head)
+    return _ray_head

@@ -36,7 +36,7 @@ from .jobhelpers import (
     run_cli,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_ray")]
 
 FAST = ["--no-progress", "--no-report", "--cpus-per-actor", "0.5", "--methods", "gae"]
 
@@ -135,6 +135,34 @@ def test_resume_on_s3_after_inputs_changed(s3_server, ckpt):
     ids = collections.Counter(r["image_id"] for r in rows)
     assert set(ids.values()) == {1} and set(ids) == {f"b{k}.png" for k in range(10)} | {"a0.png"}
     assert next(r for r in rows if r["image_id"] == "b9.png")["error"] == "missing at run time"
+
+
+def test_a_cluster_whose_nodes_lack_the_storage_credentials_is_one_line(s3_server, ckpt, tmp_path):
+    """The driver has credentials, the cluster's node does not (a submitted job on a cluster whose
+    worker pods have no role): one line naming the cause, exit 2, nothing attributed (was: exit 1,
+    "internal error (CallFailed: ... no AWS credentials ...)")."""
+    from ray.cluster_utils import Cluster
+
+    client = s3_server.client()
+    client.create_bucket(Bucket="nocreds")
+    client.put_object(Bucket="nocreds", Key="in/a.png", Body=good_image(1))
+    saved = {k: os.environ.pop(k) for k in s3_server.env if k in os.environ}
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    finally:
+        os.environ.update(saved)
+    try:
+        r = run_cli("run", "--input", "s3://nocreds/in", "--output", "s3://nocreds/out", *model_flags(ckpt),
+                    "--s3-endpoint", s3_server.endpoint, "--address", cluster.address, *FAST,
+                    env={**s3_server.env, "RAY_ADDRESS": None})  # fmt: skip
+    finally:
+        cluster.shutdown()
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("lnstd: error: an actor could not reach the run's storage ("), last
+    assert "no AWS credentials" in last and "every node needs the storage's credentials" in last
+    assert client.list_objects_v2(Bucket="nocreds", Prefix="out/heatmaps/")["KeyCount"] == 0
+    assert "lnstd-test-secret" not in r.stderr
 
 
 # --- 2. one bad label loses nothing but itself --------------------------------------------------------
