@@ -24,6 +24,7 @@ from typing import Any
 from .choices import CAPTURE_MODES, DECODERS, FITS, METHODS, PRECISIONS
 from .errors import LnstdError, OptionError, UsageError, one_line, one_line_warnings
 from .jobs.specs import expand_specs
+from .timm_names import check_timm_name
 
 __all__ = ["build_parser", "main"]
 
@@ -227,7 +228,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         given["model"] = checkpoint_config(checkpoint).get("model") if os.path.isfile(checkpoint) else None
         if given["model"] is None:
             raise UsageError(f"--model is required: {checkpoint} has no JSON beside it naming the model")
-    cfg = RunConfig.from_args(args, **given)  # every flag's value checked, then the input
+    cfg = RunConfig.from_args(args, **given)  # every flag's value checked, then the model's name, the input
+    if cfg.model:
+        check_timm_name(cfg.model)
     if not is_s3(cfg.input):  # a local input that cannot be read at all: here, before torch loads
         open_source(cfg.input).check()
     from .jobs.attribute import run  # torch, timm and Ray: after every check that needs none of them
@@ -250,6 +253,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     target = Target.parse(args.target, allowed=("predicted", "class"))
     files = image_files(args.images)  # a wrong path: before torch and the model load
+    if args.model:
+        check_timm_name(args.model)  # a mistyped name too
     import torch
 
     from .models import load_model
@@ -299,6 +304,8 @@ def _cmd_train_toy(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.model:
+        check_timm_name(args.model)  # before torch
     from .benchmark import default_checkpoints, evaluate_model
 
     if args.model is None and args.checkpoint is None:

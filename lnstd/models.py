@@ -159,11 +159,9 @@ def _resolve(
     if side.get("model") == name:
         timm_kwargs = {**side.get("model_args", {}), **timm_kwargs}
     if not timm.is_model(name):
-        import difflib
+        from .timm_names import unknown_model
 
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.8)
-        hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
-        raise ModelError(f"unknown timm model {name!r}{hint}")
+        raise unknown_model(name, timm.list_models())
     return name, timm_kwargs, side
 
 

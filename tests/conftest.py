@@ -128,12 +128,14 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(ray, "init", refuse)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def _ray_head():
-    """One Ray head node per test process (``ray.cluster_utils.Cluster``, a real raylet and GCS)
-    with this machine's two CPUs, started once: the job tests that use :func:`shared_ray` join it
-    as a user's ``RAY_ADDRESS`` would, instead of starting and stopping a cluster per run (about
-    7 s each). Tests about starting Ray itself run without it."""
+    """One Ray head node per test module (``ray.cluster_utils.Cluster``, a real raylet and GCS) with
+    this machine's two CPUs: the job tests that use :func:`shared_ray` join it as a user's
+    ``RAY_ADDRESS`` would, instead of starting and stopping a cluster per run (about 7 s each).
+    Per module, not per session: a test that kills or pauses drivers may leave actors holding CPUs
+    for a while, which must not starve another module's runs. Tests about starting Ray itself run
+    without it."""
     import os
 
     from ray.cluster_utils import Cluster
@@ -157,7 +159,11 @@ def _ray_head():
 
 
 @pytest.fixture
-def shared_ray(_ray_head, monkeypatch):
-    """Runs of this test (subprocesses and in-process) join the session's Ray head."""
-    monkeypatch.setenv("RAY_ADDRESS", _ray_head)
-    return _ray_head
+def shared_ray(request, monkeypatch):
+    """Runs of this test (subprocesses and in-process) join the session's Ray head; only for tests
+    marked ``integration`` (the fast subset starts no Ray)."""
+    if request.node.get_closest_marker("integration") is None:
+        return None
+    address = request.getfixturevalue("_ray_head")
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    return address

@@ -13,6 +13,8 @@ from lnstd.data import open_source, read_mat_sample
 
 from .jobhelpers import mask_scores_by_hand, model_flags, read_rows, run_cli, tiny_checkpoint
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # runs join one Ray head (conftest)
+
 
 def write_gtsegs(path: Path, images: list[np.ndarray], masks: list[np.ndarray]) -> None:
     """As MATLAB writes it: cell arrays of object references, arrays stored column-major (transposed)."""

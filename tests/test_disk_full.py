@@ -11,7 +11,7 @@ import pytest
 
 from .jobhelpers import cli_in_process, good_image, model_flags, read_rows
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_ray")]
 N = 8
 FAST = ["--no-progress", "--no-report", "--cpus-per-actor", "0.5", "--methods", "gae", "--shard-size", "2"]
 
@@ -76,7 +76,8 @@ def test_the_disk_filling_mid_run_stops_in_one_line_and_the_rerun_finishes_once(
 def test_a_full_disk_under_a_finished_output_is_one_line_and_loses_nothing(ckpt, tmp_path, disk):
     """Was: exit 1, "internal error (OSError: [Errno 28] No space left on device)" (claiming the lease)."""
     out, args = _job(ckpt, tmp_path, disk)
-    assert cli_in_process(*args)[0] == 0
+    code, err = cli_in_process(*args)
+    assert code == 0, err
     filler = _fill(disk, leave_kib=0)
     code, err = cli_in_process(*args)
     assert code == 2, err

@@ -19,6 +19,8 @@ from lnstd.errors import UsageError
 from lnstd.metrics.registry import FAITHFULNESS_METRICS
 from tests.jobhelpers import cli_in_process, read_rows, run_cli
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # runs join one Ray head (conftest)
+
 TOY = Path(lnstd.__file__).parent / "checkpoints" / "toy_vit.safetensors"
 
 

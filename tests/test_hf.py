@@ -17,6 +17,8 @@ import lnstd
 from lnstd import hf
 from lnstd.arch import UnsupportedModelError
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # runs join one Ray head (conftest)
+
 METHODS = lnstd.list_methods()
 IMPLS = ["eager", "sdpa"]
 VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 3, "num_labels": 5,

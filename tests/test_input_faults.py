@@ -16,6 +16,8 @@ import pytest
 from .jobhelpers import cli_in_process, good_image, model_flags, read_rows, run_cli, tiny_checkpoint
 from .test_input_limits import GB, TOO_LARGE, sparse_png
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # runs join one Ray head (conftest)
+
 FAST = ["--no-progress", "--no-report", "--cpus-per-actor", "0.5", "--methods", "gae"]
 
 

@@ -24,6 +24,8 @@ from lnstd.output import Output
 
 from .jobhelpers import ROOT
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # runs join one Ray head (conftest)
+
 
 def _outputs(where: str, s3_server, tmp_path: Path) -> tuple[str, storage.StorageOptions]:
     if where == "local":

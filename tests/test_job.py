@@ -38,7 +38,7 @@ from .jobhelpers import (
 )
 from .reference import reference_heatmap
 
-pytestmark = pytest.mark.integration  # Ray, an S3 server or the CLI in a subprocess
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_ray")]  # Ray, S3, the CLI
 
 FAST = ["--no-progress", "--cpus-per-actor", "0.5"]
 

@@ -15,6 +15,8 @@ from lnstd.data.decode import MAX_IMAGE_PIXELS, jpeg_header
 
 from .jobhelpers import huge_png, model_flags, run_cli, tiny_checkpoint
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # runs join one Ray head (conftest)
+
 
 def _png(w: int, h: int, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()

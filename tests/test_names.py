@@ -27,6 +27,8 @@ from .jobhelpers import (
     run_cli,
 )
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # runs join one Ray head (conftest)
+
 FAST = ["--no-progress", "--no-report", "--cpus-per-actor", "0.5", "--methods", "gae"]
 
 

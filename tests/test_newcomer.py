@@ -186,8 +186,32 @@ def _write_mat(path: Path, n: int = 2) -> None:
             gt_refs[i, 0] = cell.ref
 
 
+SPECS = sorted(p.name for p in (ROOT / "jobs" / "specs").glob("*.yaml"))
+# The specs written for GPUs (a ViT-B with every method, a Swin-T in bf16) take a minute or more each
+# on two CPU cores: their full runs are in -m slow; every spec's flags are checked by default below.
+GPU_SPECS = [s for s in SPECS if "gpus-per-actor" in (ROOT / "jobs" / "specs" / s).read_text()]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_shipped_specs_are_valid_configurations(spec):
+    """Every flag of every spec parses into a run configuration, and its methods are known."""
+    from lnstd.choices import METHODS
+    from lnstd.cli import build_parser
+    from lnstd.config import RunConfig
+    from lnstd.jobs.specs import expand_specs
+
+    args = build_parser().parse_args(expand_specs(["run", "--spec", spec.removesuffix(".yaml")]))
+    cfg = RunConfig.from_args(args)
+    assert cfg.model and cfg.input and cfg.output
+    assert set(cfg.methods) <= set(METHODS)  # [] is "all"
+    text = (ROOT / "jobs" / "specs" / spec).read_text()
+    assert f"model: {cfg.model}\n" in text and cfg.batch_size == int(text.split("batch-size: ")[1].split()[0])
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("spec", sorted(p.name for p in (ROOT / "jobs" / "specs").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "spec", [pytest.param(s, marks=pytest.mark.slow) if s in GPU_SPECS else s for s in SPECS]
+)
 def test_shipped_specs_run_here(spec, tmp_path):
     """Each spec runs with only what this machine lacks overridden: data, downloads, GPUs."""
     (tmp_path / "in").mkdir()

@@ -85,3 +85,47 @@ def test_eval_folder_without_its_layout_is_a_one_line_refusal(layout, tmp_path):
     expected = {"missing": "does not exist", "no-images": "no images/ folder", "bad-labels": "line 2",
                 "no-masks": "1 of 2 images have no mask (first: masks/b.png"}  # fmt: skip
     assert expected[layout] in line, line
+
+
+def test_timm_names_read_from_its_source_are_timms_own_list():
+    """The early check's names (timm's source read as text) equal timm's registry, so it can never
+    refuse a name timm knows; deprecated aliases are among them and timm resolves each."""
+    import timm
+
+    from lnstd.timm_names import timm_names
+
+    names = timm_names()
+    assert set(timm.list_models()) <= names
+    assert all(timm.is_model(n) for n in names)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["run", "explain", "eval"])
+def test_a_mistyped_model_name_is_refused_before_torch_is_imported(command, tmp_path):
+    """Was: 8 to 16 s (timm and torch imported first). Now one line, exit 2, with torch never imported."""
+    import subprocess
+    import sys
+
+    from .jobhelpers import ROOT
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(good_image(0))
+    args = {
+        "run": ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
+        "explain": ["explain", str(tmp_path / "in"), "--out", str(tmp_path / "out")],
+        "eval": ["eval", "--dataset", "toy"],
+    }[command] + ["--model", "vit_smal_patch16_224.augreg_in21k"]
+    script = (
+        "import sys\nfrom lnstd.cli import main\ncode = main(sys.argv[1:])\n"
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported')\nsys.exit(code)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    line = _one_line_refusal(r.returncode, r.stderr)
+    assert line == (
+        "lnstd: error: unknown timm model 'vit_smal_patch16_224.augreg_in21k'; did you mean "
+        "vit_small_patch16_224, deit_small_patch16_224, vit_small_patch8_224?"
+    )
+    assert r.stdout.strip() == "torch not imported"
+    assert not (tmp_path / "out").exists()

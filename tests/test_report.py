@@ -17,6 +17,8 @@ from lnstd.viz import contour, overlay, strip
 from .browser import visit
 from .jobhelpers import model_flags, run_cli, tiny_checkpoint
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # runs join one Ray head (conftest)
+
 
 def _hot(img: Image.Image, x: float, y: float) -> int:
     w, h = img.size

@@ -15,6 +15,8 @@ from lnstd.weights import RandomWeightsWarning, Weights, weights_of
 
 from .jobhelpers import TINY_ARGS, TINY_MODEL, good_image, model_flags, run_cli, tiny_checkpoint
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # runs join one Ray head (conftest)
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
