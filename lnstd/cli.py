@@ -34,7 +34,7 @@ _FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk qu
 
 DEMO_IMAGES = 48
 # The paper's method and the cheapest gradient baseline: one forward + backward per image. `all`
-# adds attention, rollout, gradcam and the LRP methods (their own passes: about 5x the time).
+# adds attention, rollout, gradcam and the LRP methods (their own passes: about 4x the time: README).
 DEFAULT_METHODS = "lnstd,gae"
 
 
