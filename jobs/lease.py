@@ -329,6 +329,12 @@ class Lease:
 
 
 def _held(output: str, h: Holder) -> str:
+    if h.token == "?":  # a record that does not parse: judged by its age, said as what it is
+        return (
+            f"{output}: its lease record {LEASE} does not read as one (written "
+            f"{time.time() - h.heartbeat:.0f} s ago); if no run is writing this output, rerun once it "
+            f"is {h.ttl:.0f} s old, or delete it"
+        )
     return (
         f"{output} is being written by another run ({h.describe()}); wait for it to finish, or if it "
         f"was killed, rerun once its lease expires ({h.ttl:.0f} s after its last heartbeat)"

@@ -11,7 +11,7 @@ from lnstd import storage
 from lnstd.config import RunConfig
 from lnstd.data import Source, open_source
 from lnstd.errors import ConfigMismatchError, ModelError, OptionError, OutputError, UsageError
-from lnstd.output import HEATMAPS, Output
+from lnstd.output import HEATMAPS, RUN, Output
 
 __all__ = ["check_output", "previous_run", "validate"]
 
@@ -101,5 +101,7 @@ def previous_run(cfg: RunConfig, out: Output) -> dict[str, Any] | None:
             )
         return previous
     if not cfg.overwrite and storage.list_names(out.path(HEATMAPS), out.opts):
-        raise ConfigMismatchError(f"{out.uri} holds heatmaps of an unknown run; pass --overwrite")
+        raise ConfigMismatchError(
+            f"{out.uri} holds heatmaps but no record of their run ({RUN} is missing); pass --overwrite"
+        )
     return None

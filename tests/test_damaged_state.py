@@ -123,6 +123,7 @@ QUICK = {
     for f in ("_lnstd/run.json", "_manifest.json", "_SUCCESS", "heatmaps/part-00000.parquet")
 }
 QUICK |= {("lying counts", "_manifest.json"), ("lying counts", "_lnstd/plan/plan.json")}
+QUICK |= {("empty", "_lnstd/lease.json"), ("missing", "_lnstd/run.json")}  # each named in its line
 
 
 def _fuzz_cases():
