@@ -29,8 +29,9 @@ from .timm_names import check_timm_name
 __all__ = ["build_parser", "main"]
 
 # A write that fails for want of room or permission on the machine, not for a bug: one line, exit 2.
-_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
-         errno.EROFS: "the file system is read-only"}  # fmt: skip
+_FULL = {errno.ENOSPC: ("no space left on the device", "make room"),
+         errno.EDQUOT: ("the disk quota is used up", "make room"),
+         errno.EROFS: ("the file system is read-only", "make it writable")}  # fmt: skip
 
 DEMO_IMAGES = 48
 # The paper's method and the cheapest gradient baseline: one forward + backward per image. `all`
@@ -502,8 +503,8 @@ def _main(argv: Sequence[str] | None) -> int:
             traceback.print_exc()
         where = f" ({exc.filename})" if exc.filename else ""
         again = " (it resumes from what was committed)" if getattr(args, "command", None) == "run" else ""
-        print(f"lnstd: error: {_FULL[exc.errno]}{where}: make room and run the same command again{again}",
-              file=sys.stderr)  # fmt: skip
+        what, fix = _FULL[exc.errno]
+        print(f"lnstd: error: {what}{where}: {fix} and run the same command again{again}", file=sys.stderr)
         return 2
     except Exception as exc:
         return _bug(exc, show)
