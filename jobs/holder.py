@@ -16,7 +16,7 @@ __all__ = ["Holder", "parse", "process_id"]
 @dataclass
 class Holder:
     """Who holds (or held) a lease. ``process`` names the holder's process on its host beyond its
-    pid (:func:`_process_id`: boot id and start time), so a later process that reuses the pid is
+    pid (:func:`process_id`: boot id and start time), so a later process that reuses the pid is
     not taken for it; empty in leases written before it was recorded."""
 
     token: str

@@ -54,6 +54,8 @@ from .holder import Holder, parse, process_id
 
 __all__ = ["Holder", "Lease", "LeaseLostError"]
 
+UNREADABLE = "?"  # the token of a lease record that does not parse (torn, or written by hand)
+
 
 class Lease:
     """Claim, renew, verify and release the lease of one output.
@@ -120,7 +122,7 @@ class Lease:
         holder = parse(data)
         if holder is None:  # written by hand or by an old version, torn: judge it by its age
             age = time.time() - os.path.getmtime(path) if os.path.exists(path) else 0.0
-            holder = Holder("?", "?", -1, time.time() - age, time.time() - age, self.ttl)
+            holder = Holder(UNREADABLE, "?", -1, time.time() - age, time.time() - age, self.ttl)
         return holder, None
 
     def holder(self) -> Holder | None:
@@ -329,7 +331,7 @@ class Lease:
 
 
 def _held(output: str, h: Holder) -> str:
-    if h.token == "?":  # a record that does not parse: judged by its age, said as what it is
+    if h.token == UNREADABLE:  # judged by its age (Lease._read), said as what it is
         return (
             f"{output}: its lease record {LEASE} does not read as one (written "
             f"{time.time() - h.heartbeat:.0f} s ago); if no run is writing this output, rerun once it "

@@ -136,31 +136,17 @@ def _ray_head():
     Per module, not per session: a test that kills or pauses drivers may leave actors holding CPUs
     for a while, which must not starve another module's runs. Tests about starting Ray itself run
     without it."""
-    import os
-
-    from ray.cluster_utils import Cluster
+    from .jobhelpers import ray_head
 
     # its node holds the test S3 server's credentials, as a cluster's nodes hold theirs (a run does
     # not ship secrets to its actors; the endpoint it does ship)
-    saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
-    os.environ.update(S3_CREDENTIALS)
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    try:
-        yield cluster.address
-    finally:
-        cluster.shutdown()
+    with ray_head(2, S3_CREDENTIALS) as address:
+        yield address
 
 
 @pytest.fixture
 def shared_ray(request, monkeypatch):
-    """Runs of this test (subprocesses and in-process) join the session's Ray head; only for tests
+    """Runs of this test (subprocesses and in-process) join the module's Ray head; only for tests
     marked ``integration`` (the fast subset starts no Ray)."""
     if request.node.get_closest_marker("integration") is None:
         return None

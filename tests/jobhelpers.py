@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -144,3 +147,25 @@ def only_lease_files(out: Path) -> bool:
     import json
 
     return json.loads((out / "_lnstd" / "lease.json").read_text())["released"] is True
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int, env: Mapping[str, str | None]) -> Iterator[str]:
+    """A Ray head node (``ray.cluster_utils.Cluster``) started with ``env`` set in its environment
+    (None removes a variable; this process's own is restored at once); yields its address and
+    shuts it down after."""
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            if v is None:
+                mp.delenv(k, raising=False)
+            else:
+                mp.setenv(k, v)
+        cluster = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": num_cpus, "include_dashboard": False}
+        )
+    try:
+        yield cluster.address
+    finally:
+        cluster.shutdown()

@@ -141,22 +141,15 @@ def test_a_cluster_whose_nodes_lack_the_storage_credentials_is_one_line(s3_serve
     """The driver has credentials, the cluster's node does not (a submitted job on a cluster whose
     worker pods have no role): one line naming the cause, exit 2, nothing attributed (was: exit 1,
     "internal error (CallFailed: ... no AWS credentials ...)")."""
-    from ray.cluster_utils import Cluster
+    from .jobhelpers import ray_head
 
     client = s3_server.client()
     client.create_bucket(Bucket="nocreds")
     client.put_object(Bucket="nocreds", Key="in/a.png", Body=good_image(1))
-    saved = {k: os.environ.pop(k) for k in s3_server.env if k in os.environ}
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    finally:
-        os.environ.update(saved)
-    try:
+    with ray_head(1, dict.fromkeys(s3_server.env)) as address:  # a node without the credentials
         r = run_cli("run", "--input", "s3://nocreds/in", "--output", "s3://nocreds/out", *model_flags(ckpt),
-                    "--s3-endpoint", s3_server.endpoint, "--address", cluster.address, *FAST,
+                    "--s3-endpoint", s3_server.endpoint, "--address", address, *FAST,
                     env={**s3_server.env, "RAY_ADDRESS": None})  # fmt: skip
-    finally:
-        cluster.shutdown()
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("lnstd: error: an actor could not reach the run's storage ("), last
