@@ -99,13 +99,26 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
 
 
 def cli_in_process(*args: str) -> tuple[int, str]:
-    """``lnstd ARGS`` in this process (for errors found before any work starts): (exit code, stderr)."""
-    import contextlib
+    """``lnstd ARGS`` in this process (for errors found before any work starts): (exit code, stderr).
 
+    A command that would start or join Ray fails the test: a Ray driver inside the test process
+    outlives its command in Ray's native state (a second ``ray.init`` to another module's head, or
+    that head going away, can end the whole worker process without a word), so runs go through
+    :func:`run_cli`, a process of their own as a user's."""
     from lnstd.cli import main
 
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stderr(err))
+        ray = sys.modules.get("ray")
+        if ray is None or getattr(ray.init, "__module__", "").startswith("ray."):  # not a test's stand-in
+            import ray
+
+            def refuse(*_args, **_kwargs):
+                raise AssertionError(f"cli_in_process{args} started Ray: use run_cli")
+
+            mp = stack.enter_context(pytest.MonkeyPatch.context())
+            mp.setattr(ray, "init", refuse)
         try:
             code = main(list(args))
         except SystemExit as exc:  # argparse's own errors

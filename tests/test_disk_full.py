@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .jobhelpers import cli_in_process, good_image, model_flags, read_rows
+from .jobhelpers import cli_in_process, good_image, model_flags, read_rows, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_ray")]
 N = 8
@@ -45,6 +45,12 @@ def _job(ckpt: Path, tmp_path: Path, disk: Path) -> tuple[Path, list[str]]:
     return out, ["run", "--input", str(tmp_path / "in"), "--output", str(out), *model_flags(ckpt), *FAST]
 
 
+def _run(args: list[str]) -> tuple[int, str]:
+    """The run in a process of its own, as a user's (exit code, stderr)."""
+    r = run_cli(*args)
+    return r.returncode, r.stderr
+
+
 def _one_error_line(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert "Traceback" not in err and "internal error" not in err, err
@@ -62,13 +68,13 @@ def _every_input_once(out: Path) -> None:
 def test_the_disk_filling_mid_run_stops_in_one_line_and_the_rerun_finishes_once(ckpt, tmp_path, disk):
     out, args = _job(ckpt, tmp_path, disk)
     filler = _fill(disk, leave_kib=32)  # room for the lease, the plan and one part: not for four
-    code, err = cli_in_process(*args)
+    code, err = _run(args)
     assert code == 2 and "no space left" in _one_error_line(err), err
     assert not (out / "_SUCCESS").exists()
     committed = sorted(p.name for p in (out / "heatmaps").glob("*.parquet"))
     assert 0 < len(committed) < N // 2, committed  # it stopped inside the job, keeping what it wrote
     filler.unlink()
-    code, err = cli_in_process(*args)
+    code, err = _run(args)
     assert code == 0 and f"resuming: {len(committed)} of 4 shards already committed" in err, err
     _every_input_once(out)
 
@@ -76,10 +82,10 @@ def test_the_disk_filling_mid_run_stops_in_one_line_and_the_rerun_finishes_once(
 def test_a_full_disk_under_a_finished_output_is_one_line_and_loses_nothing(ckpt, tmp_path, disk):
     """Was: exit 1, "internal error (OSError: [Errno 28] No space left on device)" (claiming the lease)."""
     out, args = _job(ckpt, tmp_path, disk)
-    code, err = cli_in_process(*args)
+    code, err = _run(args)
     assert code == 0, err
     filler = _fill(disk, leave_kib=0)
-    code, err = cli_in_process(*args)
+    code, err = _run(args)
     assert code == 2, err
     assert _one_error_line(err) == (
         "lnstd: error: no space left on the device: make room and run the same command again "
@@ -88,5 +94,5 @@ def test_a_full_disk_under_a_finished_output_is_one_line_and_loses_nothing(ckpt,
     filler.unlink()
     _every_input_once(out)
     assert (out / "_SUCCESS").exists()
-    code, err = cli_in_process(*args)
+    code, err = _run(args)
     assert code == 0, err

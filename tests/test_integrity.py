@@ -200,10 +200,10 @@ def _rows(out: Path) -> list[tuple[str, str]]:
 
 @pytest.mark.integration
 def test_verify_names_a_stray_part_and_repair_removes_it_and_a_rerun_heals_it_too(ckpt, tmp_path):
-    from .jobhelpers import cli_in_process
+    from .jobhelpers import run_cli
 
     out, args = _job(ckpt, tmp_path)
-    assert cli_in_process(*args)[0] == 0
+    assert run_cli(*args).returncode == 0
     code, text = _verify(out)
     assert code == 0 and "FAIL" not in text, text
     # another run's part, outside the plan (was: KeyError "shard 50 is not in the plan", every rerun)
@@ -214,8 +214,8 @@ def test_verify_names_a_stray_part_and_repair_removes_it_and_a_rerun_heals_it_to
     code, text = _verify(out, "--repair")
     assert f"removed {stray}" in text and not stray.exists() and code == 0, text
     stray.write_bytes((out / "heatmaps" / "part-00001.parquet").read_bytes())
-    code, err = cli_in_process(*args)
-    assert code == 0 and not stray.exists(), err
+    r = run_cli(*args)
+    assert r.returncode == 0 and not stray.exists(), r.stderr
     assert _verify(out)[0] == 0
 
 
@@ -235,10 +235,10 @@ def _verify(out: Path, *flags: str) -> tuple[int, str]:
 def test_a_lost_plan_record_with_a_changed_input_is_one_line_not_a_shifted_plan(ckpt, tmp_path):
     """plan.json deleted, one image added: the input must not be listed again under committed parts
     (was: exit 0, _SUCCESS, one image twice and the new one missing)."""
-    from .jobhelpers import cli_in_process, good_image
+    from .jobhelpers import cli_in_process, good_image, run_cli
 
     out, args = _job(ckpt, tmp_path)
-    assert cli_in_process(*args)[0] == 0
+    assert run_cli(*args).returncode == 0
     (out / "_lnstd" / "plan" / "plan.json").unlink()
     (tmp_path / "in" / "a-new.png").write_bytes(good_image(99))
     code, err = cli_in_process(*args)
