@@ -31,21 +31,26 @@ class FaultProxy:
             def log_message(self, *args) -> None:
                 pass
 
-            def _body(self) -> bytes:
+            def _body(self) -> tuple[bytes, bool]:
+                """The request's body as it came (chunked framing and trailers kept: the AWS C++
+                SDK puts its checksum in a chunked trailer), and whether it came chunked."""
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    out = b""
+                    raw = b""
                     while True:
-                        size = int(self.rfile.readline().split(b";")[0], 16)
-                        chunk = self.rfile.read(size + 2)[:size]
+                        line = self.rfile.readline()
+                        raw += line
+                        size = int(line.split(b";")[0], 16)
                         if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b""):
-                                pass
-                            return out
-                        out += chunk
-                return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                            while (trailer := self.rfile.readline()) not in (b"",):
+                                raw += trailer
+                                if trailer == b"\r\n":
+                                    break
+                            return raw, True
+                        raw += self.rfile.read(size + 2)
+                return self.rfile.read(int(self.headers.get("Content-Length", 0))), False
 
             def _forward(self) -> None:
-                body = self._body()
+                body, chunked = self._body()
                 hold = proxy.match is not None and proxy.match(self.command, self.path, self.headers)
                 if hold:
                     proxy.match = None
@@ -53,6 +58,8 @@ class FaultProxy:
                     proxy.released.wait(300)
                 skip = {"expect", "transfer-encoding", "content-length", "connection"}
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                if chunked:  # forwarded as it came
+                    headers["Transfer-Encoding"] = "chunked"
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
