@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .explainer import Explainer
+from .metrics.faithfulness import faithfulness
 from .metrics.mask import mask_metrics
 from .metrics.perturbation import PERTURBATION_METRICS, auc, perturbation_curves
 from .metrics.rank import spearman
@@ -36,6 +37,8 @@ __all__ = [
 
 # The figures of the results table, in order, with their directions (from the one registry).
 HIGHER_IS_BETTER = {name: higher_is_better(name) for name in eval_metrics()}
+PETSIUK = ("deletion", "insertion")  # eval's deletion / insertion: the job's faithfulness figures
+EVAL_PERTURBATION = (*PERTURBATION_METRICS, *(f"{m}_auc" for m in PETSIUK))
 
 
 @dataclass
@@ -111,7 +114,7 @@ def _figures(a: dict[str, np.ndarray], idx: np.ndarray | None = None) -> dict[st
         "pointing_game": m("pointing_game"),
         "mass_in_mask": m("mass_in_mask"),
     }
-    for k in PERTURBATION_METRICS:
+    for k in EVAL_PERTURBATION:
         if k in a:
             out[k] = m(k)
     return {k: float(v) for k, v in out.items()}
@@ -183,6 +186,9 @@ def evaluate(
                 curves = perturbation_curves(model, x, heat, out.targets)
                 for key, curve in PERTURBATION_METRICS.items():
                     collect[m].add(key, auc(curves[curve]))
+                # the job's own figures (``lnstd run --faithfulness``), on the same defaults
+                for key, value in faithfulness(model, x, heat, out.targets, PETSIUK).items():
+                    collect[m].add(key, value)
         if random_explainer is not None:
             grid = tuple(out.heatmaps[methods[0]].shape[1:])
             collect["gaussian (baseline)"].update(gaussian_heatmap(x.shape[0], grid).to(x.device), masks)

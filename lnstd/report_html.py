@@ -116,7 +116,8 @@ def histogram_svg(values: dict[str, np.ndarray], title: str, bins: int = 20) -> 
 
 
 def curve_svg(curves: dict[str, np.ndarray], title: str) -> str:
-    """Mean curve per method (x = fraction of pixels removed, 0..0.9), as inline SVG."""
+    """Mean curve per method (x = the curve's steps, evenly spaced: the fraction of pixels removed or
+    ROAD's percentiles), as inline SVG."""
     w, h, pad = 320, 180, 24
     colours = ["#c2410c", "#1d4ed8", "#15803d", "#7e22ce", "#a16207", "#0f766e"]
     lines, keys = [], []

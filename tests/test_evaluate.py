@@ -82,6 +82,20 @@ def test_evaluate_reports_methods_baselines_and_sanity(toy_vit):
     )
     assert res["sanity_rank_correlation"]["lnstd"] == pytest.approx(rho, abs=1e-9)
     assert 0 < res["methods"]["lnstd"]["deletion_auc"] < res["methods"]["lnstd"]["insertion_auc"]
+    # deletion / insertion are the job's figures (lnstd run --faithfulness: fraction 0..1, 11 steps,
+    # the mean colour), here from the per-image reference loop (SciPy's average ranks, one forward
+    # per step image): was a separate curve over 0..0.9
+    from .reference_faithfulness import deletion_insertion, trapezoid
+
+    cams = F.interpolate(heat[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    targets = lnstd.Explainer(model)(images).targets
+    ref = [
+        deletion_insertion(model, img.double().numpy(), cam.double().numpy(), int(t), 10, 0.0)
+        for img, cam, t in zip(images, cams, targets)
+    ]
+    for k, name in enumerate(("deletion_auc", "insertion_auc")):
+        want = np.mean([trapezoid(curves[k]) for curves in ref])
+        assert res["methods"]["lnstd"][name] == pytest.approx(want, abs=1e-4), name
 
 
 def test_randomised_copy_changes_every_weight_and_keeps_the_original():

@@ -1,7 +1,8 @@
 """Perturbation tests: the pieces every one of them shares (pixel ranks, step images, forwards of
-many step images at once) and ``lnstd eval``'s positive/negative perturbation and deletion/insertion
-curves (docs/methods.md, Evaluation; Petsiuk et al. 2018 for deletion/insertion). The job's
-per-image figures (:mod:`lnstd.metrics.faithfulness`) use the same pieces."""
+many step images at once) and ``lnstd eval``'s positive/negative perturbation curves (accuracy as
+10%, ..., 90% of the pixels go; docs/methods.md, Evaluation). Deletion and insertion (Petsiuk et
+al. 2018) are :func:`lnstd.metrics.faithfulness.faithfulness`'s, for ``lnstd eval`` as for the
+job's columns: one implementation."""
 
 from __future__ import annotations
 
@@ -26,12 +27,7 @@ __all__ = [
 FRACTIONS: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(10))  # 0.0 .. 0.9
 
 # Figures of the curves (directions and descriptions: metrics/registry.py), by curve name.
-PERTURBATION_METRICS = {
-    "positive_auc": "positive",
-    "negative_auc": "negative",
-    "deletion_auc": "deletion",
-    "insertion_auc": "insertion",
-}
+PERTURBATION_METRICS = {"positive_auc": "positive", "negative_auc": "negative"}
 
 # A step image: (kind, k). ``remove_top``: the k most relevant pixels replaced by the baseline;
 # ``remove_bottom``: the k least relevant; ``keep_top``: only the k most relevant shown.
@@ -114,32 +110,24 @@ def perturbation_curves(
     baseline: float | torch.Tensor = 0.0,
     chunk: int = 64,
 ) -> dict[str, torch.Tensor]:
-    """Curves of (B, F) for one batch, F = len(fractions).
+    """Accuracy curves of (B, F) for one batch, F = len(fractions).
 
     Pixels are ranked by the heatmap upsampled to the image (:func:`pixel_ranks`: ties share their
     average rank). For a fraction f (k = round(f * pixels)): ``positive`` / ``negative`` replace
     the top / bottom k pixels by ``baseline`` (0 = the dataset mean in normalised space) and record
-    accuracy (target == argmax); ``deletion`` replaces the top k and ``insertion`` keeps only the
-    top k (rest = baseline), recording the target's softmax probability. ``positive`` and
-    ``deletion`` read the same forward.
+    whether the target is still the model's argmax.
 
     Returns:
-        dict with ``positive``, ``negative`` (accuracy curves) and ``deletion``, ``insertion``
-        (probability curves), each (B, F) float32.
+        dict with ``positive`` and ``negative``, each (B, F) float32.
     """
     h, w = images.shape[-2:]
     ranks = pixel_ranks(heat.to(images.device), (h, w))
     base = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
     ks = [round(f * h * w) for f in fractions]
-    steps = [(kind, k) for kind in ("remove_top", "remove_bottom", "keep_top") for k in ks]
-    probs, hits = target_scores(
+    steps = [(kind, k) for kind in ("remove_top", "remove_bottom") for k in ks]
+    _, hits = target_scores(
         model, len(steps), lambda r: torch.cat([perturbed(images, ranks, steps[s], base) for s in r]),
         targets, chunk,
     )  # fmt: skip
     f = len(ks)
-    return {
-        "positive": hits[:f].T,
-        "deletion": probs[:f].T,
-        "negative": hits[f : 2 * f].T,
-        "insertion": probs[2 * f :].T,
-    }
+    return {"positive": hits[:f].T, "negative": hits[f:].T}
