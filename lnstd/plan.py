@@ -2,8 +2,9 @@
 
 The first run lists the input and writes the plan into the output (``_lnstd/plan/``), under the
 output's lease, before any shard starts: zstd-compressed Arrow IPC part files
-(``part-NNNNN.arrow``, whole shards, up to about a million inputs each) written while the listing
-streams, one record batch per shard, then ``plan.json``, whose atomic write is the commit point
+(``part-NNNNN.arrow``, whole shards, up to about a million inputs or 4,096 shards each) written
+while the listing streams, one record batch per shard, then ``plan.json``, whose atomic write is
+the commit point
 (part files without it are the leftovers of an interrupted listing; the next run removes them and
 lists again). Nothing is staged outside the output.
 
@@ -22,6 +23,7 @@ digest per input on each side (plan and listing). Nothing else grows with the nu
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import itertools
@@ -44,6 +46,9 @@ __all__ = ["Plan", "PlanDiff"]
 
 VERSION = 2
 PART_ROWS = 1_000_000
+# At most this many shards per part file: an actor reads its part's footer (24 bytes per shard in
+# it) to find its one record batch, so a part of small shards stays about 100 KB to open.
+PART_SHARDS = 4096
 SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
@@ -99,6 +104,7 @@ class Plan:
     def __init__(self, out: Output, meta: dict[str, Any]) -> None:
         self.out = out
         self.meta = meta
+        self._firsts: list[int] | None = None  # each part's first shard (for _part_of)
 
     # --- where -----------------------------------------------------------------------------------
     def _file(self, name: str) -> str:
@@ -185,13 +191,18 @@ class Plan:
         """Read ``plan.json`` again (another process may have extended the plan)."""
         fresh = Plan.load(self.out)
         if fresh is not None:
-            self.meta = fresh.meta
+            self.meta, self._firsts = fresh.meta, None
 
     def _part_of(self, shard: int) -> tuple[dict[str, Any], int]:
-        for part in self.meta["parts"]:
-            first = int(part["first_shard"])
+        parts = self.meta["parts"]  # in shard order: a listing's parts, then each extension's
+        if self._firsts is None or len(self._firsts) != len(parts):
+            self._firsts = [int(part["first_shard"]) for part in parts]
+        k = bisect.bisect_right(self._firsts, shard) - 1
+        if k >= 0:
+            part = parts[k]
+            first = self._firsts[k]
             last = int(part.get("last_shard", first + int(part.get("shards", 1)) - 1))
-            if first <= shard <= last:
+            if shard <= last:
                 return part, shard - first
         raise KeyError(f"shard {shard} is not in the plan of {self.out.uri}")
 
@@ -337,7 +348,7 @@ def _write_parts(
 ) -> tuple[list[dict[str, Any]], int, int]:
     """Stream items into compressed Arrow part files, one record batch per shard and whole shards
     per part; returns (parts, inputs, shards). Memory: one shard's items and one part's bytes."""
-    shards_per_part = max(1, part_rows // shard_size)
+    shards_per_part = max(1, min(part_rows // shard_size, PART_SHARDS))
     parts: list[dict[str, Any]] = []
     inputs = shards = 0
     buf: io.BytesIO | None = None

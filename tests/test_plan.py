@@ -38,3 +38,28 @@ def test_refresh_adds_exactly_the_new_inputs_whatever_their_id_digest(tmp_path):
     reread = Plan.load(Output(str(tmp_path / "out")))
     ids = [it.image_id for s in range(reread.shards) for it in reread.read_shard(s)]
     assert ids == [*names, "new-a.png", "new-b.png"] and reread.shards == 44
+
+
+def test_one_image_shards_keep_each_plan_part_small_for_the_actor_that_reads_one_shard(tmp_path):
+    """An actor reads its shard from one plan part: the part's footer (24 bytes per shard in it) and
+    one record batch. With --shard-size 1 a part held up to a million shards, so every one-image
+    shard cost its actor a 24 MB footer read; parts now hold at most PART_SHARDS shards."""
+    import struct
+
+    from lnstd.plan import PART_SHARDS
+
+    n = 2 * PART_SHARDS + 5
+    names = [f"i{k:05d}.png" for k in range(n)]
+    out = Output(str(tmp_path / "out"))
+    plan = Plan.create(out, Listed(names), 1)
+    assert (plan.inputs, plan.shards) == (n, n)
+    parts = sorted((tmp_path / "out" / "_lnstd" / "plan").glob("part-*.arrow"))
+    assert len(parts) == 3
+    for p in parts:
+        data = p.read_bytes()
+        assert data[-6:] == b"ARROW1"
+        footer = struct.unpack("<i", data[-10:-6])[0]  # the IPC file's footer length
+        assert footer < 24 * PART_SHARDS + 4096, (p.name, footer)
+    for s in (0, PART_SHARDS - 1, PART_SHARDS, 2 * PART_SHARDS, n - 1):  # each part's ends
+        assert [it.image_id for it in plan.read_shard(s)] == [names[s]]
+        assert plan.shard_inputs(s) == 1
