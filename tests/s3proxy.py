@@ -40,12 +40,11 @@ class FaultProxy:
                         line = self.rfile.readline()
                         raw += line
                         size = int(line.split(b";")[0], 16)
-                        if size == 0:
-                            while (trailer := self.rfile.readline()) not in (b"",):
-                                raw += trailer
-                                if trailer == b"\r\n":
-                                    break
-                            return raw, True
+                        while size == 0:  # the trailer's lines, up to the empty one
+                            line = self.rfile.readline()
+                            raw += line
+                            if line in (b"\r\n", b""):
+                                return raw, True
                         raw += self.rfile.read(size + 2)
                 return self.rfile.read(int(self.headers.get("Content-Length", 0))), False
 

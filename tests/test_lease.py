@@ -226,3 +226,26 @@ def test_a_lease_write_whose_reply_is_lost_is_still_this_runs(s3_server, s3_opts
         other.release()
     finally:
         proxy.close()
+
+
+def test_the_fault_proxy_passes_pyarrows_chunked_uploads_through_unchanged(s3_server):
+    """The proxy the fault tests stand behind forwards what pyarrow (the AWS C++ SDK) sends: a
+    multipart upload whose parts come chunked with their checksum in a trailer (it dropped the
+    trailer, and every part upload stalled until curl gave up)."""
+    import pyarrow.fs as pafs
+
+    s3_server.client().create_bucket(Bucket="proxied")
+    proxy = FaultProxy(s3_server.endpoint)
+    try:
+        fs = pafs.S3FileSystem(
+            access_key=s3_server.env["AWS_ACCESS_KEY_ID"], secret_key=s3_server.env["AWS_SECRET_ACCESS_KEY"],
+            endpoint_override=proxy.endpoint.split("://")[1], scheme="http", region="us-east-1",
+            request_timeout=10, connect_timeout=10,
+        )  # fmt: skip
+        data = os.urandom(6 << 20)  # more than one 5 MB part
+        with fs.open_output_stream("proxied/big.bin") as f:
+            f.write(data)
+    finally:
+        proxy.close()
+    got = s3_server.client().get_object(Bucket="proxied", Key="big.bin")["Body"].read()
+    assert got == data
