@@ -1,6 +1,6 @@
 """Perturbation tests: the pieces every one of them shares (pixel ranks, step images, forwards of
 many step images at once) and ``lnstd eval``'s positive/negative perturbation curves (accuracy as
-10%, ..., 90% of the pixels go; docs/methods.md, Evaluation). Deletion and insertion (Petsiuk et
+0%, 10%, ..., 90% of the pixels go; docs/methods.md, Evaluation). Deletion and insertion (Petsiuk et
 al. 2018) are :func:`lnstd.metrics.faithfulness.faithfulness`'s, for ``lnstd eval`` as for the
 job's columns: one implementation."""
 
