@@ -164,21 +164,10 @@ def only_lease_files(out: Path) -> bool:
 
 @contextlib.contextmanager
 def ray_head(num_cpus: int, env: Mapping[str, str | None]) -> Iterator[str]:
-    """A Ray head node (``ray.cluster_utils.Cluster``) started with ``env`` set in its environment
-    (None removes a variable; this process's own is restored at once); yields its address and
-    shuts it down after."""
-    from ray.cluster_utils import Cluster
+    """A Ray head node (``ray.cluster_utils.Cluster``, in a process of its own: see
+    :mod:`tests.raycluster`) started with ``env`` set in its environment (None removes a variable);
+    yields its address and shuts it down after."""
+    from .raycluster import ClusterProcess
 
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            if v is None:
-                mp.delenv(k, raising=False)
-            else:
-                mp.setenv(k, v)
-        cluster = Cluster(
-            initialize_head=True, head_node_args={"num_cpus": num_cpus, "include_dashboard": False}
-        )
-    try:
+    with ClusterProcess({"num_cpus": num_cpus, "include_dashboard": False}, env) as cluster:
         yield cluster.address
-    finally:
-        cluster.shutdown()

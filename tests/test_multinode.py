@@ -43,13 +43,13 @@ def _wait(cond, proc: subprocess.Popen, what: str, timeout: float = 120) -> None
 
 
 def test_actors_spread_a_joining_node_gets_work_and_a_lost_node_loses_nothing(tmp_path):
-    from ray.cluster_utils import Cluster
+    from .raycluster import ClusterProcess
 
     (tmp_path / "in").mkdir()
     n_images = 480
     for k in range(n_images):
         (tmp_path / "in" / f"{k:04d}.png").write_bytes(good_image(k % 37))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": SYSTEM_CONFIG})
+    cluster = ClusterProcess({"num_cpus": 0, "_system_config": SYSTEM_CONFIG})
     try:
         first = cluster.add_node(num_cpus=1)
         second = cluster.add_node(num_cpus=1)
@@ -67,10 +67,10 @@ def test_actors_spread_a_joining_node_gets_work_and_a_lost_node_loses_nothing(tm
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
         try:
-            both = {first.node_id, second.node_id}
+            both = {first, second}
             _wait(lambda: both <= {_node_of(p) for p in _parts(out)}, proc, "both nodes committed a shard")
             third = cluster.add_node(num_cpus=1)  # a node joins mid-run
-            _wait(lambda: third.node_id in {_node_of(p) for p in _parts(out)}, proc, "the new node got work")
+            _wait(lambda: third in {_node_of(p) for p in _parts(out)}, proc, "the new node got work")
             before = len(_parts(out))
             cluster.remove_node(first, allow_graceful=False)  # its raylet is killed: spot preemption
             assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
@@ -100,7 +100,7 @@ def test_actors_spread_a_joining_node_gets_work_and_a_lost_node_loses_nothing(tm
     assert len(ids) == n_images and set(ids.values()) == {1}
     assert all(r["status"] == "ok" for r in rows)
     by_node = collections.Counter(_node_of(p) for p in _parts(out))
-    assert {first.node_id, second.node_id, third.node_id} <= set(by_node)
+    assert {first, second, third} <= set(by_node)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["counts"]["images"] == manifest["counts"]["ok"] == n_images
     assert sum(manifest["nodes"].values()) == manifest["counts"]["shards_done"]
