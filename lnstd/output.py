@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from . import storage
 from .errors import OutputError, one_line
-from .metrics.registry import FAITHFULNESS_METRICS, MASK_METRICS
+from .metrics.registry import FAITHFULNESS_CURVES, FAITHFULNESS_METRICS, MASK_METRICS
 
 __all__ = [
     "AGGREGATE",
@@ -80,6 +80,7 @@ def row_fields(heat: pa.DataType) -> list[tuple[str, pa.DataType]]:
         ("correct", pa.bool_()),
         *[(name, pa.float32()) for name in MASK_METRICS],
         *[(name, pa.float32()) for name in FAITHFULNESS_METRICS],
+        *[(name, pa.list_(pa.float32())) for name in FAITHFULNESS_CURVES],
         ("status", pa.string()),
         ("error", pa.string()),
         ("error_detail", pa.string()),

@@ -16,10 +16,11 @@ from .data.decode import decode_image, decode_mask
 from .data.preprocess import Geometry
 from .errors import InputError, OutputError
 from .metrics.mask import MASK_METRICS as MASK_COLUMNS
-from .metrics.registry import METRICS, higher_is_better
+from .metrics.registry import FAITHFULNESS_CURVES as FAITH_COLUMNS
+from .metrics.registry import FAITHFULNESS_METRICS, METRICS, higher_is_better
 from .output import Output
 from .plan import Plan
-from .report_html import esc, img_uri, legend, num
+from .report_html import FAITH_LEGEND, esc, faithfulness_svg, img_uri, legend, num
 from .viz import contour, overlay
 
 __all__ = ["PER_IMAGE", "THUMB", "gallery"]
@@ -93,6 +94,7 @@ def gallery(
     if not seen:
         return head + f"<p class='muted'>no image has a {esc(metric)} value to rank by</p>"
     maps = _maps_of(ds, [i for _, i in chosen])
+    with_curves = any(row.get(c) for row in maps.values() for c in FAITH_COLUMNS)
     with_masks = any(c in t.column_names and t[c].null_count < t.num_rows for c in MASK_COLUMNS)
     mask_uris = _mask_uris(output, [i for _, i in chosen], opts) if with_masks else {}
     per_image = METRICS[metric].name in PER_IMAGE
@@ -104,6 +106,7 @@ def gallery(
         + legend(
             ("least", "half", "most"), "map colour: relevance, each map to its own range", "legend-heatmap"
         )
+        + (f"<p class='muted' id='legend-faithfulness'>{esc(FAITH_LEGEND)}</p>" if with_curves else "")
     )
     header = "<th class='label'></th>" + "".join(f"<th>{esc(h)}</th>" for h in ["image", *methods])
     body = []
@@ -146,7 +149,11 @@ def _choose(
 def _maps_of(ds: pads.Dataset, ids: list[str]) -> dict[tuple[str, str], dict]:
     """(image id, method) -> its row with the map (the predicted class's when there are several)."""
     cols = ["image_id", "method", "source", "heatmap", "grid_h", "grid_w", "target", "predicted"]
-    cols += [c for c in ("width", "height", "crop_box") if c in ds.schema.names]
+    cols += [
+        c
+        for c in ("width", "height", "crop_box", *FAITHFULNESS_METRICS, *FAITH_COLUMNS)
+        if c in ds.schema.names
+    ]
     rows = ds.to_table(columns=cols, filter=pc.field("image_id").isin(ids) & (pc.field("status") == "ok"))
     maps: dict[tuple[str, str], dict] = {}
     for row in rows.to_pylist():
@@ -180,5 +187,6 @@ def _pictures(
         crop = row.get("crop_box")
         geom = Geometry(row["width"], row["height"], tuple(crop)) if crop is not None else None
         pic = _outlined(overlay(thumb, heat, geometry=geom), mask)
-        cells.append(f"<td><img class='g' alt='{esc(m)}' src='{img_uri(pic)}'></td>")
+        curves = faithfulness_svg(row, image_id, m)
+        cells.append(f"<td><img class='g' alt='{esc(m)}' src='{img_uri(pic)}'>{curves}</td>")
     return "".join(cells)

@@ -18,6 +18,7 @@ __all__ = [
     "agreement_html",
     "curve_svg",
     "esc",
+    "faithfulness_svg",
     "histogram_svg",
     "img_uri",
     "legend",
@@ -41,6 +42,8 @@ table.failures th{text-align:left}
 .gallery td.label{text-align:left;white-space:normal;min-width:120px;max-width:160px}
 .gallery img{display:block;margin:auto;max-width:none;height:auto;
 width:max(96px,min(160px,calc((min(100vw,1400px) - 200px) / var(--cols,8) - 20px)))}
+.gallery svg.faith{display:block;margin:2px auto 0;width:max(96px,min(160px,calc((min(100vw,1400px) - 200px) / var(--cols,8) - 20px)));
+height:auto;border:1px solid #eee}
 .legend{display:flex;align-items:center;gap:6px;font-size:12px;color:#555;margin:6px 0;flex-wrap:wrap}
 .legend .bar{display:inline-block;width:160px;height:12px;border:1px solid #ccc}
 @media (max-width:700px){body{margin:8px auto;padding:0 8px}h1{font-size:18px}}
@@ -134,6 +137,54 @@ def curve_svg(curves: dict[str, np.ndarray], title: str) -> str:
     return (
         f"<div class='plot'><svg width='{w}' height='{h}' role='img' aria-label='{esc(title)}'>"
         f"<text x='{pad}' y='12' font-size='11'>{esc(title)}</text>{''.join(lines)}{''.join(keys)}</svg></div>"
+    )
+
+
+# The faithfulness curves of one map: (column, colour, dashed)
+FAITH_LINES = (
+    ("deletion_curve", "#b91c1c", False),
+    ("insertion_curve", "#1d4ed8", False),
+    ("road_morf_curve", "#b91c1c", True),
+    ("road_lerf_curve", "#1d4ed8", True),
+)
+FAITH_LEGEND = (
+    "under each map, the model's probability of the explained class (0 to 1) as a share of the pixels, "
+    "most relevant first, is deleted (red) or inserted (blue) from 0 to 100%; dashed: ROAD's imputation "
+    "of the most (red) and least (blue) relevant pixels at 10 to 90%. A faithful map: red falls fast, "
+    "blue rises fast"
+)
+
+
+def faithfulness_svg(row: dict[str, Any], image_id: str, method: str) -> str:
+    """One map's faithfulness curves (the ``--faithfulness`` list columns of its row, see
+    :data:`FAITH_LINES`) as a small inline SVG, y = probability in [0, 1], each curve spread over the
+    width; "" when the row has none. Its title holds the figures."""
+    lines = []
+    for col, colour, dashed in FAITH_LINES:
+        curve = row.get(col)
+        if not curve:
+            continue
+        xs = np.linspace(0.0, 100.0, len(curve))
+        pts = " ".join(
+            f"{x:.2f},{100.0 - 100.0 * min(max(float(v), 0.0), 1.0):.2f}"
+            for x, v in zip(xs, curve, strict=True)
+        )
+        dash = " stroke-dasharray='4 3'" if dashed else ""
+        lines.append(
+            f"<polyline data-curve='{col}' fill='none' stroke='{colour}' stroke-width='2'{dash} "
+            f"vector-effect='non-scaling-stroke' points='{pts}'/>"
+        )
+    if not lines:
+        return ""
+    figures = ", ".join(
+        f"{name} {num(row[name], 3)}"
+        for name in ("deletion_auc", "insertion_auc", "road_gap")
+        if row.get(name) is not None
+    )
+    return (
+        f"<svg class='faith' viewBox='0 0 100 100' preserveAspectRatio='none' role='img' "
+        f"data-image='{esc(image_id)}' data-method='{esc(method)}' aria-label='{esc(method)}: {esc(figures)}'>"
+        f"<title>{esc(method)}: {esc(figures)}</title>{''.join(lines)}</svg>"
     )
 
 

@@ -32,7 +32,7 @@ from .data.preprocess import Geometry, Preprocess
 from .data.read import read_image
 from .errors import ModelError, one_line
 from .metrics.mask import MASK_METRICS, mask_metrics
-from .metrics.registry import FAITHFULNESS_METRICS
+from .metrics.registry import FAITHFULNESS_CURVES, FAITHFULNESS_METRICS
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -316,6 +316,16 @@ class RowBuilder:
                 faithful = self._faithfulness(x, h, out.targets) if x is not None else {}
                 for name in FAITHFULNESS_METRICS:
                     table[name] = pa.array(faithful[name]) if name in faithful else pa.nulls(n, pa.float32())
+                for name in FAITHFULNESS_CURVES:
+                    curve = faithful.get(name)
+                    table[name] = (
+                        pa.ListArray.from_arrays(
+                            pa.array(np.arange(n + 1, dtype=np.int32) * curve.shape[1]),
+                            pa.array(curve.ravel()),
+                        )
+                        if curve is not None
+                        else pa.nulls(n, pa.list_(pa.float32()))
+                    )
                 if self.cfg.save_png:
                     table["heatmap_png"] = pa.array(
                         [_png(heat[i].reshape(gh, gw), b.geometry) for i, b in enumerate(good)], pa.binary()
@@ -326,14 +336,15 @@ class RowBuilder:
     def _faithfulness(
         self, x: torch.Tensor, heat: torch.Tensor, targets: torch.Tensor
     ) -> dict[str, np.ndarray]:
-        """The ``--faithfulness`` columns of one method's maps of the batch ``x``, in the model's
-        precision, one forward per ``--batch-size`` step images (lnstd/metrics/faithfulness.py)."""
+        """The ``--faithfulness`` columns of one method's maps of the batch ``x`` (figures (n,) and
+        curves (n, points)), in the model's precision, one forward per ``--batch-size`` step images
+        (lnstd/metrics/faithfulness.py)."""
         from .explainer import DTYPES
         from .metrics.faithfulness import faithfulness
 
         scores = faithfulness(
             self.model, x, heat, targets, metrics=self.cfg.faithfulness, chunk=self.cfg.batch_size,
-            dtype=DTYPES[self.cfg.precision],
+            dtype=DTYPES[self.cfg.precision], curves=True,
         )  # fmt: skip
         return {k: v.cpu().numpy().astype(np.float32) for k, v in scores.items()}
 

@@ -3,7 +3,9 @@ against the library function on the same maps, error rows NULL, ``lnstd aggregat
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from lnstd.config import RunConfig
 from lnstd.data.preprocess import Preprocess
 from lnstd.data.toy import write_toy_dataset
 from lnstd.errors import UsageError
-from lnstd.metrics.registry import FAITHFULNESS_METRICS
+from lnstd.metrics.registry import FAITHFULNESS_CURVES, FAITHFULNESS_METRICS
 from tests.jobhelpers import cli_in_process, read_rows, run_cli
 
 pytestmark = pytest.mark.usefixtures("shared_ray")  # runs join one Ray head (conftest)
@@ -46,6 +48,19 @@ def test_run_writes_faithfulness_columns_and_aggregate_carries_them(tmp_path):
                 assert row[name] is None
         if row["status"] == "ok":
             assert row["road_gap"] == pytest.approx(row["road_lerf"] - row["road_morf"], abs=1e-6)
+            # the curves behind the figures: 11 steps of 10% (trapezoid area = the AUC), 9 percentiles
+            for kind in ("deletion", "insertion"):
+                curve = row[f"{kind}_curve"]
+                whole = curve[0] if kind == "deletion" else curve[-1]  # nothing deleted, all inserted
+                assert len(curve) == 11 and whole == pytest.approx(row["probability"], abs=1e-4)
+                assert row[f"{kind}_auc"] == pytest.approx(
+                    np.trapezoid(curve, np.linspace(0, 1, 11)), abs=1e-6
+                )
+            for kind in ("road_morf", "road_lerf"):
+                assert len(row[f"{kind}_curve"]) == 9
+                assert row[kind] == pytest.approx(np.mean(row[f"{kind}_curve"]), abs=1e-6)
+        else:
+            assert all(row[name] is None for name in FAITHFULNESS_CURVES)
     # the columns are the library function's figures of the maps the row holds
     model = lnstd.load_model(None, checkpoint=TOY)
     prep = Preprocess.for_model(model, "resize")
@@ -53,9 +68,11 @@ def test_run_writes_faithfulness_columns_and_aggregate_carries_them(tmp_path):
         img, geom = prep.decode(Path(row["source"]).read_bytes())
         x = prep.tensor(img, geom)[None]
         heat = torch.tensor(row["heatmap"]).view(1, row["grid_h"], row["grid_w"])
-        want = lnstd.faithfulness(model, x, heat, torch.tensor([row["target"]]))
+        want = lnstd.faithfulness(model, x, heat, torch.tensor([row["target"]]), curves=True)
         for name in FAITHFULNESS_METRICS:
             assert row[name] == pytest.approx(float(want[name][0]), abs=1e-4), name
+        for name in FAITHFULNESS_CURVES:
+            np.testing.assert_allclose(row[name], want[name][0].numpy(), atol=1e-4, err_msg=name)
     ident = json.loads((out / "_lnstd" / "run.json").read_text())["identity"]
     assert ident["faithfulness"] == ["deletion", "insertion", "road"]
     page = tmp_path / "r.html"
@@ -65,6 +82,17 @@ def test_run_writes_faithfulness_columns_and_aggregate_carries_them(tmp_path):
     assert "Which map to believe" in text and "On these 2 images, " in text
     for name in FAITHFULNESS_METRICS:
         assert text.count(f"data-metric='{name}' data-method=") == 2  # both methods ranked
+    # the gallery draws each map's curves: its points are the row's values (y = 1 - p, in 0..100)
+    assert "id='legend-faithfulness'" in text
+    for row in ok:
+        svg = re.search(
+            f"<svg class='faith'[^>]*data-image='{re.escape(html.escape(row['image_id']))}' "
+            f"data-method='{row['method']}'.*?</svg>", text, re.S,
+        ).group(0)  # fmt: skip
+        for name in FAITHFULNESS_CURVES:
+            points = re.search(f"data-curve='{name}'[^>]*points='([^']*)'", svg).group(1).split()
+            drawn = [1 - float(p.split(",")[1]) / 100 for p in points]
+            np.testing.assert_allclose(drawn, row[name], atol=1e-4, err_msg=name)
     agg = run_cli("aggregate", str(out))
     assert agg.returncode == 0, agg.stderr
     summary = pacsv.read_csv(out / "_aggregate" / "summary.csv").to_pylist()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 __all__ = [
     "FAITHFULNESS",
     "FAITHFULNESS_COLUMNS",
+    "FAITHFULNESS_CURVES",
     "FAITHFULNESS_METRICS",
     "MASK_METRICS",
     "METRICS",
@@ -31,6 +32,9 @@ FAITHFULNESS_COLUMNS = {
     "road": ("road_morf", "road_lerf", "road_gap"),
 }
 FAITHFULNESS_METRICS = tuple(c for cols in FAITHFULNESS_COLUMNS.values() for c in cols)
+# ... and the curves behind those figures, one list column each: deletion and insertion at x = j/steps,
+# ROAD's MoRF and LeRF at its percentiles (the report draws them for the gallery's images).
+FAITHFULNESS_CURVES = ("deletion_curve", "insertion_curve", "road_morf_curve", "road_lerf_curve")
 
 
 @dataclass(frozen=True)
