@@ -43,6 +43,8 @@ class Attributor:
         label_column: optional integer labels (``target="label"``, ``correct``).
         checkpoint, pretrained, model_args, options, precision, capture, target, fit, save_png,
         s3_endpoint, max_image_pixels: as the flags of ``lnstd run``.
+        faithfulness: the tests of ``lnstd run --faithfulness`` (``deletion``, ``insertion``, ``road``):
+            their figures and curves as columns of every row; none by default (each costs forwards).
 
     ``__call__`` never raises for one bad picture: it becomes that picture's error rows
     (``status="error"``, the job's reasons). Rows have ``shard`` -1 (no shard plan).
@@ -66,6 +68,7 @@ class Attributor:
         save_png: bool = False,
         s3_endpoint: str | None = None,
         max_image_pixels: int | None = None,
+        faithfulness: Sequence[str] = (),
     ) -> None:
         from .config import RunConfig
         from .weights import weights_of
@@ -77,7 +80,7 @@ class Attributor:
             checkpoint=checkpoint, pretrained=pretrained, model_args=dict(model_args or {}),
             options=dict(options or {}), precision=precision, capture=capture, target=target, fit=fit,
             save_png=save_png, s3_endpoint=s3_endpoint, max_image_pixels=max_image_pixels,
-            gpus_per_actor=float(torch.cuda.is_available()),
+            faithfulness=list(faithfulness), gpus_per_actor=float(torch.cuda.is_available()),
             cpus_per_actor=_assigned_cpus(),
         )  # fmt: skip
         self.rows = RowBuilder(cfg, run_id="")

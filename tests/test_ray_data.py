@@ -31,6 +31,7 @@ from .jobhelpers import (
 pytestmark = pytest.mark.integration  # Ray in a subprocess
 
 METHODS = ["gae", "gradcam", "attnlrp"]
+FAITHFUL = ["deletion", "road"]  # the pipeline's and the job's --faithfulness
 
 PIPELINE = """
 import json, sys
@@ -74,7 +75,7 @@ def pipelines(tmp_path_factory) -> Path:
             tmp_path / "images" / f"{i}.png"
         )
     kwargs = {"model": TINY_MODEL, "checkpoint": str(ckpt), "model_args": TINY_ARGS, "methods": METHODS,
-              "column": "bytes"}  # fmt: skip
+              "column": "bytes", "faithfulness": FAITHFUL}  # fmt: skip
     r = _python(PIPELINE, str(folder), str(tmp_path / "rows"), json.dumps(kwargs), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp_path
@@ -94,7 +95,8 @@ def test_pipeline_rows_equal_the_jobs_rows_bad_images_included(pipelines):
     tmp_path, folder = pipelines, pipelines / "in"
     ckpt = tiny_checkpoint(tmp_path)
     job = run_cli("run", "--input", str(folder), "--output", str(tmp_path / "job"), *model_flags(ckpt),
-                  "--methods", ",".join(METHODS), "--no-progress", "--cpus-per-actor", "0.5")  # fmt: skip
+                  "--methods", ",".join(METHODS), "--faithfulness", ",".join(FAITHFUL), "--no-progress",
+                  "--cpus-per-actor", "0.5")  # fmt: skip
     assert job.returncode == 0, job.stderr[-2000:]
 
     ours = pq.read_table(tmp_path / "rows").to_pylist()
@@ -125,6 +127,11 @@ def test_pipeline_rows_equal_the_jobs_rows_bad_images_included(pipelines):
             assert row["probability"] == pytest.approx(want["probability"], rel=1e-5)
             a, b = np.asarray(row["heatmap"]), np.asarray(want["heatmap"])
             assert np.abs(a - b).max() <= 1e-5 * (b.max() - b.min()), (row["source"], row["method"])
+            for col in ("deletion_auc", "road_morf", "road_lerf", "deletion_curve", "road_morf_curve"):
+                np.testing.assert_allclose(row[col], want[col], atol=1e-4, err_msg=col)
+            assert row["insertion_auc"] is None and row["insertion_curve"] is None  # not asked for
+        else:
+            assert row["deletion_auc"] is None and row["road_morf_curve"] is None
 
 
 @pytest.mark.timeout(400)
