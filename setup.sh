@@ -10,4 +10,8 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q -e ".[dev]"
+# Quantus, the reference the deletion test compares against, pins opencv-python, a second copy of the
+# cv2 module that grad-cam's opencv-python-headless already provides: installed without its pins (the
+# modules it imports are in the dev extra).
+.venv/bin/pip install -q --no-deps "quantus==0.6.0"
 echo "set up: .venv/bin/lnstd, .venv/bin/python -m pytest"

@@ -260,3 +260,35 @@ def test_road_equals_pytorch_grad_cam():
             metric = PerturbationConfidenceMetric(remove(q, road.NoisyLinearImputer(noise=0.0)))
             theirs = metric(images, cams, outs, model, return_diff=False)
             np.testing.assert_allclose(got[f"road_{kind}_curve"][:, j].numpy(), theirs, atol=1e-4)
+
+
+def test_deletion_equals_quantus_pixel_flipping():
+    """Quantus' PixelFlipping (a dev dependency: the reference implementation of Quantus issue #96 and
+    PR #351) configured to deletion's protocol: a map at image size with distinct values, baseline 0,
+    the softmax probability of the target. Its curve has no point for the untouched image, so ours
+    from its second point on is compared, per image."""
+    import quantus
+
+    model = SmallNet().eval()
+    torch.manual_seed(4)
+    images = torch.randn(4, 3, 16, 20)
+    heat = _maps(4, 16, 20, seed=5)
+    targets = np.array([1, 0, 4, 2])
+    got = faithfulness(model, images, heat, torch.tensor(targets), metrics=["deletion"], steps=8, curves=True)
+    metric = quantus.PixelFlipping(
+        features_in_step=40,
+        perturb_baseline=0.0,
+        disable_warnings=True,
+        display_progressbar=False,
+    )
+    theirs = metric(
+        model=model, x_batch=images.numpy(), y_batch=targets, a_batch=heat[:, None].numpy(),
+        device="cpu", softmax=True, channel_first=True,
+    )  # fmt: skip
+    # Quantus removes ``features_in_step`` values of the map broadcast over the channels, a pixel's
+    # three adjacent in its order: every third of its steps ends on whole pixels, 40 more each time
+    np.testing.assert_allclose(got["deletion_curve"][:, 1:].numpy(), np.asarray(theirs)[:, 2::3], atol=1e-5)
+    whole = torch.softmax(model(images), dim=1)[torch.arange(4), torch.tensor(targets)]
+    np.testing.assert_allclose(
+        got["deletion_curve"][:, 0].detach().numpy(), whole.detach().numpy(), atol=1e-6
+    )
