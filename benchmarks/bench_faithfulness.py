@@ -8,7 +8,9 @@ Prints two Markdown tables:
    time, one forward per step image, ROAD's imputation a direct sparse solve (tests/
    reference_faithfulness.py: SciPy, float64, system built pixel by pixel); with
    the largest difference of their figures. pytorch-grad-cam's own ``ROADMostRelevantFirst`` /
-   ``ROADLeastRelevantFirst`` is added when it can be imported (it needs OpenCV; not a dependency).
+   ``ROADLeastRelevantFirst`` and Quantus' ``PixelFlipping`` (as deletion) are added when they can be
+   imported (both are dev dependencies), and the model's forwards alone: no implementation of these
+   tests can be faster than the forwards of its step images.
 2. The imputation alone: ``impute(solver="cg")`` (batched conjugate gradients on the model's device)
    against ``impute(solver="direct")`` (SciPy's sparse LU per image, CPU), largest difference.
 
@@ -19,6 +21,7 @@ Prints two Markdown tables:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -31,7 +34,7 @@ from scipy.stats import rankdata
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import lnstd
-from lnstd.metrics.faithfulness import ROAD_PERCENTILES, _road_kept, faithfulness, impute
+from lnstd.metrics.faithfulness import ROAD_PERCENTILES, _road_kept, faithfulness, forwards_per_image, impute
 from lnstd.metrics.perturbation import pixel_ranks
 from tests import reference_faithfulness as ref
 
@@ -83,14 +86,72 @@ def gradcam_road(model, x: torch.Tensor, heat: torch.Tensor, t: torch.Tensor) ->
     return out
 
 
+def quantus_deletion(model, x: torch.Tensor, heat: torch.Tensor, t: torch.Tensor, steps: int):
+    """Quantus' ``PixelFlipping`` configured as deletion with ``steps`` (as tests/test_faithfulness.py):
+    the map upsampled to the image, baseline 0, softmax. Quantus counts its step in values of the map
+    broadcast over the channels and its step must divide H*W, so it takes ``per`` forwards per point of
+    ours (every ``per``-th of its points is ours). Returns (its curves at our points, per), or None when
+    Quantus cannot be imported."""
+    try:
+        import quantus
+    except ImportError:
+        return None
+    h, w = x.shape[-2:]
+    pixels = h * w // steps
+    feats = math.gcd(3 * pixels, h * w)
+    per = 3 * pixels // feats
+    cams = F.interpolate(heat[:, None], size=(h, w), mode="bilinear", align_corners=False).numpy()
+    metric = quantus.PixelFlipping(features_in_step=feats, perturb_baseline=0.0, disable_warnings=True,
+                                   display_progressbar=False)  # fmt: skip
+    curves = metric(model=model, x_batch=x.numpy(), y_batch=t.numpy(), a_batch=cams, device="cpu",
+                    softmax=True, channel_first=True, batch_size=len(x))  # fmt: skip
+    return np.asarray(curves)[:, per - 1 :: per], per
+
+
+def references(args, model, x, heat, t, fast: dict, t_fast: float, t_road: float) -> None:
+    """The rows of the per-image references, on the CPU: the loop, pytorch-grad-cam's ROAD, Quantus'
+    deletion (each against the batched function's time on the device)."""
+    n = args.images
+    t0 = time.perf_counter()
+    slow = loop(model, x, heat, t, args.steps)
+    t_loop = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    theirs = gradcam_road(model, x, heat, t)
+    t_gc = time.perf_counter() - t0
+    diff = max(abs(float(fast[k][i]) - slow[k][i]) for k in slow for i in range(n))
+    print(f"| per-image loop, direct sparse solve | {n / t_loop:.3f} | {t_loop / t_fast:.1f}x | {diff:.1e} |")
+    if theirs is not None:
+        diff = max(abs(float(fast[k][i]) - theirs[k][i]) for k in theirs for i in range(n))
+        print(f"| lnstd.faithfulness, road only | {n / t_road:.3f} | - | - |")
+        print(f"| pytorch-grad-cam ROAD | {n / t_gc:.3f} | {t_gc / t_road:.1f}x (road only) | {diff:.1e} |")
+    steps_q = args.quantus_steps
+    t0 = time.perf_counter()
+    ours_q = faithfulness(model, x, heat, t, metrics=["deletion"], steps=steps_q, curves=True)
+    t_ours_q = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    quantus_q = quantus_deletion(model, x, heat, t, steps_q)
+    t_quantus = time.perf_counter() - t0
+    if quantus_q is not None:
+        curves, per = quantus_q
+        diff = float(np.abs(ours_q["deletion_curve"][:, 1:].numpy() - curves).max())
+        print(f"| lnstd.faithfulness, deletion only, {steps_q} steps (CPU) | {n / t_ours_q:.3f} | - | - |")
+        print(f"| Quantus PixelFlipping as that deletion ({per} forwards per point) | {n / t_quantus:.3f} | "
+              f"{t_quantus / t_ours_q:.1f}x (deletion only) | {diff:.1e} |")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="vit_small_patch16_224")
     p.add_argument("--size", type=int, default=112, help="image size (timm img_size)")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument(
+        "--quantus-steps", type=int, default=8, help="deletion's steps against Quantus (divide H*W)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip-references", action="store_true", help="only the batched function and the floor")
+    p.add_argument("--impute-images", type=int, default=None, help="images in the imputation table (all)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -110,29 +171,29 @@ def main() -> None:
     faithfulness(model, x, heat, t, metrics=["road"], road_noise=0.0, chunk=64)
     sync()
     t_road = time.perf_counter() - t0
-    cpu_model = model.cpu() if dev.type != "cpu" else model
-    t0 = time.perf_counter()
-    slow = loop(cpu_model, x.cpu(), heat.cpu(), t.cpu(), args.steps)
-    t_loop = time.perf_counter() - t0
-    model.to(dev)
-    t0 = time.perf_counter()
-    theirs = gradcam_road(cpu_model, x.cpu(), heat.cpu(), t.cpu())
-    t_gc = time.perf_counter() - t0
-    model.to(dev)
     n = args.images
     print(f"\n{args.model} at {args.size} px, {n} images, {args.device}, {args.threads} thread(s), "
           f"steps {args.steps}, ROAD noise 0\n")  # fmt: skip
     print("| candidate | images/s | batched's speed-up | max difference of figures |")
     print("|---|---|---|---|")
     print(f"| lnstd.faithfulness (deletion, insertion, road; batched) | {n / t_fast:.3f} | 1 | - |")
-    diff = max(abs(float(fast[k][i]) - slow[k][i]) for k in slow for i in range(n))
-    print(f"| per-image loop, direct sparse solve | {n / t_loop:.3f} | {t_loop / t_fast:.1f}x | {diff:.1e} |")
-    if theirs is not None:
-        diff = max(abs(float(fast[k][i]) - theirs[k][i]) for k in theirs for i in range(n))
-        print(f"| lnstd.faithfulness, road only | {n / t_road:.3f} | - | - |")
-        print(f"| pytorch-grad-cam ROAD | {n / t_gc:.3f} | {t_gc / t_road:.1f}x (road only) | {diff:.1e} |")
+    if not args.skip_references:
+        references(args, model.cpu(), x.cpu(), heat.cpu(), t.cpu(), fast, t_fast, t_road)
+        model.to(dev)
+    images = n * forwards_per_image(("deletion", "insertion", "road"), args.steps)
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for k in range(0, images, 64):
+            model(torch.randn(min(64, images - k), 3, args.size, args.size, device=dev))
+    sync()
+    t_floor = time.perf_counter() - t0
+    print(f"| the model's forwards alone ({images} step images, as the batched call's) | {n / t_floor:.3f} "
+          f"| {t_floor / t_fast:.2f}x (the floor) | - |")  # fmt: skip
 
     # the imputation alone: every ROAD mask of every image
+    x, heat = x[: args.impute_images], heat[: args.impute_images]
+    n = len(x)
     ranks = pixel_ranks(heat, (args.size, args.size))
     pixels = args.size**2
     known = torch.cat([ranks > pixels - 1 - _road_kept(q, pixels) for q in ROAD_PERCENTILES]

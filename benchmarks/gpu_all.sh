@@ -10,7 +10,7 @@
 # Dry run on a CPU machine (tiny sizes, every step, same wiring): GPU_ALL_DRY=1 bash benchmarks/gpu_all.sh
 # (PY=python to use; OUT=folder for the results, default /tmp/gpu_all).
 #
-# Steps and budgets (seconds; 440 in all, plus at most 5 s each to kill a step that ignores SIGTERM):
+# Steps and budgets (seconds; 500 in all, plus at most 5 s each to kill a step that ignores SIGTERM):
 #   setup 40         install .whl/ into /tmp/site; lnstd, with jobs/ as lnstd.jobs, into a scratch folder
 #   info 15          device, driver, cores, torch / torchvision / timm / ray versions
 #   check 50         check_device.py: CUDA maps == CPU maps, fused and unfused, every method; bf16 corr
@@ -19,6 +19,8 @@
 #   decode 50        bench_decode.py: per-core CPU decoders (1 and 16 threads) and nvjpeg on the GPU
 #   job 140          bench_job.py: 2048 photo-like JPEGs, ViT-B/16 gae+lnstd, job vs bare, CPU and GPU
 #                    decode, GPU busy fraction
+#   faithfulness 60  bench_faithfulness.py: deletion, insertion, ROAD batched on the GPU (ViT-S/16, 224
+#                    px, 32 images) against the model's forwards alone; CG against SciPy's direct solve
 # A step cut short keeps what it printed (bench_explain prints each model's table when it is done).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -128,6 +130,8 @@ if [ "$DRY" = 1 ]; then
   step decode 50 "$PY" "$B/bench_decode.py" --device cpu --images 8 --repeats 1 --heatmap-images 2
   step job 60 "$PY" "$B/bench_job.py" --images 16 --batch-size 8 --shard-size 8 --methods lnstd \
     --cpus-per-actor 2 --decode cpu --timeout 200
+  step faithfulness 60 "$PY" "$B/bench_faithfulness.py" --model vit_tiny_patch16_224 --size 32 --images 2 \
+    --quantus-steps 8 --impute-images 1
 else
   MODELS=vit_base_patch16_224,swin_tiny_patch4_window7_224
   step check 50 "$PY" "$B/check_device.py" --device cuda
@@ -140,6 +144,8 @@ else
   step job 140 "$PY" "$B/bench_job.py" --images 2048 --model vit_base_patch16_224 --methods gae,lnstd \
     --batch-size 64 --shard-size 512 --cpus-per-actor "$(nproc)" --gpus-per-actor $GPUS --decode cpu,gpu \
     --timeout 60
+  step faithfulness 60 "$PY" "$B/bench_faithfulness.py" --device cuda --size 224 --images 32 \
+    --skip-references --impute-images 2
 fi
 
 echo "total: $((SECONDS - START)) s" | tee -a "$LOG"
