@@ -18,7 +18,7 @@ from torch import nn
 from .explainer import Explainer
 from .metrics.faithfulness import faithfulness
 from .metrics.mask import mask_metrics
-from .metrics.perturbation import PERTURBATION_METRICS, auc, perturbation_curves
+from .metrics.perturbation import FRACTIONS, PERTURBATION_METRICS, auc, perturbation_curves
 from .metrics.rank import spearman
 from .metrics.registry import eval_metrics, higher_is_better
 from .metrics.segmentation import SegmentationMeter
@@ -183,11 +183,15 @@ def evaluate(
             heat = out.heatmaps[m]
             collect[m].update(heat, masks)
             if perturbation:
-                curves = perturbation_curves(model, x, heat, out.targets)
+                # the job's own figures (``lnstd run --faithfulness``), on the same defaults; positive's
+                # step images are deletion's first ones, so its curve is their argmax hits, not new forwards
+                figures = faithfulness(model, x, heat, out.targets, PETSIUK, hits=True)
+                curves = perturbation_curves(model, x, heat, out.targets, kinds=("negative",))
+                curves["positive"] = figures.pop("deletion_hits")[:, : len(FRACTIONS)]
+                del figures["insertion_hits"]
                 for key, curve in PERTURBATION_METRICS.items():
                     collect[m].add(key, auc(curves[curve]))
-                # the job's own figures (``lnstd run --faithfulness``), on the same defaults
-                for key, value in faithfulness(model, x, heat, out.targets, PETSIUK).items():
+                for key, value in figures.items():
                     collect[m].add(key, value)
         if random_explainer is not None:
             grid = tuple(out.heatmaps[methods[0]].shape[1:])

@@ -292,3 +292,20 @@ def test_deletion_equals_quantus_pixel_flipping():
     np.testing.assert_allclose(
         got["deletion_curve"][:, 0].detach().numpy(), whole.detach().numpy(), atol=1e-6
     )
+
+
+def test_deletion_hits_are_the_positive_perturbation_curve():
+    """``lnstd eval`` takes its ``positive`` accuracy curve from deletion's argmax hits instead of
+    forwarding the same step images again: they must be perturbation_curves' own, which forwards them."""
+    from lnstd.metrics.perturbation import FRACTIONS, perturbation_curves
+
+    model = SmallNet().eval()
+    torch.manual_seed(6)
+    images = 10 * torch.randn(6, 3, 14, 18) + 0.5  # strong enough pixels that deleting them flips some
+    heat = _maps(6, 7, 9, seed=7)  # a coarser map, upsampled as a token grid is
+    targets = model(images).argmax(1)
+    got = faithfulness(model, images, heat, targets, metrics=["deletion"], hits=True)
+    want = perturbation_curves(model, images, heat, targets)["positive"]
+    assert want.shape == (6, len(FRACTIONS)) and 0 < want.mean() < 1  # the curve moves
+    torch.testing.assert_close(got["deletion_hits"][:, : len(FRACTIONS)], want)
+    assert set(got) == {"deletion_auc", "deletion_hits"}

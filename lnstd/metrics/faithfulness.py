@@ -205,6 +205,7 @@ def faithfulness(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     curves: bool = False,
+    hits: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per-image faithfulness of (B, h, w) maps of (B, C, H, W) ``images`` for ``targets`` (B,).
 
@@ -217,7 +218,9 @@ def faithfulness(
     ``road_gap`` = ``road_lerf - road_morf``. Step images of every image share forwards, ``chunk``
     images at a time, under autocast to ``dtype`` when given. ``curves`` adds the curves
     (``deletion_curve``, ``insertion_curve``: (B, steps + 1); ``road_morf_curve``,
-    ``road_lerf_curve``: (B, len(road_percentiles))).
+    ``road_lerf_curve``: (B, len(road_percentiles))); ``hits``, for deletion and insertion, whether
+    the target is still the argmax at each step (``deletion_hits``, ``insertion_hits``: (B, steps + 1)
+    float32, 1 or 0), the accuracy curves of the same step images (``lnstd eval``'s ``positive``).
 
     Returns:
         dict of (B,) float32 tensors on the images' device, the figures of ``metrics``.
@@ -241,7 +244,7 @@ def faithfulness(
             ]
         )
 
-    probs, _ = target_scores(model, len(plan), make, targets, chunk, dtype)
+    probs, argmax_hits = target_scores(model, len(plan), make, targets, chunk, dtype)
     out: dict[str, torch.Tensor] = {}
     for name, idx in want.items():
         if not idx:
@@ -253,6 +256,8 @@ def faithfulness(
             out[name] = curve.mean(dim=1)
         if curves:
             out[f"{name}_curve"] = curve
+        if hits and name in ("deletion", "insertion"):
+            out[f"{name}_hits"] = argmax_hits[idx].T.contiguous()
     if "road" in metrics:
         out["road_gap"] = out["road_lerf"] - out["road_morf"]
     return out

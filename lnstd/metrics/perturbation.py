@@ -109,8 +109,9 @@ def perturbation_curves(
     fractions: Sequence[float] = FRACTIONS,
     baseline: float | torch.Tensor = 0.0,
     chunk: int = 64,
+    kinds: Sequence[str] = ("positive", "negative"),
 ) -> dict[str, torch.Tensor]:
-    """Accuracy curves of (B, F) for one batch, F = len(fractions).
+    """Accuracy curves of (B, F) for one batch, F = len(fractions), of the ``kinds`` asked for.
 
     Pixels are ranked by the heatmap upsampled to the image (:func:`pixel_ranks`: ties share their
     average rank). For a fraction f (k = round(f * pixels)): ``positive`` / ``negative`` replace
@@ -118,16 +119,17 @@ def perturbation_curves(
     whether the target is still the model's argmax.
 
     Returns:
-        dict with ``positive`` and ``negative``, each (B, F) float32.
+        dict with ``positive`` and / or ``negative``, each (B, F) float32.
     """
     h, w = images.shape[-2:]
     ranks = pixel_ranks(heat.to(images.device), (h, w))
     base = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
     ks = [round(f * h * w) for f in fractions]
-    steps = [(kind, k) for kind in ("remove_top", "remove_bottom") for k in ks]
+    removes = {"positive": "remove_top", "negative": "remove_bottom"}
+    steps = [(removes[kind], k) for kind in kinds for k in ks]
     _, hits = target_scores(
         model, len(steps), lambda r: torch.cat([perturbed(images, ranks, steps[s], base) for s in r]),
         targets, chunk,
     )  # fmt: skip
     f = len(ks)
-    return {"positive": hits[:f].T, "negative": hits[f:].T}
+    return {kind: hits[j * f : (j + 1) * f].T for j, kind in enumerate(kinds)}
