@@ -1,7 +1,8 @@
 """``lnstd aggregate``: counts, errors, and per-method / per-class statistics of every metric column.
 
 Reads ``heatmaps/`` of a run's output (local or S3) and writes ``_aggregate/`` next to it:
-``summary.csv`` (method x metric), ``per_class.csv`` (method x class x metric) and ``counts.json``.
+``summary.csv`` (method x metric), ``per_class.csv`` (method x class x metric) and ``counts.json``,
+and where the model looks (lnstd/looks.py: ``where_classes.csv``, ``where/part-NNNNN.csv``).
 
 It streams: record batches of only the columns it needs (never the heatmaps), folded into running
 per-group figures (count, mean and standard deviation by Chan's parallel update, min, max, and for
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .errors import OutputError
+from .looks import where_the_model_looks
 from .metrics.registry import column_metrics, higher_is_better
 from .output import AGGREGATE, HEATMAPS, SHARD_COUNTS, Output
 
@@ -229,12 +231,16 @@ class _Fold:
         return [{"error": e, "images": n} for (c, e), n in ranked if c == first][:limit]
 
 
-def aggregate(output: str, opts: storage.StorageOptions | None = None, write: bool = True) -> dict[str, Any]:
+def aggregate(
+    output: str, opts: storage.StorageOptions | None = None, write: bool = True, where: bool = True
+) -> dict[str, Any]:
     """Summarise a run's output and write ``_aggregate/`` next to it (CSV tables + counts.json);
-    ``write=False`` only reads (the report of a read-only output).
+    ``write=False`` only reads (the report of a read-only output); ``where=False`` leaves out where
+    the model looks (its two passes over the heatmaps).
 
     Returns a dict with ``counts`` (dict; ``complete`` says whether ``_SUCCESS`` is there: if not, the
-    totals are partial), ``per_method`` and ``per_class`` (Arrow tables).
+    totals are partial), ``per_method`` and ``per_class`` (Arrow tables) and ``where`` (where the
+    model looks, :func:`lnstd.looks.where_the_model_looks`, which also writes its own CSV files).
     """
     opts = opts or storage.StorageOptions.from_env()
     out = Output(output, opts)
@@ -257,6 +263,7 @@ def aggregate(output: str, opts: storage.StorageOptions | None = None, write: bo
         "complete": out.complete(),
     }
     per_method, per_class = fold.tables()
+    looks = where_the_model_looks(ds, out if write else None, opts) if where else None
     if write:
         # CSV, not Parquet: the output's only *.parquet files are the heatmap rows (see lnstd.output).
         for name, t in (("summary", per_method), ("per_class", per_class)):
@@ -264,7 +271,7 @@ def aggregate(output: str, opts: storage.StorageOptions | None = None, write: bo
             pacsv.write_csv(t, buf)
             storage.write_bytes(out.path(AGGREGATE, f"{name}.csv"), buf.getvalue(), opts)
         storage.write_bytes(out.path(AGGREGATE, "counts.json"), json.dumps(counts, indent=1).encode(), opts)
-    return {"counts": counts, "per_method": per_method, "per_class": per_class}
+    return {"counts": counts, "per_method": per_method, "per_class": per_class, "where": looks}
 
 
 def plural(n: int, word: str) -> str:
@@ -370,4 +377,27 @@ def describe(result: dict[str, Any]) -> str:
         + ("" if c["complete"] else " (partial: no _SUCCESS; a run is writing this output or did not finish)")
     ]
     lines += [f"  {plural(e['images'], 'image')}: {e['error']}" for e in c["errors"][:5]]
-    return "\n".join([*lines, format_table(result["per_method"])])
+    lines.append(format_table(result["per_method"]))
+    if result.get("where") is not None:
+        lines += _where_lines(result["where"].classes)
+    return "\n".join(lines)
+
+
+def _where_lines(classes: pa.Table) -> list[str]:
+    """Per method, the class whose maps put the most relevance on the image's border ring."""
+    from .looks import RING_AREA
+
+    rows = classes.to_pylist()
+    out = []
+    for method in sorted({r["method"] for r in rows}):
+        mine = [r for r in rows if r["method"] == method]
+        kind = "label" if any(r["kind"] == "label" for r in mine) else "predicted"
+        top = max((r for r in mine if r["kind"] == kind), key=lambda r: (r["border_share"], -r["class"]))
+        what = "true class" if kind == "label" else "predicted class"
+        out.append(
+            f"{method}: most on the border, {what} {top['class']}: {100 * top['border_share']:.0f}% of its "
+            f"relevance ({top['images']} images; a uniform map: {100 * RING_AREA:.0f}%)"
+        )
+    if out:
+        out = ["where the model looks (_aggregate/where_classes.csv, where/*.csv):", *("  " + x for x in out)]
+    return out

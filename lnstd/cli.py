@@ -334,7 +334,9 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     from .aggregate import aggregate, describe
     from .storage import StorageOptions
 
-    print(describe(aggregate(args.output, StorageOptions.from_env(args.s3_endpoint))))
+    print(
+        describe(aggregate(args.output, StorageOptions.from_env(args.s3_endpoint), where=not args.no_where))
+    )
     return 0
 
 
@@ -412,9 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_run(sub)
-    p = sub.add_parser("aggregate", help="summarise a run's output (counts, per-method, per-class)")
+    p = sub.add_parser(
+        "aggregate", help="summarise a run's output (counts, per-method, per-class, where the model looks)"
+    )
     p.add_argument("output", help="the run's --output (local or s3://)")
     p.add_argument("--s3-endpoint", default=None)
+    p.add_argument(
+        "--no-where",
+        action="store_true",
+        help="leave out where the model looks (_aggregate/where*: two passes over the heatmaps)",
+    )
     _common(p)
     p.set_defaults(func=_cmd_aggregate)
     p = sub.add_parser("verify", help="check an output against its manifest and plan (exit 0 / 1)")

@@ -33,6 +33,7 @@ from .output import REPORT, Output
 from .ranking import ranking_section
 from .report_gallery import PER_IMAGE, gallery
 from .report_html import CSS, agreement_html, curve_svg, esc, histogram_svg, legend, num, table
+from .report_where import where_section
 from .weights import RANDOM_WEIGHTS, Weights
 
 __all__ = [
@@ -190,6 +191,7 @@ def build_report(
     curve_cols = [c for c in names if c.endswith("_curve")]
     base_cols = ["image_id", "method", "status", "source", "target", "predicted"]
     t = ds.to_table(columns=base_cols + metric_cols + curve_cols, filter=pc.field("status") == "ok")
+    curve_cols = [c for c in curve_cols if t[c].null_count < t.num_rows]  # written (--faithfulness)
     methods = counts["methods"]
     stat = {(r["method"], r["metric"]): r for r in per_method}
 
@@ -207,6 +209,9 @@ def build_report(
         faith_rows = t.select(["image_id", "method", "target", *faithful]).to_pylist()
         out.append(ranking_section(faith_rows, methods))
     out.append(_distributions(t, methods, metric_cols, curve_cols))
+    names_of = class_names(config.get("model"), config.get("checkpoint"))
+    if agg["where"] is not None:
+        out.append(where_section(ds, agg["where"], methods, lambda c: _class_name(c, names_of), opts))
     out.append(gallery(output, ds, t, methods, samples, metric, opts))
     out.append("</body></html>")
     return "\n".join(out)
@@ -328,6 +333,10 @@ def _sample_ids(t: pa.Table, methods: list[str]) -> list[str]:
     return [ids[i] for i in sorted(pick)]
 
 
+def _class_name(c: int, names: list[str] | None) -> str:
+    return f"{names[c]} ({c})" if names and 0 <= c < len(names) else str(c)
+
+
 def _per_image(
     t: pa.Table, methods: list[str], stat: dict[tuple[str, str], dict], names: list[str] | None = None
 ) -> str:
@@ -352,7 +361,7 @@ def _per_image(
     order = np.argsort(-n, kind="stable")[:5]
 
     def name(c: int) -> str:
-        return f"{names[c]} ({c})" if names and 0 <= c < len(names) else str(c)
+        return _class_name(c, names)
 
     rows.append(["most predicted classes (images)",
                  ", ".join(f"{name(int(classes[i]))}: {int(n[i])}" for i in order)])  # fmt: skip

@@ -31,7 +31,8 @@ class PageVisit:
     requests: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
     page_errors: list[str] = field(default_factory=list)
-    images: int = 0
+    images: int = 0  # every image but the "Where the model looks" section's
+    where_images: int = 0  # of the "Where the model looks" section: mean maps and its two galleries
     broken_images: list[str] = field(default_factory=list)
     tables: list[list[list[str]]] = field(default_factory=list)
     scroll_width: int = 0  # the page's full width: above the viewport's, it overflows sideways
@@ -66,7 +67,7 @@ _LAYOUT = """() => {
     if (el.scrollWidth > el.clientWidth + 1 || el.scrollHeight > el.clientHeight + 1 && el.tagName == 'TH')
       over.push(el.tagName + ': ' + el.textContent.trim().slice(0, 40));
   }
-  const thumbs = [...document.querySelectorAll('.gallery img')];
+  const thumbs = [...document.querySelectorAll('table.gallery:not(.where-gallery) img')];
   return [broken, over, thumbs.map(i => i.getBoundingClientRect().width)];
 }"""
 
@@ -85,7 +86,9 @@ def visit(page_path: Path, screenshot: Path, width: int = 1300) -> PageVisit:
             page.on("pageerror", lambda e: out.page_errors.append(str(e)))
             page.goto(page_path.resolve().as_uri(), wait_until="load")
             page.screenshot(path=str(screenshot), full_page=True)
-            out.images = page.evaluate("document.images.length")
+            where = "document.querySelectorAll('#where-classes img, .where-gallery img').length"
+            out.where_images = page.evaluate(where)
+            out.images = page.evaluate("document.images.length") - out.where_images
             out.scroll_width = page.evaluate("document.documentElement.scrollWidth")
             out.viewport_width = page.evaluate("document.documentElement.clientWidth")
             banner = page.query_selector("#random-weights")

@@ -220,6 +220,11 @@ def test_report_renders_in_chromium_without_network_or_errors(run_output, tmp_pa
     assert seen.console_errors == [] and seen.page_errors == []
     assert seen.scroll_width <= seen.viewport_width == 1280, "the page overflows sideways at 1280 px"
     assert seen.images == 12 * (1 + 3)  # 12 gallery rows (default --samples), the image + 3 methods
+    page = html.read_text()
+    where_rows = page.count("<tr data-class=")
+    where_gallery = page.count("<tr data-image=")
+    assert where_rows > 0 and where_gallery > 0
+    assert seen.where_images == where_rows + 2 * where_gallery  # a mean map each; image + map each
     assert seen.broken_images == []
     assert seen.banner is None  # a checkpoint was loaded
     assert seen.agreement_cells == 9
@@ -230,6 +235,29 @@ def test_report_renders_in_chromium_without_network_or_errors(run_output, tmp_pa
     # own colours
     green = np.all(np.abs(np.asarray(img.convert("RGB"), np.int16) - [0, 255, 128]) < 40, axis=-1)
     assert green.sum() > 2000
+
+
+@pytest.mark.integration
+def test_where_the_model_looks_section_is_the_aggregates_figures(run_output, tmp_path):
+    """The report's "Where the model looks" table holds lnstd's per-class figures as ``lnstd aggregate``
+    writes them to _aggregate/where_classes.csv, ranked by the share on the border; the demo has
+    labels and masks, so classes are true classes and the object's share is shown."""
+    import pyarrow.csv as pacsv
+
+    r = run_cli("report", str(run_output), "--samples", "3", "--out", str(tmp_path / "w.html"))
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "w.html").read_text()
+    assert run_cli("aggregate", str(run_output)).returncode == 0
+    csv = pacsv.read_csv(run_output / "_aggregate" / "where_classes.csv").to_pylist()
+    mine = {r["class"]: r for r in csv if r["method"] == "lnstd" and r["kind"] == "label"}
+    cell = r"<tr data-class='(\d+)'><td[^>]*>[^<]*</td><td>\d+</td><td data-border='([^']+)'"
+    shown = [(int(c), float(b)) for c, b in re.findall(cell, page)]
+    assert len(shown) == min(len(mine), 12) > 0
+    assert [b for _, b in shown] == sorted((b for _, b in shown), reverse=True)
+    for cls, b in shown:
+        assert b == pytest.approx(mine[cls]["border_share"], abs=1e-6)
+    assert "<th>in the object</th>" in page and "farthest from their class" in page
+    assert (run_output / "_aggregate" / "where" / "part-00000.csv").exists()
 
 
 @pytest.fixture(scope="module")
@@ -282,12 +310,14 @@ def test_report_plots_perturbation_curves_when_present(run_output, tmp_path):
     for part in (out / "heatmaps").glob("part-*.parquet"):
         t = pq.read_table(part)
         curves = [[1.0 - 0.1 * k * (i % 3) / 3 for k in range(10)] for i in range(t.num_rows)]
-        pq.write_table(t.append_column("deletion_curve", pa.array(curves, pa.list_(pa.float32()))), part)
+        i = t.schema.get_field_index("deletion_curve")
+        pq.write_table(t.set_column(i, "deletion_curve", pa.array(curves, pa.list_(pa.float32()))), part)
     r = run_cli("report", str(out), "--samples", "3")
     assert r.returncode == 0, r.stderr
     page = (out / "_report.html").read_text()
     assert "Perturbation curves" in page and "aria-label='deletion_curve'" in page
-    assert page.count("<polyline") == 3  # one line per method
+    assert page.count("<polyline fill=") == 3  # one line per method (the gallery's own have data-curve)
+    assert "aria-label='insertion_curve'" not in page  # a column no row holds is not plotted
 
 
 def test_mask_contour_width():
