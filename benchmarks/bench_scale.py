@@ -149,15 +149,27 @@ _AGG = """
 import sys, time
 from lnstd.aggregate import aggregate
 from lnstd.sysinfo import peak_rss_mb
-t = time.time(); out = aggregate(sys.argv[1]); dt = time.time() - t
+t = time.time(); out = aggregate(sys.argv[1], where=sys.argv[2] == "where"); dt = time.time() - t
 print(out["counts"]["rows"], dt, peak_rss_mb())
 """
 
 
 def _aggregate(out: Path) -> dict:
-    r = subprocess.run([sys.executable, "-c", _AGG, str(out)], capture_output=True, text=True, check=True)
-    rows, dt, rss = r.stdout.split()[-3:]
-    return {"agg_mb": float(rss), "agg_rows_per_s": int(rows) / float(dt), "agg_s": float(dt)}
+    """The plain aggregate (``--no-where``), then with where the model looks, each in a fresh process."""
+    got = {}
+    for what, prefix in (("plain", "agg"), ("where", "where")):
+        r = subprocess.run([sys.executable, "-c", _AGG, str(out), what], capture_output=True, text=True,
+                           check=True)  # fmt: skip
+        rows, dt, rss = r.stdout.split()[-3:]
+        got.update(
+            {
+                f"{prefix}_mb": float(rss),
+                f"{prefix}_rows_per_s": int(rows) / float(dt),
+                f"{prefix}_s": float(dt),
+            }
+        )
+    got["where_extra_mb"] = got["where_mb"] - got["agg_mb"]
+    return got
 
 
 def _table(mode: str, results: list[tuple[int, dict]], keys: list[str]) -> None:
@@ -198,7 +210,7 @@ def main() -> None:
                 shutil.rmtree(work, ignore_errors=True)
             print(f"  {mode} N={n:,d}: {results[-1][1]}", file=sys.stderr, flush=True)
         keys = (
-            ["agg_mb", "agg_rows_per_s", "agg_s"]
+            ["agg_mb", "agg_rows_per_s", "agg_s", "where_mb", "where_extra_mb", "where_rows_per_s", "where_s"]
             if mode == "aggregate"
             else ["driver_mb", "plan_b_per_input", "first_shard_s", "rows_per_s", "wall_s"]
         )
