@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,10 @@ def test_ctrl_c_in_a_terminal_exits_130_in_one_line_and_leaves_no_log(ckpt, tmp_
     pid, fd = pty.fork()
     if pid == 0:  # the child: a session of its own, the terminal's foreground process group
         try:
+            # as an interactive shell starts a foreground command: Ctrl-C at its default, even when
+            # pytest itself was started in the background of a script (which ignores SIGINT, and an
+            # ignored signal stays ignored across exec: the run never sees the Ctrl-C)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.chdir(ROOT)
             os.execve(sys.executable, argv, {**os.environ, "TMPDIR": str(tmp)})
         finally:
