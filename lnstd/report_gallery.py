@@ -170,14 +170,16 @@ def _pictures(
     mask_uri: str | None,
     with_masks: bool,
     opts: storage.StorageOptions,
+    cls: str = "g",
 ) -> str:
-    """One gallery row's cells: the image (its mask outlined), then each method's map over it."""
+    """One gallery row's cells: the image (its mask outlined), then each method's map over it; its
+    pictures of class ``cls`` (``g``: the main gallery's)."""
     src = next((maps[(image_id, m)]["source"] for m in methods if (image_id, m) in maps), None)
     thumb = _load_thumb(src, opts) if src else None
     if thumb is None:
         return "<td class='muted'>source unreadable</td>" + "<td></td>" * len(methods)
     mask = _load_mask(src, mask_uri, opts) if with_masks and src else None
-    cells = [f"<td><img class='g' alt='{esc(image_id)}' src='{img_uri(_outlined(thumb, mask))}'></td>"]
+    cells = [f"<td><img class='{cls}' alt='{esc(image_id)}' src='{img_uri(_outlined(thumb, mask))}'></td>"]
     for m in methods:
         row = maps.get((image_id, m))
         if row is None:
@@ -188,5 +190,5 @@ def _pictures(
         geom = Geometry(row["width"], row["height"], tuple(crop)) if crop is not None else None
         pic = _outlined(overlay(thumb, heat, geometry=geom), mask)
         curves = faithfulness_svg(row, image_id, m)
-        cells.append(f"<td><img class='g' alt='{esc(m)}' src='{img_uri(pic)}'>{curves}</td>")
+        cells.append(f"<td><img class='{cls}' alt='{esc(m)}' src='{img_uri(pic)}'>{curves}</td>")
     return "".join(cells)

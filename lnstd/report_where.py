@@ -95,7 +95,7 @@ def where_section(
     if with_mask:
         out.append(_images(ds, where.off.get(method, []), method, "with the least relevance in their object",
                            "outside", name, opts))  # fmt: skip
-    return "".join(out)
+    return "<section id='where-section'>" + "".join(out) + "</section>"
 
 
 def _thumb(values: str, size: int = 64) -> Image.Image:
@@ -125,7 +125,7 @@ def _images(
             f"<td class='label'><span class='path'>{esc(image_id)}</span><br>{esc(name(cls))}"
             f"<br>{esc(figure)} {num(value, 3)}</td>"
         )
-        pictures = _pictures(image_id, [method], maps, None, False, opts)
+        pictures = _pictures(image_id, [method], maps, None, False, opts, cls="w")
         body.append(f"<tr data-image='{esc(image_id)}'>{label}{pictures}</tr>")
     return (
         f"<h3>Images {esc(title)}</h3><div class='box'><table class='gallery where-gallery' style='--cols:2'>"
