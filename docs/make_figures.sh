@@ -50,5 +50,29 @@ for page, dest, width in shots:
     img.quantize(256, method=Image.Quantize.MEDIANCUT).save(dest, optimize=True)
     print(dest, img.size)
 PY
-echo "docs/img/strip.png docs/img/report.png docs/img/report_390.png docs/img/report_photos.png written"
+# The demo report's "Where the model looks" section alone, 1280 px and 390 px wide.
+.venv/bin/python - "$out/run/_report.html" <<'PY'
+import sys
+from pathlib import Path
+
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+sys.path.insert(0, ".")
+from tests.browser import CHROMIUM, FLAGS
+
+with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    for width, dest in ((1280, "docs/img/where.png"), (390, "docs/img/where_390.png")):
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        page.goto(Path(sys.argv[1]).resolve().as_uri(), wait_until="load")
+        shot = Path(dest).with_suffix(".tmp.png")
+        page.query_selector("#where-section").screenshot(path=str(shot))
+        img = Image.open(shot).convert("RGB")
+        shot.unlink()
+        img.quantize(256, method=Image.Quantize.MEDIANCUT).save(dest, optimize=True)
+        print(dest, img.size)
+    browser.close()
+PY
+echo "docs/img/strip.png docs/img/report.png docs/img/report_390.png docs/img/report_photos.png docs/img/where*.png written"
 .venv/bin/python docs/toy_figures.py
