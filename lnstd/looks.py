@@ -156,7 +156,8 @@ def _batches(ds: pads.Dataset, columns: list[str]) -> Iterator[tuple[str, pa.Rec
 
 
 def _rows(batch: pa.RecordBatch) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(row indices, their (n, GRID^2) distributions), one group per grid size in the batch."""
+    """(row indices, their (n, GRID^2) distributions), one group per grid size in the batch; rows
+    whose map holds a non-finite value are left out (of the class means and the per-map files)."""
     gh = pc.fill_null(batch.column("grid_h"), 0).to_numpy(zero_copy_only=False)
     gw = pc.fill_null(batch.column("grid_w"), 0).to_numpy(zero_copy_only=False)
     heat_col = batch.column("heatmap")
@@ -165,7 +166,10 @@ def _rows(batch: pa.RecordBatch) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             continue
         idx = np.flatnonzero((gh == h) & (gw == w))
         values = pc.list_flatten(heat_col.take(pa.array(idx))).to_numpy(zero_copy_only=False)
-        yield idx, common_grid(values.reshape(len(idx), h * w), h, w)
+        values = values.astype(np.float64).reshape(len(idx), h * w)
+        finite = np.isfinite(values).all(axis=1)  # a map with a NaN or inf counts nowhere: its own fault
+        if finite.any():
+            yield idx[finite], common_grid(values[finite], h, w)
 
 
 def _keys(batch: pa.RecordBatch) -> dict[str, np.ndarray]:

@@ -34,7 +34,7 @@ def _output(out, seed: int = 0):
     """Two methods x 200 images (classes 0..4) on the common grid itself (16 x 16, so no resizing);
     class 3 looks at the top-left corner; images 0, 5, 10 (class 0) at the centre, which no other
     class-0 image does; images 1 and 6 misclassified as class 2; every 9th image an error row; a
-    mask figure on every row. Returns the ok rows."""
+    mask figure on every row; one ok row whose map is NaN. Returns the ok rows with finite maps."""
     rng = np.random.default_rng(seed)
     schema = pa.schema(layout.row_fields(pa.list_(pa.float32(), G * G)))
     rows = []
@@ -56,13 +56,14 @@ def _output(out, seed: int = 0):
                          "heatmap": None if bad else heat.ravel().astype(np.float32).tolist(),
                          "grid_h": None if bad else G, "grid_w": None if bad else G,
                          "mass_in_mask": None if bad else float(rng.random())})  # fmt: skip
+    rows[2 * 7]["heatmap"] = [float("nan")] * (G * G)  # one ok map with a bad value: counts nowhere
     (out / "heatmaps").mkdir(parents=True)
     for part in range(2):  # two parts: two per-image files
         table = pa.Table.from_pylist(rows[part * 200 : (part + 1) * 200], schema=schema)
         counts = {"images": 100, "ok": 0, "errors": 0}
         table = table.replace_schema_metadata({layout.SHARD_COUNTS: json.dumps(counts).encode()})
         pq.write_table(table, out / "heatmaps" / layout.part_name(part), row_group_size=37)
-    return [r for r in rows if r["status"] == "ok"]
+    return [r for r in rows if r["status"] == "ok" and np.isfinite(r["heatmap"]).all()]
 
 
 def _numpy_figures(ok):
