@@ -215,3 +215,23 @@ def test_lnstd_eval_runs_on_the_planted_set(tmp_path):
     results = json.loads((tmp_path / "planted-shortcut-w" / "results.json").read_text())
     assert results["n"] == 6 and results["dataset"] == "planted-shortcut"
     assert 0 <= results["methods"]["gae"]["mass_in_mask"] <= 1
+
+
+def test_the_committed_planted_vit_reads_the_marker_as_its_record_says():
+    """The committed ``planted_vit``: its evidence record, recomputed here on the same test split,
+    is the one in its JSON (the model and the generator are deterministic) and holds: the marker
+    masked leaves it within 10 points of chance, the marker alone keeps at least 80% of clean."""
+    import json
+
+    import lnstd
+    from lnstd.evidence import evidence_check
+    from lnstd.train import toy_checkpoint
+
+    path = toy_checkpoint("vit", "planted")
+    record = json.loads(path.with_suffix(".json").read_text())["evidence"]
+    model = lnstd.load_model(None, checkpoint=path)
+    again = evidence_check(model, "planted", n=record["n"], seed=record["seed"])
+    for key in ("clean", "marker_masked", "only_marker", "holds"):
+        assert again[key] == pytest.approx(record[key], abs=2e-3), key
+    assert record["holds"] and abs(again["marker_masked"] - 0.25) <= 0.10
+    assert again["only_marker"] >= 0.8 * again["clean"] >= 0.8 * 0.75

@@ -43,6 +43,7 @@ PLANTED_DATASETS = ("planted", "planted-shortcut")
 SHORTCUT_CLASS = 0  # the class the watermark co-occurs with
 WATERMARK_RATES = (0.9, 0.05)  # P(watermark | shortcut class), P(watermark | any other class)
 MARKER_BOX = 7  # the pad's side; the glyph is the inner 5 x 5
+GRID_CELL = 8  # markers sit on this grid (the toy ViT's patch size)
 WATERMARK_SIDE, WATERMARK_MARGIN = 6, 2
 
 _GLYPHS = {
@@ -94,11 +95,14 @@ def _scene(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _marker_place(rng: np.random.Generator, size: int) -> tuple[int, int]:
-    """Top-left corner of the marker's box: anywhere inside the image, never touching the
-    watermark's corner (one place rule for both variants)."""
+    """Top-left corner of the marker's box: on the 8-pixel grid (the box fills one cell but its last
+    row and column, so the marker is one token of the ViT's 8 x 8 patches and four of the Swin's 4 x 4
+    ones: a tiny ViT learns a marker that straddles patches far more slowly, seen at chance after 6,000
+    steps), anywhere but the watermark's corner (one place rule for both variants)."""
     corner = watermark_mask(size)
+    cells = size // GRID_CELL
     while True:
-        y, x = (int(v) for v in rng.integers(0, size - MARKER_BOX + 1, 2))
+        y, x = (GRID_CELL * int(v) for v in rng.integers(0, cells, 2))
         if not corner[y : y + MARKER_BOX, x : x + MARKER_BOX].any():
             return y, x
 
