@@ -45,6 +45,8 @@ width:max(96px,min(160px,calc((min(100vw,1400px) - 200px) / var(--cols,8) - 20px
 .gallery svg.faith{display:block;margin:2px auto 0;width:max(96px,min(160px,calc((min(100vw,1400px) - 200px) / var(--cols,8) - 20px)));
 height:auto;border:1px solid #eee}
 .where-map{width:64px;height:64px;image-rendering:pixelated;display:block;margin:auto}
+.where-cards{display:flex;flex-wrap:wrap;gap:8px}.where-card{border:1px solid #eee;padding:4px;font-size:12px}
+.where-card table{margin:0 0 2px}.where-card td{border:0;padding:1px}
 .legend{display:flex;align-items:center;gap:6px;font-size:12px;color:#555;margin:6px 0;flex-wrap:wrap}
 .legend .bar{display:inline-block;width:160px;height:12px;border:1px solid #ccc}
 @media (max-width:700px){body{margin:8px auto;padding:0 8px}h1{font-size:18px}}

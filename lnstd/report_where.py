@@ -19,7 +19,8 @@ from .viz import colorize
 
 __all__ = ["where_section"]
 
-SHOWN = 12  # classes in the table and the thumbnails, images per gallery
+SHOWN = 12  # classes in the table (with their mean maps)
+CARDS = 8  # images per gallery
 
 
 def where_section(
@@ -114,20 +115,21 @@ def _images(
     name: Callable[[int], str],
     opts: storage.StorageOptions,
 ) -> str:
-    """A gallery of ``ranked`` (value, image id, class) with the image and its map."""
-    ranked = ranked[:SHOWN]
+    """A gallery of ``ranked`` (value, image id, class): cards of the image and its map, wrapping."""
+    ranked = ranked[:CARDS]
     if not ranked:
         return ""
     maps = _maps_of(ds, [i for _, i, _ in ranked])
-    body = []
+    cards = []
     for value, image_id, cls in ranked:
-        label = (
-            f"<td class='label'><span class='path'>{esc(image_id)}</span><br>{esc(name(cls))}"
-            f"<br>{esc(figure)} {num(value, 3)}</td>"
-        )
         pictures = _pictures(image_id, [method], maps, None, False, opts, cls="w")
-        body.append(f"<tr data-image='{esc(image_id)}'>{label}{pictures}</tr>")
+        cards.append(
+            f"<div class='where-card'><table class='gallery where-gallery' style='--cols:8'>"
+            f"<tr data-image='{esc(image_id)}'>{pictures}</tr></table>"
+            f"<div class='path'>{esc(image_id)}</div>"
+            f"<div>{esc(name(cls))}, {esc(figure)} {num(value, 3)}</div></div>"
+        )
     return (
-        f"<h3>Images {esc(title)}</h3><div class='box'><table class='gallery where-gallery' style='--cols:2'>"
-        f"<tr><th class='label'></th><th>image</th><th>{esc(method)}</th></tr>{''.join(body)}</table></div>"
+        f"<h3>Images {esc(title)} (image, then {esc(method)}'s map)</h3>"
+        f"<div class='where-cards'>{''.join(cards)}</div>"
     )
