@@ -94,12 +94,14 @@ _RING = _RING.ravel()
 @dataclass
 class Where:
     """The figures of ``where_the_model_looks``: ``classes`` (the where_classes.csv table) and, per
-    method, the ``top`` maps farthest from their class's mean (``far``) and, where masks exist, those
-    with the least relevance in the object (``off``): lists of (value, image_id, class)."""
+    method, the ``top`` maps farthest from their class's mean (``far``), with the most relevance on the
+    border ring (``border``: a corner watermark, a frame) and, where masks exist, with the least
+    relevance in the object (``off``): lists of (value, image_id, class), largest value first."""
 
     classes: pa.Table
     far: dict[str, list[tuple[float, str, int]]] = field(default_factory=dict)
     off: dict[str, list[tuple[float, str, int]]] = field(default_factory=dict)
+    border: dict[str, list[tuple[float, str, int]]] = field(default_factory=dict)
 
 
 class _Means:
@@ -215,6 +217,7 @@ def where_the_model_looks(
 
     far: dict[str, list] = {}
     off: dict[str, list] = {}
+    on_border: dict[str, list] = {}
     names = list(means.methods)
     part: tuple[str, list[pa.Table]] | None = None
     for path, batch in _batches(ds, columns):
@@ -227,6 +230,7 @@ def where_the_model_looks(
             pred, lab = keys["predicted"][idx], keys["label"][idx]
             kind = np.where(pred >= 0, 0, np.where(lab >= 0, 1, -1))  # a row's own: predicted first
             cls = np.where(pred >= 0, pred, lab)
+            border = dist[:, _RING].sum(axis=1)
             d = np.full(len(idx), np.nan)
             for k, name in enumerate(KINDS):  # a class's mean distance counts every map of its kind
                 sel = np.flatnonzero(keys[name][idx] >= 0)
@@ -241,6 +245,7 @@ def where_the_model_looks(
                 mine = code[idx] == c
                 _keep_top(far.setdefault(names[c], []), d[mine], batch, idx[mine], cls[mine], top)
                 _keep_top(off.setdefault(names[c], []), 1 - m[mine], batch, idx[mine], cls[mine], top)
+                _keep_top(on_border.setdefault(names[c], []), border[mine], batch, idx[mine], cls[mine], top)
             if output is not None:
                 table = pa.table(
                     {
@@ -249,7 +254,7 @@ def where_the_model_looks(
                         "target": batch.column("target").take(pa.array(idx)),
                         "kind": pa.array(np.array((*KINDS, None), object)[kind], pa.string()),
                         "class": pa.array(cls, mask=kind < 0),
-                        "border_share": pa.array(dist[:, _RING].sum(axis=1)),
+                        "border_share": pa.array(border),
                         "in_mask": pa.array(m, mask=np.isnan(m)),
                         "distance": pa.array(d, mask=np.isnan(d)),
                     }
@@ -264,6 +269,7 @@ def where_the_model_looks(
         classes,
         {m: sorted(v, reverse=True) for m, v in far.items()},
         {m: sorted(v, reverse=True) for m, v in off.items() if v},
+        {m: sorted(v, reverse=True) for m, v in on_border.items()},
     )
 
 

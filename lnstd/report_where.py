@@ -93,6 +93,8 @@ def where_section(
         )
     out.append(_images(ds, where.far.get(method, []), method, "farthest from their class's usual place",
                        "distance", name, opts))  # fmt: skip
+    out.append(_images(ds, where.border.get(method, []), method, "with the most relevance on the border",
+                       "on the border", name, opts))  # fmt: skip
     if with_mask:
         out.append(_images(ds, where.off.get(method, []), method, "with the least relevance in their object",
                            "outside", name, opts))  # fmt: skip

@@ -113,6 +113,11 @@ def test_classes_and_images_equal_numpy_and_duckdb_reads_them(tmp_path, monkeypa
         # the three images that look where class 0 never does are its farthest
         far = result["where"].far[method]
         assert {i for _, i, _ in far[:3]} == {"i0", "i5", "i10"} and all(c == 0 for _, _, c in far[:3])
+        # the maps with the most relevance on the border are those of the corner-looking class
+        top_border = result["where"].border[method]
+        assert len(top_border) == 10 and {c for _, _, c in top_border} == {3}
+        mine = sorted((border[(r["image_id"], method)] for r in ok if r["method"] == method), reverse=True)
+        assert [v for v, _, _ in top_border] == pytest.approx(mine[:10])
         worst = min(ok, key=lambda r: r["mass_in_mask"] if r["method"] == method else 2)
         assert result["where"].off[method][0][1] == worst["image_id"]
     # the per-image files: one row per ok row, its own figures; DuckDB reads the folder as one table
@@ -165,3 +170,47 @@ def test_no_where_leaves_it_out(tmp_path):
         "per_class.csv",
         "summary.csv",
     ]
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("shared_ray")
+def test_a_run_of_the_shortcut_model_finds_its_watermark(tmp_path):
+    """The committed planted-shortcut ViT partly relies on a corner watermark that co-occurs with class
+    ``plus`` (its record: ``plus`` recognised 100% with the watermark, 86% without). A run over fresh
+    planted-shortcut images (the mask is the marker's box) and ``lnstd aggregate`` show it without
+    anyone looking at a map, by gae:
+    - ``plus`` is the class whose maps put the most relevance on the border (the issue's test);
+    - of the 10 ``plus`` maps with the least relevance in the marker, at least 8 carry the watermark
+      (the issue's test; weak alone: 85% of ``plus`` images carry it);
+    - of the 10 maps of any class with the most relevance on the border, at least 5 carry it, where
+      22% of the images do (the report's "most relevance on the border" gallery)."""
+    import pyarrow.csv as pacsv
+
+    from lnstd.data.planted import PLANTED_CLASSES, SHORTCUT_CLASS, planted_batch
+    from lnstd.data.toy import write_dataset
+    from lnstd.train import toy_checkpoint
+    from tests.jobhelpers import run_cli
+
+    b = planted_batch(160, seed=30_000, shortcut=True)  # a split no model trained or was tested on
+    manifest = write_dataset(str(tmp_path / "in"), b.images, b.masks, b.labels)
+    out = tmp_path / "out"
+    r = run_cli("run", "--input", manifest, "--output", str(out), "--checkpoint",
+                str(toy_checkpoint("vit", "planted-shortcut")), "--methods", "gae", "--no-progress",
+                "--no-report", "--cpus-per-actor", "0.5")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    agg = run_cli("aggregate", str(out))
+    assert agg.returncode == 0, agg.stderr
+    classes = [c for c in pacsv.read_csv(out / "_aggregate" / "where_classes.csv").to_pylist()
+               if c["method"] == "gae" and c["kind"] == "label"]  # fmt: skip
+    ranked = sorted(classes, key=lambda c: -c["border_share"])
+    assert ranked[0]["class"] == SHORTCUT_CLASS, [
+        (PLANTED_CLASSES[c["class"]], c["border_share"]) for c in ranked
+    ]
+
+    def marked(query: str) -> list[bool]:
+        rows = duckdb.sql(f"select image_id from read_csv('{out}/_aggregate/where/*.csv') {query} limit 10")
+        return [bool(b.watermark[int(i.rsplit("/", 1)[-1][:4])]) for (i,) in rows.fetchall()]
+
+    assert b.watermark.mean() < 0.25
+    assert sum(marked(f"where class = {SHORTCUT_CLASS} order by in_mask")) >= 8
+    assert sum(marked("order by border_share desc")) >= 5

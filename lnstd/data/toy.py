@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["TOY_CLASSES", "ToySample", "toy_batch", "toy_sample", "write_toy_dataset"]
+__all__ = ["TOY_CLASSES", "ToySample", "toy_batch", "toy_sample", "write_dataset", "write_toy_dataset"]
 
 TOY_CLASSES = ("horizontal", "vertical", "checker", "diagonal")
 OUTLINES = ("disc", "square", "triangle", "cross")
@@ -153,17 +153,23 @@ def toy_batch(
 def write_toy_dataset(folder: str, n: int = 48, seed: int = 0, size: int = 64) -> str:
     """Write ``n`` toy images (PNG), their masks and ``manifest.csv`` (uri, label, mask_uri) into
     ``folder``; returns the manifest's path. The demo of ``lnstd run`` and the job tests use it."""
+    images, masks, labels = toy_batch(n, seed, size=size)
+    return write_dataset(folder, images, masks, labels)
+
+
+def write_dataset(folder: str, images: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> str:
+    """Write generated images (N, H, W, 3) uint8, masks (N, 1, H, W) and labels (N, 1) as PNGs and
+    ``manifest.csv`` (uri, label, mask_uri) into ``folder``; returns the manifest's path."""
     import csv
     import os
 
-    images, masks, labels = toy_batch(n, seed, size=size)
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
     manifest = os.path.join(folder, "manifest.csv")
     with open(manifest, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["uri", "label", "mask_uri"])
-        for i in range(n):
+        for i in range(len(images)):
             name = f"{i:04d}"
             Image.fromarray(images[i]).save(os.path.join(folder, "images", f"{name}.png"))
             Image.fromarray(masks[i, 0].astype(np.uint8) * 255).save(
