@@ -32,7 +32,6 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .errors import OutputError
-from .looks import where_the_model_looks
 from .metrics.registry import column_metrics, higher_is_better
 from .output import AGGREGATE, HEATMAPS, SHARD_COUNTS, Output
 
@@ -249,7 +248,7 @@ def aggregate(
     metrics = [m for m in column_metrics() if m in names]
     images, labelled = _footers(ds)
     fold = _Fold(metrics, "label" if labelled else "target")
-    for batch in _batches(ds, ["method", "status", "error", fold.class_col, *metrics]):
+    for _, batch in _batches(ds, ["method", "status", "error", fold.class_col, *metrics]):
         if batch.num_rows:
             fold.add(batch)
     counts = {
@@ -263,7 +262,11 @@ def aggregate(
         "complete": out.complete(),
     }
     per_method, per_class = fold.tables()
-    looks = where_the_model_looks(ds, out if write else None, opts) if where else None
+    looks = None
+    if where:
+        from .looks import where_the_model_looks  # it reads the heatmaps with this module's reader
+
+        looks = where_the_model_looks(ds, out if write else None, opts)
     if write:
         # CSV, not Parquet: the output's only *.parquet files are the heatmap rows (see lnstd.output).
         for name, t in (("summary", per_method), ("per_class", per_class)):
@@ -288,20 +291,23 @@ def _codes(col: pa.Array, known: dict[str, int]) -> np.ndarray:
     return pc.index_in(col, value_set=values).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _batches(ds: pads.Dataset, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """Record batches of ``columns``, one file after the other, read synchronously: memory holds one
-    batch (the dataset scanner reads ahead of a slow consumer: 350 MB at 5M rows). A column a file
-    lacks (written by an older version) comes as nulls."""
+def _batches(
+    ds: pads.Dataset, columns: list[str], batch_rows: int | None = None
+) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """(part file, record batch of ``columns``), one file after the other, ``batch_rows`` (default
+    BATCH_ROWS) at a time, read synchronously: memory holds one batch (the dataset scanner reads
+    ahead of a slow consumer: 350 MB at 5M rows). A column a file lacks (written by an older
+    version) comes as nulls."""
     for path in ds.files:
         with ds.filesystem.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             have = [c for c in columns if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=have):
+            for batch in pf.iter_batches(batch_size=batch_rows or BATCH_ROWS, columns=have):
                 missing = [c for c in columns if c not in have]
                 if missing:
                     arrays = [batch.column(c) if c in have else pa.nulls(batch.num_rows) for c in columns]
                     batch = pa.RecordBatch.from_arrays(arrays, names=columns)
-                yield batch
+                yield path, batch
 
 
 def _floats(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -385,14 +391,13 @@ def describe(result: dict[str, Any]) -> str:
 
 def _where_lines(classes: pa.Table) -> list[str]:
     """Per method, the class whose maps put the most relevance on the image's border ring."""
-    from .looks import RING_AREA
+    from .looks import RING_AREA, shown_classes
 
     rows = classes.to_pylist()
     out = []
     for method in sorted({r["method"] for r in rows}):
-        mine = [r for r in rows if r["method"] == method]
-        kind = "label" if any(r["kind"] == "label" for r in mine) else "predicted"
-        top = max((r for r in mine if r["kind"] == kind), key=lambda r: (r["border_share"], -r["class"]))
+        kind, mine = shown_classes(rows, method)
+        top = max(mine, key=lambda r: (r["border_share"], -r["class"]))
         what = "true class" if kind == "label" else "predicted class"
         out.append(
             f"{method}: most on the border, {what} {top['class']}: {100 * top['border_share']:.0f}% of its "

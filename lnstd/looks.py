@@ -39,17 +39,28 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from . import storage
+from .aggregate import _batches, _codes, _floats
 
-__all__ = ["GRID", "RING_AREA", "Where", "common_grid", "resize_matrix", "where_the_model_looks"]
+__all__ = [
+    "GRID",
+    "RING_AREA",
+    "Where",
+    "common_grid",
+    "resize_matrix",
+    "shown_classes",
+    "where_the_model_looks",
+]
 
 GRID = 16
 RING_AREA = 1 - (GRID - 2) ** 2 / GRID**2  # the border ring's share of the image (0.234)
 BATCH_ROWS = 8192  # rows per record batch: heatmaps are read here, unlike aggregate's other columns
 KINDS = ("predicted", "label")
-_COLUMNS = ["image_id", "method", "status", "target", "predicted", "label", "heatmap", "grid_h", "grid_w"]
+_CLASSES = 1 << 40  # a group's key: (method code * len(KINDS) + kind) * _CLASSES + class
+# what the two passes read (a column a part lacks comes as nulls: no mass_in_mask: no masks)
+_COLUMNS = ["image_id", "method", "status", "target", "predicted", "label", "heatmap", "grid_h", "grid_w",
+            "mass_in_mask"]  # fmt: skip
 
 
 def common_grid(heat: np.ndarray, gh: int, gw: int) -> np.ndarray:
@@ -108,53 +119,40 @@ class _Means:
     """Running sums of relevance distributions and figures per group (method, kind, class)."""
 
     def __init__(self) -> None:
-        self.methods: dict[str, int] = {}
-        self.index: dict[tuple[str, str, int], int] = {}
-        self._by_code: dict[int, int] = {}
+        self.methods: dict[str, int] = {}  # method -> code (aggregate's _codes)
+        self.groups: dict[int, int] = {}  # key (method code, kind, class: _key) -> row of sums/stats
         self.sums = np.zeros((0, GRID * GRID))
         self.stats = np.zeros((0, 5))  # images, border sum, in-mask count, in-mask sum, distance sum
 
-    def codes(self, methods: pa.Array) -> np.ndarray:
-        for v in pc.unique(methods).to_pylist():
-            self.methods.setdefault(v, len(self.methods))
-        known = pa.array(list(self.methods), pa.string())
-        return pc.index_in(methods, value_set=known).to_numpy(zero_copy_only=False).astype(np.int64)
-
     def ids(self, code: np.ndarray, kind: int, cls: np.ndarray, grow: bool = True) -> np.ndarray:
         """Group ids of rows (method codes, a kind, classes); new groups are made when ``grow``."""
-        key = (code * len(KINDS) + kind) * (1 << 40) + cls
-        uniq, inv = np.unique(key, return_inverse=True)
-        names = {c: m for m, c in self.methods.items()}
+        uniq, inv = np.unique((code * len(KINDS) + kind) * _CLASSES + cls, return_inverse=True)
         out = np.empty(len(uniq), np.int64)
         for u, k in enumerate(uniq.tolist()):
-            g = self._by_code.get(k)
-            if g is None:
+            if k not in self.groups:
                 if not grow:
                     raise KeyError(k)
-                c, rest = divmod(k, 1 << 40)
-                g = self._by_code[k] = self.index[(names[c // len(KINDS)], KINDS[c % len(KINDS)], rest)] = (
-                    len(self.index)
-                )
-            out[u] = g
-        more = len(self.index) - len(self.sums)
+                self.groups[k] = len(self.groups)
+            out[u] = self.groups[k]
+        more = len(self.groups) - len(self.sums)
         if more > 0:
             self.sums = np.vstack([self.sums, np.zeros((more, GRID * GRID))])
             self.stats = np.vstack([self.stats, np.zeros((more, 5))])
         return out[inv.reshape(-1)]
 
+    def key(self, k: int) -> tuple[str, str, int]:
+        """(method, kind, class) of a group key."""
+        names = list(self.methods)  # in code order
+        mk, cls = divmod(k, _CLASSES)
+        return names[mk // len(KINDS)], KINDS[mk % len(KINDS)], cls
 
-def _batches(ds: pads.Dataset, columns: list[str]) -> Iterator[tuple[str, pa.RecordBatch]]:
-    """(part file, record batch of its ok rows) one file after the other, BATCH_ROWS at a time."""
-    for path in ds.files:
-        with ds.filesystem.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            have = [c for c in columns if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=have):
-                batch = batch.filter(pc.fill_null(pc.equal(batch.column("status"), "ok"), False))
-                if not batch.num_rows:
-                    continue
-                arrays = [batch.column(c) if c in have else pa.nulls(batch.num_rows) for c in columns]
-                yield path, pa.RecordBatch.from_arrays(arrays, names=columns)
+
+def _ok_batches(ds: pads.Dataset, columns: list[str]) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """(part file, record batch of its ok rows), BATCH_ROWS at a time (aggregate's reader)."""
+    for path, batch in _batches(ds, columns, BATCH_ROWS):
+        batch = batch.filter(pc.fill_null(pc.equal(batch.column("status"), "ok"), False))
+        if batch.num_rows:
+            yield path, batch
 
 
 def _rows(batch: pa.RecordBatch) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -193,10 +191,9 @@ def where_the_model_looks(
     """Two streaming passes over the ok rows of ``ds`` (a run's heatmaps); with ``output`` (an
     :class:`lnstd.output.Output`) it writes ``_aggregate/where_classes.csv`` and one
     ``_aggregate/where/part-NNNNN.csv`` per heatmap part."""
-    columns = _COLUMNS + (["mass_in_mask"] if "mass_in_mask" in ds.schema.names else [])
     means = _Means()
-    for _, batch in _batches(ds, columns):
-        code = means.codes(batch.column("method"))
+    for _, batch in _ok_batches(ds, _COLUMNS):
+        code = _codes(batch.column("method"), means.methods)
         keys, mask = _keys(batch), _mask(batch)
         for idx, dist in _rows(batch):
             border = dist[:, _RING].sum(axis=1)
@@ -220,11 +217,11 @@ def where_the_model_looks(
     on_border: dict[str, list] = {}
     names = list(means.methods)
     part: tuple[str, list[pa.Table]] | None = None
-    for path, batch in _batches(ds, columns):
+    for path, batch in _ok_batches(ds, _COLUMNS):
         if part is not None and part[0] != path:
             _write_part(output, part, opts)
             part = None
-        code = means.codes(batch.column("method"))
+        code = _codes(batch.column("method"), means.methods)
         keys, mask = _keys(batch), _mask(batch)
         for idx, dist in _rows(batch):
             pred, lab = keys["predicted"][idx], keys["label"][idx]
@@ -274,9 +271,7 @@ def where_the_model_looks(
 
 
 def _mask(batch: pa.RecordBatch) -> np.ndarray:
-    if "mass_in_mask" not in batch.schema.names:
-        return np.full(batch.num_rows, np.nan)
-    return pc.cast(batch.column("mass_in_mask"), pa.float64()).to_numpy(zero_copy_only=False)
+    return _floats(batch.column("mass_in_mask"))  # NaN where a row has no mask (or the run none)
 
 
 def _keep_top(
@@ -297,14 +292,18 @@ def _keep_top(
 
 
 def _write_part(output: Any, part: tuple[str, list[pa.Table]], opts: storage.StorageOptions | None) -> None:
-    if output is not None:
-        name = part[0].rsplit("/", 1)[-1].removesuffix(".parquet")
-        _write_csv(output, f"where/{name}.csv", pa.concat_tables(part[1]), opts)
+    """One heatmap part's per-map figures as ``_aggregate/where/<its name>.csv``."""
+    name = part[0].rsplit("/", 1)[-1].removesuffix(".parquet")
+    _write_csv(output, f"where/{name}.csv", pa.concat_tables(part[1]), opts)
 
 
 def _classes(means: _Means, mean_maps: np.ndarray) -> pa.Table:
-    keys = sorted(means.index, key=lambda k: (k[0], KINDS.index(k[1]), k[2]))
-    g = np.array([means.index[k] for k in keys], np.int64)
+    named = sorted(
+        ((means.key(k), g) for k, g in means.groups.items()),
+        key=lambda kg: (kg[0][0], KINDS.index(kg[0][1]), kg[0][2]),  # method, kind's order, class
+    )
+    keys = [k for k, _ in named]
+    g = np.array([g for _, g in named], np.int64)
     s = means.stats[g] if len(g) else np.zeros((0, 5))
     n = np.maximum(s[:, 0], 1)
     return pa.table(
@@ -319,6 +318,14 @@ def _classes(means: _Means, mean_maps: np.ndarray) -> pa.Table:
             "map": pa.array([";".join(f"{v:.5f}" for v in mean_maps[i]) for i in g.tolist()], pa.string()),
         }
     )
+
+
+def shown_classes(rows: list[dict[str, Any]], method: str) -> tuple[str, list[dict[str, Any]]]:
+    """The class kind a summary of ``method`` shows (``label``, true classes, where the output has
+    labels, else ``predicted``) and its rows of ``where_classes`` (``rows``: that table as dicts)."""
+    mine = [r for r in rows if r["method"] == method]
+    kind = "label" if any(r["kind"] == "label" for r in mine) else "predicted"
+    return kind, [r for r in mine if r["kind"] == kind]
 
 
 def _write_csv(output: Any, name: str, table: pa.Table, opts: storage.StorageOptions | None) -> None:

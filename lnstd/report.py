@@ -200,7 +200,8 @@ def build_report(
         _run_section(manifest, config, counts),
         _counts_section(ds, manifest, counts),
     ]
-    out.append(_per_image(t, methods, stat, class_names(config.get("model"), config.get("checkpoint"))))
+    names_of = class_names(config.get("model"), config.get("checkpoint"))
+    out.append(_per_image(t, methods, stat, names_of))
     sample = _sample_ids(t, methods)
     out.append(_per_method(ds, sample, methods, stat))
     out.append(_agreement_section(ds, sample, methods))
@@ -209,7 +210,6 @@ def build_report(
         faith_rows = t.select(["image_id", "method", "target", *faithful]).to_pylist()
         out.append(ranking_section(faith_rows, methods))
     out.append(_distributions(t, methods, metric_cols, curve_cols))
-    names_of = class_names(config.get("model"), config.get("checkpoint"))
     if agg["where"] is not None:
         out.append(where_section(ds, agg["where"], methods, lambda c: _class_name(c, names_of), opts))
     out.append(gallery(output, ds, t, methods, samples, metric, opts))

@@ -40,10 +40,9 @@ table.agreement td{min-width:40px;text-align:center}table.agreement th.col{writi
 table.failures th{text-align:left}
 .gallery td,.gallery th{text-align:center;vertical-align:top;font-size:12px}
 .gallery td.label{text-align:left;white-space:normal;min-width:120px;max-width:160px}
-.gallery img{display:block;margin:auto;max-width:none;height:auto;
+.gallery img,.gallery svg.faith{display:block;margin:auto;max-width:none;height:auto;
 width:max(96px,min(160px,calc((min(100vw,1400px) - 200px) / var(--cols,8) - 20px)))}
-.gallery svg.faith{display:block;margin:2px auto 0;width:max(96px,min(160px,calc((min(100vw,1400px) - 200px) / var(--cols,8) - 20px)));
-height:auto;border:1px solid #eee}
+.gallery svg.faith{margin-top:2px;border:1px solid #eee}
 .where-map{width:64px;height:64px;image-rendering:pixelated;display:block;margin:auto}
 .where-cards{display:flex;flex-wrap:wrap;gap:8px}.where-card{border:1px solid #eee;padding:4px;font-size:12px}
 .where-card table{margin:0 0 2px}.where-card td{border:0;padding:1px}

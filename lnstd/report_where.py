@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 from PIL import Image
 
 from . import storage
-from .looks import GRID, RING_AREA, Where
+from .looks import GRID, RING_AREA, Where, shown_classes
 from .report_gallery import _maps_of, _pictures
 from .report_html import esc, img_uri, legend, num
 from .viz import colorize
@@ -36,8 +36,7 @@ def where_section(
     if not rows or not methods:
         return ""
     method = "lnstd" if "lnstd" in methods else methods[0]
-    kind = "label" if any(r["kind"] == "label" and r["method"] == method for r in rows) else "predicted"
-    mine = [r for r in rows if r["method"] == method and r["kind"] == kind]
+    kind, mine = shown_classes(rows, method)
     if not mine:
         return ""
     with_mask = any(r["in_mask"] is not None for r in mine)

@@ -289,13 +289,10 @@ class RowBuilder:
                 scores = mask_metrics(h[with_mask], masks) if masks is not None else {}
                 scores = {k: v.cpu().numpy() for k, v in scores.items()}
                 heat = h.flatten(1).cpu().numpy().astype(np.float32)
-                values = pa.array(heat.ravel())
                 if pa.types.is_fixed_size_list(heat_type):
-                    heat_col = pa.FixedSizeListArray.from_arrays(values, gh * gw)
+                    heat_col = pa.FixedSizeListArray.from_arrays(pa.array(heat.ravel()), gh * gw)
                 else:
-                    heat_col = pa.ListArray.from_arrays(
-                        pa.array(np.arange(n + 1, dtype=np.int32) * gh * gw), values
-                    )
+                    heat_col = _list_rows(heat)
                 table = {
                     **cols,
                     "method": pa.array([m] * n, pa.string()),
@@ -319,12 +316,7 @@ class RowBuilder:
                 for name in FAITHFULNESS_CURVES:
                     curve = faithful.get(name)
                     table[name] = (
-                        pa.ListArray.from_arrays(
-                            pa.array(np.arange(n + 1, dtype=np.int32) * curve.shape[1]),
-                            pa.array(curve.ravel()),
-                        )
-                        if curve is not None
-                        else pa.nulls(n, pa.list_(pa.float32()))
+                        _list_rows(curve) if curve is not None else pa.nulls(n, pa.list_(pa.float32()))
                     )
                 if self.cfg.save_png:
                     table["heatmap_png"] = pa.array(
@@ -386,6 +378,13 @@ def _device_fault(exc: BaseException) -> bool:
 def _out_of_memory(exc: BaseException) -> bool:
     """The device ran out of memory (``torch.OutOfMemoryError``; CUDA, or another accelerator)."""
     return isinstance(exc, torch.OutOfMemoryError)
+
+
+def _list_rows(a: np.ndarray) -> pa.ListArray:
+    """The rows of a 2-D array as a list<float32> column (one list per row)."""
+    return pa.ListArray.from_arrays(
+        pa.array(np.arange(len(a) + 1, dtype=np.int32) * a.shape[1]), pa.array(a.ravel())
+    )
 
 
 def _png(heat: np.ndarray, geom: Geometry) -> bytes:
